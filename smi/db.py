@@ -1,0 +1,153 @@
+"""The business record: jobs, Upsampler submissions, cost ledger, download tokens, sent mail.
+
+Temporal holds the process; these tables hold what the business must keep. Every row that
+records a side effect has a unique key of job and purpose, so repeating an activity finds
+the row and does nothing twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import Column, DateTime, UniqueConstraint, event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything stored here is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _timestamp(**kwargs) -> Field:
+    return Field(sa_column=Column(DateTime(timezone=True), **kwargs))
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    job_id: str = Field(primary_key=True, max_length=32)
+    order_id: str = Field(unique=True, index=True, max_length=128)
+    request_sha256: str = Field(max_length=64)
+    status: str = Field(index=True, max_length=32)
+    created_at: datetime = _timestamp(nullable=False, index=True)
+    updated_at: datetime = _timestamp(nullable=False)
+
+    image_url: str
+    scale_factor: int
+    format: str = Field(max_length=8)
+    customer_email: str
+    customer_name: str | None = None
+    amount_paid_cents: int
+    currency: str = Field(max_length=3)
+    payment_reference: str | None = None
+
+    estimated_completion: datetime | None = _timestamp(nullable=True)
+    input_width: int | None = None
+    input_height: int | None = None
+    upsampler_id: str | None = None
+    output_width: int | None = None
+    output_height: int | None = None
+    output_bytes: int | None = None
+    output_format: str | None = None
+    output_sha256: str | None = None
+    result_path: str | None = None
+    cost_credits: float | None = None
+    cost_usd: float | None = None
+    download_generation: int = 0
+    download_expires_at: datetime | None = _timestamp(nullable=True)
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class Submission(SQLModel, table=True):
+    """One request to Upsampler: recorded before the activity reports it, found again on retry."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (UniqueConstraint("job_id", "attempt"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=32)
+    attempt: int
+    upsampler_id: str
+    credit_cost: float | None = None
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class LedgerEntry(SQLModel, table=True):
+    __tablename__ = "ledger"
+    __table_args__ = (UniqueConstraint("job_id", "purpose"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=32)
+    purpose: str = Field(max_length=128)  # e.g. "upscale:<upsampler id>"
+    credits: float
+    usd: float
+    created_at: datetime = _timestamp(nullable=False, index=True)
+
+
+class DownloadToken(SQLModel, table=True):
+    """Only the token's SHA-256 is kept; the token itself exists in the customer's email."""
+
+    __tablename__ = "download_tokens"
+    __table_args__ = (UniqueConstraint("job_id", "generation"),)
+
+    token_sha256: str = Field(primary_key=True, max_length=64)
+    job_id: str = Field(index=True, max_length=32)
+    generation: int
+    expires_at: datetime = _timestamp(nullable=False)
+    revoked: bool = False
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class SentMail(SQLModel, table=True):
+    __tablename__ = "sent_mail"
+    __table_args__ = (UniqueConstraint("job_id", "purpose"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=32)
+    purpose: str = Field(max_length=64)  # e.g. "completed:1" (kind and link generation)
+    message_id: str
+    status: str = "sending"  # sending -> sent
+    created_at: datetime = _timestamp(nullable=False)
+    sent_at: datetime | None = _timestamp(nullable=True)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # WAL: readers never block the writer
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+__all__ = [
+    "DownloadToken",
+    "Job",
+    "LedgerEntry",
+    "SentMail",
+    "Session",
+    "Submission",
+    "as_utc",
+    "make_engine",
+    "utcnow",
+]

@@ -1,0 +1,84 @@
+"""Every setting of the service, read from the environment here and nowhere else."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMI_", extra="ignore")
+
+    env: str = "dev"  # "dev" generates missing keys; anything else requires them
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "upscale"
+
+    database_url: str = "sqlite:///var/smi.db"
+    storage_dir: Path = Path("var/storage")
+    public_base_url: str = "http://127.0.0.1:8000"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    upsampler_base_url: str = REAL_UPSAMPLER_URL
+    upsampler_api_key: SecretStr | None = None
+
+    storefront_api_key: SecretStr | None = None
+    admin_api_key: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    mail_from: str = "Upscale <no-reply@localhost>"
+    admin_email: str = "admin@localhost"
+    support_email: str = "support@localhost"
+
+    # Policy: read when a job starts and carried in its workflow input.
+    download_ttl_hours: float = Field(24.0, gt=0)
+    poll_initial_delay_seconds: float = Field(30.0, gt=0)
+    poll_max_interval_seconds: float = Field(120.0, gt=0)
+    processing_timeout_seconds: float = Field(900.0, gt=0)
+    credit_price_usd: float = Field(0.04, ge=0)
+    credits_per_megapixel: float = Field(0.25, ge=0)
+
+    max_input_bytes: int = 50 * 1024 * 1024
+    max_result_bytes: int = 400 * 1024 * 1024
+    original_url_ttl_seconds: int = 6 * 3600
+
+    @model_validator(mode="after")
+    def _keys_required_outside_dev(self) -> "Settings":
+        if self.env != "dev":
+            missing = [
+                name
+                for name in ("storefront_api_key", "admin_api_key", "webhook_secret", "upsampler_api_key")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                names = ", ".join("SMI_" + m.upper() for m in missing)
+                raise ValueError(f"{names} must be set when SMI_ENV is not 'dev'")
+        return self
+
+    def secret(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"SMI_{name.upper()} is not set; `smi dev` generates it in development")
+        return value.get_secret_value()
+
+    @property
+    def public_host(self) -> str:
+        return urlsplit(self.public_base_url).netloc
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

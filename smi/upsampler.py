@@ -1,0 +1,143 @@
+"""The only module that speaks to Upsampler, in its real wire format (CONTRACT section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+
+import httpx
+
+STATUS_MAP = {
+    "IN_QUEUE": "queued",
+    "IN_PROGRESS": "processing",
+    "SUCCESS": "completed",
+    "FAILED": "failed",
+}
+
+
+class UpsamplerError(Exception):
+    """Base of the typed errors; `kind` is what the retry policies and the workflow tell apart."""
+
+    kind = "upsampler_error"
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpsamplerUnauthorized(UpsamplerError):
+    kind = "upsampler_unauthorized"
+
+
+class UpsamplerInvalidInput(UpsamplerError):
+    kind = "upsampler_invalid_input"
+
+
+class UpsamplerNotFound(UpsamplerError):
+    kind = "upsampler_not_found"
+
+
+class UpsamplerRateLimited(UpsamplerError):
+    kind = "rate_limited"
+    retryable = True
+
+
+class UpsamplerUnavailable(UpsamplerError):
+    """5xx, network errors and timeouts: worth retrying."""
+
+    kind = "transient"
+    retryable = True
+
+
+@dataclass(frozen=True)
+class UpsamplerJob:
+    id: str
+    status: str  # internal: queued, processing, completed, failed
+    credit_cost: float | None = None
+    image_url: str | None = None
+    compressed_image_url: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_wire(cls, body: dict) -> "UpsamplerJob":
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str) or body.get("status") not in STATUS_MAP:
+            raise ValueError("not an Upsampler job: needs a string 'id' and a known 'status'")
+        cost = body.get("creditCost")
+        return cls(
+            id=body["id"],
+            status=STATUS_MAP[body["status"]],
+            credit_cost=float(cost) if isinstance(cost, (int, float)) else None,
+            image_url=body.get("imageUrl"),
+            compressed_image_url=body.get("compressedImageUrl"),
+            error=body.get("error"),
+        )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        text = body.get("error") or body.get("message") or body.get("detail")
+    except ValueError:
+        text = None
+    return str(text or response.reason_phrase or "no detail")[:300]
+
+
+class UpsamplerClient:
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, transport=None):
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def submit(self, image_url: str, upscale_factor: int, webhook_url: str | None, **options) -> UpsamplerJob:
+        payload: dict = {"input": {"imageUrl": image_url, "upscaleFactor": upscale_factor, "inputImageType": "universal", **options}}
+        if webhook_url:
+            payload["webhook"] = webhook_url
+        return await self._call("POST", "/precise-upscale", json=payload)
+
+    async def status(self, upsampler_id: str) -> UpsamplerJob:
+        return await self._call("GET", f"/status/{upsampler_id}")
+
+    async def _call(self, method: str, path: str, **kwargs) -> UpsamplerJob:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise UpsamplerUnavailable(f"Upsampler timed out: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise UpsamplerUnavailable(f"Upsampler unreachable: {type(exc).__name__}") from None
+        code = response.status_code
+        if code == 401 or code == 403:
+            raise UpsamplerUnauthorized(f"Upsampler refused the API key ({code})")
+        if code == 400 or code == 422:
+            raise UpsamplerInvalidInput(f"Upsampler rejected the input: {_error_text(response)}")
+        if code == 404:
+            raise UpsamplerNotFound(f"Upsampler does not know {path}")
+        if code == 429:
+            raise UpsamplerRateLimited("Upsampler rate limit reached", retry_after=_retry_after(response))
+        if code >= 500 or code != 200:
+            raise UpsamplerUnavailable(f"Upsampler answered {code}: {_error_text(response)}")
+        try:
+            return UpsamplerJob.from_wire(response.json())
+        except ValueError as exc:
+            raise UpsamplerUnavailable(f"Upsampler sent an unreadable reply: {exc}") from None
