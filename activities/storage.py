@@ -1,0 +1,187 @@
+"""Disk side effects: the original, the downloaded result, checks, conversion, clean-up.
+
+Every write goes to a temporary name and is renamed into place when whole, so a retry
+finds either nothing or a complete file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from smi import imaging
+from smi.settings import Settings
+from workflows.types import DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
+
+CHUNK = 1024 * 1024
+HEARTBEAT_EVERY_SECONDS = 2.0
+
+
+@dataclass
+class DownloadedFile:
+    path: str
+    bytes: int
+    sha256: str
+
+
+def _fail(code: str, message: str, retryable: bool = False) -> ApplicationError:
+    return ApplicationError(message, type=code, non_retryable=not retryable)
+
+
+def hash_file(path: Path, hasher, limit: int | None = None):
+    """Feed the file (or its first `limit` bytes) to `hasher`, a chunk at a time."""
+    remaining = limit
+    with open(path, "rb") as handle:
+        while remaining is None or remaining > 0:
+            chunk = handle.read(CHUNK if remaining is None else min(CHUNK, remaining))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return hasher
+
+
+def file_sha256(path: Path) -> str:
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+class StorageActivities:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None):
+        self.settings = settings
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0), follow_redirects=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.settings.storage_dir / "jobs" / job_id
+
+    def tmp_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "tmp"
+
+    async def _stream_to(self, url: str, part: Path, limit: int, what: str, start: int = 0) -> tuple[int, str]:
+        """Stream `url` into `part` (resuming at `start` when the server allows), hashing as it goes."""
+        hasher = hashlib.sha256()
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            async with self.http.stream("GET", url, headers=headers) as response:
+                if response.status_code == 200:
+                    start = 0
+                elif response.status_code != 206 or not start:
+                    raise _http_failure(response.status_code, what)
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and start + int(declared) > limit:
+                    raise _fail("too_large", f"the {what} is larger than {limit} bytes")
+                if start:
+                    await asyncio.to_thread(hash_file, part, hasher, start)
+                done = start
+                last_beat = time.monotonic()
+                async with aiofiles.open(part, "r+b" if start else "wb") as out:
+                    await out.seek(start)
+                    await out.truncate()
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        done += len(chunk)
+                        if done > limit:  # capped while streaming, not after
+                            raise _fail("too_large", f"the {what} is larger than {limit} bytes")
+                        hasher.update(chunk)
+                        await out.write(chunk)
+                        if activity.in_activity() and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS:
+                            await out.flush()
+                            activity.heartbeat(done)
+                            last_beat = time.monotonic()
+        except httpx.TransportError as exc:
+            raise _fail("transient", f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
+        return done, hasher.hexdigest()
+
+    @activity.defn
+    async def fetch_original(self, request: FetchRequest) -> StoredImage:
+        """1. Download the image the storefront named, check it is an image, keep it."""
+        job_dir = self.job_dir(request.job_id)
+        existing = sorted(job_dir.glob("original.*"))
+        if existing:  # a retry after the rename: the file is whole
+            return _describe(existing[0], imaging.probe(existing[0]))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        part = job_dir / "original.part"
+        await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image")
+        try:
+            info = await asyncio.to_thread(imaging.probe, part)
+        except imaging.ImageError as exc:
+            part.unlink(missing_ok=True)
+            raise _fail(exc.code, str(exc)) from None
+        final = job_dir / f"original.{imaging.EXTENSIONS[info.format]}"
+        os.replace(part, final)
+        return _describe(final, info)
+
+    @activity.defn
+    async def download_result(self, request: DownloadRequest) -> DownloadedFile:
+        """4. Stream Upsampler's result to a temporary file; resume after a crash from the heartbeat."""
+        tmp = self.tmp_dir(request.job_id)
+        tmp.mkdir(parents=True, exist_ok=True)
+        final = tmp / f"result-{request.attempt}"
+        if final.exists():
+            return DownloadedFile(str(final), final.stat().st_size, await asyncio.to_thread(file_sha256, final))
+        part = tmp / f"result-{request.attempt}.part"
+        details = activity.info().heartbeat_details if activity.in_activity() else ()
+        start = int(details[0]) if details and part.exists() and part.stat().st_size >= int(details[0]) else 0
+        size, digest = await self._stream_to(request.url, part, self.settings.max_result_bytes, "result", start)
+        os.replace(part, final)
+        return DownloadedFile(str(final), size, digest)
+
+    @activity.defn
+    def validate_result(self, request: ValidateRequest) -> imaging.ImageInfo:
+        """5. Dimensions equal input x scale, a format we know, every pixel decodes."""
+        try:
+            return imaging.validate(request.path, request.width, request.height)
+        except imaging.ImageError as exc:
+            raise _fail(exc.code, str(exc)) from None
+
+    @activity.defn
+    def store_result(self, request: StoreRequest) -> StoredImage:
+        """Put the checked result in place as jobs/{job_id}/upscaled_<W>x<H>.<ext>, converting if asked."""
+        src = Path(request.path)
+        job_dir = self.job_dir(request.job_id)
+        info = imaging.probe(src) if src.exists() else None
+        fmt = request.format if request.format != "auto" else (info.format if info else None)
+        if info is None:  # a retry after the move: the result is already in place
+            placed = sorted(job_dir.glob(f"upscaled_*.{fmt}" if fmt else "upscaled_*"))
+            if not placed:
+                raise _fail("invalid_result", "the downloaded result is gone")
+            return _describe(placed[0], imaging.probe(placed[0]))
+        final = job_dir / f"upscaled_{info.width}x{info.height}.{imaging.EXTENSIONS[fmt]}"
+        if fmt == info.format:
+            os.replace(src, final)
+        else:
+            part = final.with_suffix(".part")
+            imaging.convert(src, part, fmt)
+            os.replace(part, final)
+            src.unlink()
+        return _describe(final, imaging.probe(final))
+
+    @activity.defn
+    def cleanup(self, job_id: str) -> int:
+        """Remove the job's temporary files; returns how many there were."""
+        tmp = self.tmp_dir(job_id)
+        count = sum(1 for _ in tmp.iterdir()) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        return count
+
+
+def _describe(path: Path, info: imaging.ImageInfo) -> StoredImage:
+    return StoredImage(str(path), info.width, info.height, info.format, path.stat().st_size, file_sha256(path))
+
+
+def _http_failure(status: int, what: str) -> ApplicationError:
+    if status == 429 or status >= 500:
+        return _fail("transient", f"fetching the {what} answered {status}", retryable=True)
+    if status in (403, 410) and what == "result":
+        return _fail("result_expired", f"the {what} link answered {status}: expired or refused")
+    return _fail("fetch_failed", f"fetching the {what} answered {status}")
+

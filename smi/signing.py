@@ -1,0 +1,54 @@
+"""HMAC signatures for the URLs the service hands out, and the download tokens.
+
+All derive from SMI_WEBHOOK_SECRET with a distinct message per purpose, so one kind of
+signature can never stand in for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import urlencode
+
+
+def sign(secret: str, message: str) -> str:
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, message: str, signature: str | None) -> bool:
+    if not signature:
+        return False
+    return hmac.compare_digest(sign(secret, message), signature)
+
+
+def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
+    """CONTRACT: `?job=<job_id>&sig=<hex HMAC-SHA256 of job_id>`."""
+    query = urlencode({"job": job_id, "sig": sign(secret, job_id)})
+    return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
+
+
+def _original_message(job_id: str, expires: int) -> str:
+    return f"original:{job_id}:{expires}"
+
+
+def original_url(public_base_url: str, secret: str, job_id: str, expires: int) -> str:
+    """A temporary URL of the stored original, for Upsampler to fetch."""
+    query = urlencode({"exp": expires, "sig": sign(secret, _original_message(job_id, expires))})
+    return f"{public_base_url.rstrip('/')}/files/originals/{job_id}?{query}"
+
+
+def verify_original(secret: str, job_id: str, expires: int, signature: str | None) -> bool:
+    return verify(secret, _original_message(job_id, expires), signature)
+
+
+def download_token(secret: str, job_id: str, generation: int) -> str:
+    """256 bits that only the holder of the secret can derive; the database keeps its hash.
+
+    Deriving instead of drawing at random lets the email activity rebuild the link on a
+    retry without the token ever being stored or passing through Temporal's history.
+    """
+    return sign(secret, f"download:{job_id}:{generation}")
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

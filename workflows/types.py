@@ -1,0 +1,161 @@
+"""The small typed payloads the workflow and its activities exchange. Files travel by path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# Job statuses (CONTRACT section 2), also the values of the UpscaleStatus search attribute.
+RECEIVED = "received"
+QUEUED = "queued"
+PROCESSING = "processing"
+DOWNLOADING = "downloading"
+COMPLETED = "completed"
+MANUAL_REVIEW = "manual_review"
+FAILED = "failed"
+
+
+@dataclass
+class JobPolicy:
+    """Tunable numbers, read from settings when the job starts and kept for its whole life."""
+
+    poll_initial_delay_seconds: float = 30.0
+    poll_max_interval_seconds: float = 120.0
+    processing_timeout_seconds: float = 900.0
+    download_ttl_hours: float = 24.0
+    credit_price_usd: float = 0.04
+    credits_per_megapixel: float = 0.25
+
+
+@dataclass
+class UpscaleInput:
+    """No customer data: the email address and name stay in the database."""
+
+    job_id: str
+    image_url: str
+    scale_factor: int
+    format: str  # auto | png | jpg | webp
+    policy: JobPolicy = field(default_factory=JobPolicy)
+
+
+@dataclass
+class FetchRequest:
+    job_id: str
+    image_url: str
+
+
+@dataclass
+class StoredImage:
+    path: str
+    width: int
+    height: int
+    format: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SubmitRequest:
+    job_id: str
+    attempt: int
+    scale_factor: int
+
+
+@dataclass
+class UpsamplerResult:
+    """Upsampler's view of a job, in our status words (queued/processing/completed/failed)."""
+
+    upsampler_id: str
+    status: str
+    credit_cost: float | None = None
+    image_url: str | None = None
+    compressed_image_url: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class WebhookHint:
+    """What a webhook says. Only a hint: the status endpoint is asked before anything moves."""
+
+    upsampler_id: str
+    status: str
+
+
+@dataclass
+class DownloadRequest:
+    job_id: str
+    url: str
+    attempt: int
+
+
+@dataclass
+class ValidateRequest:
+    job_id: str
+    path: str
+    width: int
+    height: int
+
+
+@dataclass
+class StoreRequest:
+    job_id: str
+    path: str
+    format: str  # auto | png | jpg | webp
+
+
+@dataclass
+class CostRecord:
+    job_id: str
+    upsampler_id: str
+    credits: float
+    credit_price_usd: float
+
+
+@dataclass
+class TokenRequest:
+    job_id: str
+    generation: int
+    ttl_hours: float
+
+
+@dataclass
+class DownloadLink:
+    generation: int
+    expires_at: datetime
+
+
+@dataclass
+class EmailRequest:
+    job_id: str
+    kind: str  # template name, e.g. "completed"
+    generation: int
+
+
+@dataclass
+class JobUpdate:
+    """A change to the job's business record; None fields are left as they are."""
+
+    job_id: str
+    status: str
+    estimated_completion: datetime | None = None
+    input: StoredImage | None = None
+    output: StoredImage | None = None
+    upsampler_id: str | None = None
+    credits: float | None = None
+    usd: float | None = None
+    download: DownloadLink | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass
+class JobState:
+    """What the workflow's `state` query answers."""
+
+    status: str = RECEIVED
+    upsampler_id: str | None = None
+    attempt: int = 0
+    polls: int = 0
+    webhooks: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
