@@ -53,7 +53,7 @@ class UpsamplerActivities:
         expires = int(time.time()) + self.settings.original_url_ttl_seconds
         try:
             job = await self.client.submit(
-                signing.original_url(base, secret, request.job_id, expires),
+                signing.signed_file_url(base, secret, "originals", request.job_id, expires),
                 request.scale_factor,
                 signing.webhook_url(base, secret, request.job_id),
             )

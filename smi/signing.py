@@ -27,18 +27,18 @@ def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
     return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
 
 
-def _original_message(job_id: str, expires: int) -> str:
-    return f"original:{job_id}:{expires}"
+def _file_message(kind: str, name: str, expires: int) -> str:
+    return f"file:{kind}/{name}:{expires}"
 
 
-def original_url(public_base_url: str, secret: str, job_id: str, expires: int) -> str:
-    """A temporary URL of the stored original, for Upsampler to fetch."""
-    query = urlencode({"exp": expires, "sig": sign(secret, _original_message(job_id, expires))})
-    return f"{public_base_url.rstrip('/')}/files/originals/{job_id}?{query}"
+def signed_file_url(public_base_url: str, secret: str, kind: str, name: str, expires: int) -> str:
+    """A temporary URL of a stored file (`kind` is "originals" or "uploads"), e.g. for Upsampler."""
+    query = urlencode({"exp": expires, "sig": sign(secret, _file_message(kind, name, expires))})
+    return f"{public_base_url.rstrip('/')}/files/{kind}/{name}?{query}"
 
 
-def verify_original(secret: str, job_id: str, expires: int, signature: str | None) -> bool:
-    return verify(secret, _original_message(job_id, expires), signature)
+def verify_file(secret: str, kind: str, name: str, expires: int, signature: str | None) -> bool:
+    return verify(secret, _file_message(kind, name, expires), signature)
 
 
 def download_token(secret: str, job_id: str, generation: int) -> str:

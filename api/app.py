@@ -1,0 +1,60 @@
+"""The FastAPI app: storefront, Upsampler webhook, downloads, health."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from sqlalchemy import text
+from temporalio.client import Client
+
+from api import deps, errors, files, jobs, webhook
+from smi.db import make_engine
+from smi.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.services = deps.Services(settings, make_engine(settings.database_url), temporal)
+        yield
+        app.state.services.engine.dispose()
+
+    app = FastAPI(
+        title="Upscale fulfillment service",
+        version="0.1.0",
+        description="Turns a paid order for a high-resolution image into that image in the customer's hands.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(webhook.router)
+    app.include_router(files.router)
+
+    @app.get("/healthz", tags=["operators"], summary="Liveness")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operators"], summary="Readiness: Temporal and the database reachable")
+    async def readyz(svc: deps.Services = Depends(deps.services)):
+        checks = {}
+        try:
+            with svc.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        try:
+            client = await svc.temporal_client()
+            await client.service_client.check_health()
+            checks["temporal"] = "ok"
+        except Exception as exc:
+            checks["temporal"] = f"unreachable: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        if not ready:
+            return errors.error_response(503, "not_ready", "a dependency is unreachable", checks)
+        return {"status": "ready", "checks": checks}
+
+    return app

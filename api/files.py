@@ -1,0 +1,57 @@
+"""Files leaving the service: the customer's download, and the signed temporary file URLs."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
+from sqlmodel import Session
+
+from api import deps
+from api.errors import ApiError
+from smi import signing
+from smi.db import DownloadToken, Job, as_utc, utcnow
+from smi.settings import Settings
+
+router = APIRouter(tags=["files"])
+
+TOKEN = re.compile(r"^[0-9a-f]{64}$")
+NAME = re.compile(r"^[0-9a-f]{32}$")
+
+
+@router.api_route("/downloads/{token}", methods=["GET", "HEAD"], summary="The customer's upscaled file")
+def download(token: str, session: Session = Depends(deps.db)):
+    row = session.get(DownloadToken, signing.token_sha256(token)) if TOKEN.match(token) else None
+    if row is None:
+        raise ApiError(404, "link_not_found", "this download link is not valid; check that it was copied whole")
+    if row.revoked:
+        raise ApiError(410, "link_replaced", "this download link was replaced by a newer one: use the link in the latest email")
+    expires = as_utc(row.expires_at)
+    if expires <= utcnow():
+        raise ApiError(410, "link_expired",
+                       f"this download link expired at {expires:%Y-%m-%d %H:%M} UTC; ask support for a fresh link")
+    job = session.get(Job, row.job_id)
+    path = Path(job.result_path) if job and job.result_path else None
+    if path is None or not path.is_file():
+        raise ApiError(410, "file_gone", "the file is no longer stored; ask support for help")
+    # FileResponse streams the file and answers Range requests with 206.
+    return FileResponse(path, filename=f"{job.order_id}-{path.name}", content_disposition_type="attachment")
+
+
+@router.get("/files/{kind}/{name}", summary="A stored original or upload, by a temporary signed URL")
+def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)):
+    if kind not in ("originals", "uploads") or not NAME.match(name):
+        raise ApiError(404, "not_found", "no such file")
+    if exp < time.time() or not signing.verify_file(cfg.secret("webhook_secret"), kind, name, exp, sig):
+        raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
+    if kind == "uploads":
+        candidates = [cfg.storage_dir / "uploads" / name]
+    else:
+        candidates = sorted((cfg.storage_dir / "jobs" / name).glob("original.*"))
+    path = next((p for p in candidates if p.is_file() and p.suffix != ".part"), None)
+    if path is None:
+        raise ApiError(404, "not_found", "no such file")
+    return FileResponse(path)

@@ -1,0 +1,201 @@
+"""Storefront endpoints: start a job after payment, read how it stands, upload an image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+from temporalio.client import Client
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from api import deps
+from api.errors import ApiError
+from smi import signing
+from smi.db import Job, as_utc, utcnow
+from smi.settings import Settings
+from workflows.types import RECEIVED, JobPolicy, UpscaleInput
+from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
+
+router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    order_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="the storefront's order, 1-128 of [A-Za-z0-9._:-]")
+    image_url: str = Field(max_length=2048)
+    scale_factor: StrictInt = Field(ge=2, le=16)
+    format: Literal["auto", "png", "jpg", "webp"] = "auto"
+    customer_email: str = Field(max_length=254)
+    customer_name: str | None = Field(None, max_length=200)
+    amount_paid_cents: StrictInt = Field(ge=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    payment_reference: str | None = Field(None, max_length=255)
+
+    @field_validator("image_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/?#]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("customer_email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if not EMAIL.match(value):
+            raise ValueError("must be an e-mail address like name@example.com")
+        return value
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def job_url(cfg: Settings, job_id: str) -> str:
+    return f"{cfg.public_base_url.rstrip('/')}/v1/jobs/{job_id}"
+
+
+def policy_of(cfg: Settings) -> JobPolicy:
+    return JobPolicy(
+        poll_initial_delay_seconds=cfg.poll_initial_delay_seconds,
+        poll_max_interval_seconds=cfg.poll_max_interval_seconds,
+        processing_timeout_seconds=cfg.processing_timeout_seconds,
+        download_ttl_hours=cfg.download_ttl_hours,
+        credit_price_usd=cfg.credit_price_usd,
+        credits_per_megapixel=cfg.credits_per_megapixel,
+    )
+
+
+async def start_workflow(client: Client, cfg: Settings, job: Job) -> None:
+    """Idempotent: an open workflow of this job is reused, a finished one is left alone."""
+    try:
+        await client.start_workflow(
+            UpscaleWorkflow.run,
+            UpscaleInput(job.job_id, job.image_url, job.scale_factor, job.format, policy_of(cfg)),
+            id=f"upscale-{job.job_id}",
+            task_queue=cfg.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, RECEIVED)]),
+        )
+    except WorkflowAlreadyStartedError:
+        pass
+
+
+def _iso(value) -> str | None:
+    value = as_utc(value)
+    return value.isoformat() if value else None
+
+
+def job_view(job: Job, cfg: Settings) -> dict:
+    from activities.notify import download_url
+
+    completed = job.status == "completed" and job.download_generation > 0
+    return {
+        "job_id": job.job_id,
+        "order_id": job.order_id,
+        "status": job.status,
+        "scale_factor": job.scale_factor,
+        "format": job.format,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "estimated_completion": _iso(job.estimated_completion),
+        "input": {"width": job.input_width, "height": job.input_height} if job.input_width else None,
+        "output": (
+            {
+                "width": job.output_width,
+                "height": job.output_height,
+                "bytes": job.output_bytes,
+                "format": job.output_format,
+                "sha256": job.output_sha256,
+            }
+            if job.output_sha256
+            else None
+        ),
+        "download_url": download_url(cfg, job.job_id, job.download_generation) if completed else None,
+        "download_expires_at": _iso(job.download_expires_at) if completed else None,
+        "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
+        "refund": None,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+    }
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", "no job has this job_id")
+    return job
+
+
+@router.post("/v1/jobs", status_code=202, summary="Start the job's workflow (after payment)")
+async def create_job(
+    body: JobRequest,
+    response: Response,
+    svc: deps.Services = Depends(deps.services),
+    session: Session = Depends(deps.db),
+):
+    cfg = svc.settings
+    fingerprint = body.fingerprint()
+    job = session.exec(select(Job).where(Job.order_id == body.order_id)).first()
+    if job is None:
+        now = utcnow()
+        job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
+                  **body.model_dump())
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError:  # the same order arrived twice at once: the other request won
+            session.rollback()
+            job = session.exec(select(Job).where(Job.order_id == body.order_id)).one()
+            response.status_code = 200
+    else:
+        response.status_code = 200
+    if job.request_sha256 != fingerprint:
+        raise ApiError(409, "order_conflict",
+                       f"order {body.order_id} was already submitted with a different body; use a new order_id")
+    if job.status == RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
+        await start_workflow(await svc.temporal_client(), cfg, job)
+    return {"job_id": job.job_id, "status": job.status, "status_url": job_url(cfg, job.job_id)}
+
+
+@router.get("/v1/jobs/{job_id}", summary="The job as it stands")
+def read_job(job_id: str, cfg: Settings = Depends(deps.settings), session: Session = Depends(deps.db)):
+    return job_view(get_job(session, job_id), cfg)
+
+
+@router.post("/v1/uploads", status_code=201, summary="Upload an image; returns an image_url for POST /v1/jobs")
+async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
+    declared = request.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cfg.max_input_bytes:
+        raise ApiError(413, "too_large", f"uploads are limited to {cfg.max_input_bytes} bytes")
+    upload_id = uuid.uuid4().hex
+    folder = cfg.storage_dir / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / f"{upload_id}.part"
+    size = 0
+    with open(part, "wb") as out:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_input_bytes:
+                out.close()
+                part.unlink()
+                raise ApiError(413, "too_large", f"uploads are limited to {cfg.max_input_bytes} bytes")
+            out.write(chunk)
+    if size == 0:
+        part.unlink()
+        raise ApiError(400, "empty_upload", "the request body must be the image's bytes")
+    part.rename(folder / upload_id)
+    expires = int(time.time()) + cfg.original_url_ttl_seconds
+    url = signing.signed_file_url(cfg.public_base_url, cfg.secret("webhook_secret"), "uploads", upload_id, expires)
+    return {"upload_id": upload_id, "image_url": url, "bytes": size}

@@ -1,0 +1,406 @@
+"""An emulator of Upsampler's Precise Upscale API (CONTRACT section 1), with switchable faults.
+
+It speaks the real wire format under `/api/v1`, really upscales with Pillow, serves the results
+from signed, expiring `/cdn/...` links and POSTs webhooks. `/_emulator/*` (no auth) reads and
+changes the fault settings, lists jobs and request counts, and resets everything.
+
+Request-level faults (`submit_errors`, `status_errors`, `cdn_errors`) are read live and each
+entry is consumed once. Job-level faults (delays, webhooks, results, failures, link lifetime)
+are copied into the job when it is submitted, so changing them later does not affect it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import io
+import logging
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+log = logging.getLogger("emulator")
+
+MAX_OUTPUT_PIXELS = 50_000_000
+CREDITS_PER_MEGAPIXEL_CENTS = 25  # 0.25 credits per output megapixel
+RESULT_FILES = {"result.png": "image/png", "result.jpg": "image/jpeg"}
+ErrorCode = Annotated[int, Field(ge=400, le=599)]
+
+
+class Faults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delay_seconds: float = Field(0.2, ge=0)
+    polls_until_done: int | None = Field(None, ge=1)
+    never_finish: bool = False
+    webhook: Literal["deliver", "drop", "duplicate", "late", "reorder"] = "deliver"
+    webhook_late_seconds: float = Field(1.0, ge=0)
+    webhook_on_progress: bool = False
+    submit_errors: list[ErrorCode] = []
+    status_errors: list[ErrorCode] = []
+    cdn_errors: list[ErrorCode] = []
+    retry_after_seconds: int | None = Field(None, ge=0)
+    refuse_with: str | None = None
+    fail_with: str | None = None
+    result: Literal["ok", "wrong_size", "truncated", "corrupt"] = "ok"
+    result_url_ttl_seconds: float = 10800
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    imageUrl: Annotated[str, Field(pattern=r"^https?://\S+$", max_length=4096)]
+    upscaleFactor: Annotated[StrictInt, Field(ge=1, le=16)]
+    inputImageType: Annotated[str, Field(min_length=1)]
+    globalCreativity: float | None = None
+    detail: float | None = None
+    shouldEnhanceFaces: StrictBool | None = None
+    shouldPreserveBlur: StrictBool | None = None
+
+
+class _SubmitBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: _Input
+    webhook: Annotated[str, Field(pattern=r"^https?://\S+$", max_length=4096)] | None = None
+
+
+@dataclass
+class Job:
+    id: str
+    image_url: str
+    upscale_factor: int
+    webhook: str | None
+    base_url: str
+    faults: Faults
+    credit_cost: float | None = None
+    width: int = 0  # output size
+    height: int = 0
+    status: str = "IN_QUEUE"
+    error: str | None = None
+    status_requests: int = 0
+    webhooks_sent: list[dict] = field(default_factory=list)
+    source: bytes | None = None
+    outcome_error: str | None = None  # set by the upscale when it fails
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def credit_cost(out_pixels: int) -> float:
+    cents = -(-out_pixels * CREDITS_PER_MEGAPIXEL_CENTS // 1_000_000)  # ceil, in integers
+    return max(1.0, cents / 100)
+
+
+def _error(code: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"invalid {where}: {err['msg']}"
+
+
+def _render(source: bytes, size: tuple[int, int], result: str, out_dir: Path) -> None:
+    """CPU work (run in a thread): upscale, write result.png and result.jpg, apply result faults."""
+    with Image.open(io.BytesIO(source)) as im:
+        if im.mode in ("P", "1"):
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16"):
+            im = im.convert("RGB")
+        big = im.resize(size, Image.LANCZOS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, jpg = io.BytesIO(), io.BytesIO()
+    big.save(png, "PNG")
+    big.convert("L" if big.mode in ("L", "I", "I;16") else "RGB").save(jpg, "JPEG", quality=85)
+    for name, data in (("result.png", png.getvalue()), ("result.jpg", jpg.getvalue())):
+        if result == "truncated":
+            data = data[: int(len(data) * 0.6)]
+        elif result == "corrupt":
+            n, mid = max(1, min(64, len(data) // 4)), len(data) // 2
+            data = data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + n]) + data[mid + n :]
+        (out_dir / name).write_bytes(data)
+
+
+class Emulator:
+    def __init__(self, api_key: str, public_base_url: str | None, faults: Faults | None, storage_dir: Path):
+        self._api_key = api_key
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.faults = faults or Faults()
+        self.storage_dir = storage_dir
+        self.jobs: dict[str, Job] = {}
+        self.requests = {"submit": 0, "status": 0, "cdn": 0}
+        self._sign_key = secrets.token_bytes(32)
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- helpers -------------------------------------------------------------------------
+    def authorized(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode())
+
+    def injected_error(self, queue: list[int]) -> JSONResponse | None:
+        if not queue:
+            return None
+        code = queue.pop(0)
+        headers = None
+        if code == 429 and self.faults.retry_after_seconds is not None:
+            headers = {"Retry-After": str(self.faults.retry_after_seconds)}
+        log.info("emulator: injected HTTP %s", code)
+        return _error(code, f"emulated error {code}", headers)
+
+    def sign(self, job_id: str, name: str, exp: int) -> str:
+        return hmac.new(self._sign_key, f"{job_id}/{name}:{exp}".encode(), hashlib.sha256).hexdigest()
+
+    def link(self, job: Job, name: str) -> str:
+        exp = int(time.time() + job.faults.result_url_ttl_seconds)
+        return f"{job.base_url}/cdn/{job.id}/{name}?exp={exp}&sig={self.sign(job.id, name, exp)}"
+
+    def wire(self, job: Job, status: str | None = None) -> dict:
+        status = status or job.status
+        body: dict[str, Any] = {"id": job.id, "status": status}
+        if job.credit_cost is not None:
+            body["creditCost"] = job.credit_cost
+        if status == "SUCCESS":
+            body["imageUrl"] = self.link(job, "result.png")
+            body["compressedImageUrl"] = self.link(job, "result.jpg")
+        if status == "FAILED" and job.error:
+            body["error"] = job.error
+        return body
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reset(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for job_id in self.jobs:
+            shutil.rmtree(self.storage_dir / job_id, ignore_errors=True)
+        self.jobs.clear()
+        self.requests = {"submit": 0, "status": 0, "cdn": 0}
+        self.faults = Faults()
+
+    # --- job life ------------------------------------------------------------------------
+    async def produce(self, job: Job) -> None:
+        """Make the result files (unless the job is meant to fail) and set `job.ready`."""
+        try:
+            if not job.faults.fail_with and job.source is not None:
+                width = job.width - 1 if job.faults.result == "wrong_size" else job.width
+                await asyncio.to_thread(_render, job.source, (width, job.height), job.faults.result, self.storage_dir / job.id)
+        except Exception as exc:  # noqa: BLE001 - an emulated processing failure
+            log.warning("emulator: job %s: upscale failed: %s", job.id, exc)
+            job.outcome_error = "processing error"
+        finally:
+            job.source = None
+            job.ready.set()
+
+    def enter_progress(self, job: Job) -> None:
+        job.status = "IN_PROGRESS"
+        log.info("emulator: job %s IN_PROGRESS", job.id)
+        if job.faults.webhook_on_progress and job.faults.webhook not in ("drop", "reorder"):
+            self.spawn(self.post_webhooks(job, [self.wire(job)]))
+
+    def finish(self, job: Job) -> None:
+        error = job.faults.fail_with or job.outcome_error
+        job.status, job.error = ("FAILED", error) if error else ("SUCCESS", None)
+        log.info("emulator: job %s %s", job.id, job.status)
+        mode = job.faults.webhook
+        if mode == "drop":
+            return
+        final = self.wire(job)
+        bodies = {"duplicate": [final, final], "reorder": [final, self.wire(job, "IN_PROGRESS")]}.get(mode, [final])
+        delay = job.faults.webhook_late_seconds if mode == "late" else 0.0
+        self.spawn(self.post_webhooks(job, bodies, delay))
+
+    async def run_timed(self, job: Job) -> None:
+        half = job.faults.delay_seconds / 2
+        await asyncio.sleep(half)
+        self.enter_progress(job)
+        if job.faults.never_finish:
+            return
+        await asyncio.gather(self.produce(job), asyncio.sleep(half))
+        self.finish(job)
+
+    async def post_webhooks(self, job: Job, bodies: list[dict], delay: float = 0.0) -> None:
+        if not job.webhook:
+            return
+        if delay:
+            await asyncio.sleep(delay)
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            for body in bodies:
+                try:
+                    response = await http.post(job.webhook, json=body)
+                    outcome: int | str = response.status_code
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"[:200]
+                    log.warning("emulator: webhook for job %s failed: %s", job.id, outcome)
+                job.webhooks_sent.append({"status": body["status"], "code_or_error": outcome})
+
+
+async def _fetch_image(url: str) -> tuple[bytes | None, str | None]:
+    try:
+        async with httpx.AsyncClient(timeout=30.0, follow_redirects=True) as http:
+            response = await http.get(url)
+            response.raise_for_status()
+            return response.content, None
+    except httpx.HTTPError as exc:
+        log.info("emulator: could not fetch %s: %s", url, type(exc).__name__)
+        return None, "could not fetch image"
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - anything Pillow cannot open
+        return None
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def create_app(api_key: str, public_base_url: str | None = None, faults: Faults | None = None,
+               storage_dir: Path | None = None) -> FastAPI:
+    storage = Path(storage_dir) if storage_dir else Path(tempfile.mkdtemp(prefix="upsampler-emulator-"))
+    storage.mkdir(parents=True, exist_ok=True)
+    emu = Emulator(api_key, public_base_url, faults, storage)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        for task in list(emu._tasks):
+            task.cancel()
+
+    app = FastAPI(title="Upsampler emulator", lifespan=lifespan)
+    app.state.emulator = emu
+
+    def base_url(request: Request) -> str:
+        return emu.public_base_url or str(request.base_url).rstrip("/")
+
+    @app.post("/api/v1/precise-upscale")
+    async def submit(request: Request):
+        emu.requests["submit"] += 1
+        if not emu.authorized(request):
+            return _error(401, "invalid or missing API key")
+        if injected := emu.injected_error(emu.faults.submit_errors):
+            return injected
+        try:
+            body = _SubmitBody.model_validate(await request.json())
+        except ValueError as exc:  # bad JSON or a ValidationError
+            return _error(400, _first_error(exc) if isinstance(exc, ValidationError) else "body is not valid JSON")
+        inp = body.input
+        job = Job(id=uuid.uuid4().hex, image_url=inp.imageUrl, upscale_factor=inp.upscaleFactor,
+                  webhook=body.webhook, base_url=base_url(request), faults=emu.faults.model_copy(deep=True))
+        log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
+
+        def refuse(error: str) -> JSONResponse:
+            job.status, job.error = "FAILED", error
+            job.ready.set()
+            emu.jobs[job.id] = job
+            return JSONResponse(emu.wire(job))
+
+        if job.faults.refuse_with:
+            return refuse(job.faults.refuse_with)
+        data, fetch_error = await _fetch_image(inp.imageUrl)
+        if data is None:
+            return refuse(fetch_error or "could not fetch image")
+        size = await asyncio.to_thread(_image_size, data)
+        if size is None:
+            return refuse("unsupported image format")
+        job.width, job.height = size[0] * inp.upscaleFactor, size[1] * inp.upscaleFactor
+        if job.width * job.height > MAX_OUTPUT_PIXELS:
+            return _error(400, f"output would exceed {MAX_OUTPUT_PIXELS} pixels")
+        if not await asyncio.to_thread(_decodes, data):
+            return refuse("unsupported image format")
+        job.source = data
+        job.credit_cost = credit_cost(job.width * job.height)
+        emu.jobs[job.id] = job
+        if job.faults.polls_until_done is None:
+            emu.spawn(emu.run_timed(job))
+        else:
+            emu.spawn(emu.produce(job))
+        return JSONResponse(emu.wire(job))
+
+    @app.get("/api/v1/status/{job_id}")
+    async def status(job_id: str, request: Request):
+        emu.requests["status"] += 1
+        if not emu.authorized(request):
+            return _error(401, "invalid or missing API key")
+        if injected := emu.injected_error(emu.faults.status_errors):
+            return injected
+        job = emu.jobs.get(job_id)
+        if job is None:
+            return _error(404, "job not found")
+        job.status_requests += 1
+        polls = job.faults.polls_until_done
+        if polls is not None and job.status in ("IN_QUEUE", "IN_PROGRESS"):
+            if job.status == "IN_QUEUE":
+                emu.enter_progress(job)
+            if not job.faults.never_finish and job.status_requests >= polls:
+                await job.ready.wait()
+                if job.status == "IN_PROGRESS":  # a concurrent poll may have finished it
+                    emu.finish(job)
+        return JSONResponse(emu.wire(job))
+
+    @app.api_route("/cdn/{job_id}/{name}", methods=["GET", "HEAD"])
+    async def cdn(job_id: str, name: str, exp: str = "", sig: str = ""):
+        emu.requests["cdn"] += 1
+        if injected := emu.injected_error(emu.faults.cdn_errors):
+            return injected
+        path = emu.storage_dir / job_id / name
+        if job_id not in emu.jobs or name not in RESULT_FILES or not path.is_file():
+            return _error(404, "no such file")
+        if not exp.isdigit() or not hmac.compare_digest(sig, emu.sign(job_id, name, int(exp))):
+            return _error(403, "bad signature")
+        if time.time() > int(exp):
+            return _error(403, "link expired")
+        return FileResponse(path, media_type=RESULT_FILES[name])
+
+    @app.get("/_emulator/faults")
+    async def get_faults() -> Faults:
+        return emu.faults
+
+    @app.put("/_emulator/faults")
+    async def put_faults(new: Faults) -> Faults:
+        emu.faults = new
+        log.info("emulator: faults now %s", new.model_dump(exclude_defaults=True))
+        return emu.faults
+
+    @app.get("/_emulator/jobs")
+    async def list_jobs() -> list[dict]:
+        return [
+            {"id": j.id, "status": j.status, "imageUrl": j.image_url, "upscaleFactor": j.upscale_factor,
+             "webhook": j.webhook, "creditCost": j.credit_cost, "status_requests": j.status_requests,
+             "webhooks_sent": list(j.webhooks_sent), "width": j.width, "height": j.height, "error": j.error}
+            for j in emu.jobs.values()
+        ]
+
+    @app.get("/_emulator/requests")
+    async def request_counts() -> dict:
+        return dict(emu.requests)
+
+    @app.post("/_emulator/reset")
+    async def reset() -> dict:
+        emu.reset()
+        return {"reset": True}
+
+    return app
