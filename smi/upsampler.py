@@ -86,13 +86,15 @@ def _retry_after(response: httpx.Response) -> float | None:
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000" parses to a naive datetime; HTTP dates are UTC
+            when = when.replace(tzinfo=timezone.utc)
         return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
-        text = body.get("error") or body.get("message") or body.get("detail")
+        text = (body.get("error") or body.get("message") or body.get("detail")) if isinstance(body, dict) else None
     except ValueError:
         text = None
     return str(text or response.reason_phrase or "no detail")[:300]

@@ -559,3 +559,62 @@ async def test_control_endpoints_and_reset(env, client):
     assert httpx.post(f"{env.url}/_emulator/reset").json() == {"reset": True}
     assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0}
     assert httpx.get(f"{env.url}/_emulator/faults").json() == Faults().model_dump()
+
+
+# --- client edge cases without a server (httpx.MockTransport) ---------------------------------
+
+
+def mock_client(status: int, content: bytes = b"{}", headers: dict | None = None) -> UpsamplerClient:
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, headers=headers or {}, content=content))
+    return UpsamplerClient("http://upsampler.test/api/v1", KEY, transport=transport)
+
+
+@pytest.mark.parametrize(
+    "status, content, error",
+    [
+        (500, b'["boom"]', UpsamplerUnavailable),  # JSON that is not an object
+        (502, b'"bad gateway"', UpsamplerUnavailable),
+        (503, b"<html>down</html>", UpsamplerUnavailable),
+        (302, b"", UpsamplerUnavailable),
+        (200, b"not json", UpsamplerUnavailable),
+        (200, b'{"id": "a", "status": "DONE"}', UpsamplerUnavailable),
+        (403, b"", UpsamplerUnauthorized),
+        (422, b'{"message": "bad"}', UpsamplerInvalidInput),
+    ],
+)
+async def test_client_maps_odd_replies_to_typed_errors(status, content, error):
+    client = mock_client(status, content)
+    try:
+        with pytest.raises(error):
+            await client.status("x")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("12", 12.0), ("0.5", 0.5), ("-3", 0.0), ("soon", None),
+     ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0), ("Sun, 06 Nov 1994 08:49:37 -0000", 0.0)],
+)
+async def test_client_reads_retry_after(value, expected):
+    client = mock_client(429, headers={"Retry-After": value})
+    try:
+        with pytest.raises(UpsamplerRateLimited) as caught:
+            await client.submit("http://x/y.png", 2, None)
+    finally:
+        await client.aclose()
+    assert caught.value.retry_after == expected
+
+
+async def test_client_reads_retry_after_as_a_future_date():
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    client = mock_client(429, headers={"Retry-After": when})
+    try:
+        with pytest.raises(UpsamplerRateLimited) as caught:
+            await client.status("x")
+    finally:
+        await client.aclose()
+    assert 100 < caught.value.retry_after <= 120

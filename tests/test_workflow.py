@@ -1,0 +1,121 @@
+"""UpscaleWorkflow on the time-skipping server, with the real API, worker, emulator and SMTP server.
+
+Timers are skipped only while a test awaits the workflow's result, so a test that wants
+the webhook to win waits in real time first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from temporalio.api.enums.v1 import EventType
+
+from tests.conftest import png_bytes
+from tests.helpers import ledger_rows, mail_rows, order, timer_seconds, wait_for_status
+from worker import create_worker
+from workflows.upscale import UpscaleWorkflow
+
+
+async def start(stack, order_id: str, **overrides):
+    image_url = stack.shop.publish(png_bytes(64, 48))
+    client = stack.client()
+    reply = await asyncio.to_thread(client.post, "/v1/jobs", json=order(image_url, order_id, **overrides))
+    assert reply.status_code == 202, reply.text
+    return client, reply.json()["job_id"]
+
+
+async def test_webhook_ends_the_wait_without_polling(time_skipping_env, stack_factory, faults):
+    faults(delay_seconds=0.3)
+    stack = stack_factory(time_skipping_env)
+    async with create_worker(time_skipping_env.client, stack.settings):
+        client, job_id = await start(stack, "wf-webhook")
+        job = await wait_for_status(client, job_id, {"completed", "failed", "manual_review"})
+        handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
+        state = await handle.result()
+
+    assert job["status"] == "completed"
+    assert state.polls == 1 and state.webhooks >= 1  # one status call, to confirm the webhook
+    assert await timer_seconds(handle) == [30.0]  # the first poll's timer, cancelled by the webhook
+    assert job["output"]["width"] == 256 and job["output"]["height"] == 192
+    assert len(stack.mailbox.wait_for(1)) == 1
+
+
+async def test_without_webhook_polls_at_30s_then_backs_off(time_skipping_env, stack_factory, faults):
+    faults(webhook="drop", polls_until_done=3)
+    stack = stack_factory(time_skipping_env)
+    async with create_worker(time_skipping_env.client, stack.settings):
+        client, job_id = await start(stack, "wf-poll")
+        handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
+        state = await handle.result()
+
+    assert state.status == "completed"
+    assert state.polls == 3
+    assert await timer_seconds(handle) == [30.0, 60.0, 120.0]
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "completed" and job["download_url"]
+    assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
+
+
+async def test_no_result_in_15_minutes_goes_to_manual_review(time_skipping_env, stack_factory, faults):
+    faults(webhook="drop", never_finish=True)
+    stack = stack_factory(time_skipping_env)
+    async with create_worker(time_skipping_env.client, stack.settings):
+        client, job_id = await start(stack, "wf-timeout")
+        handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
+        state = await handle.result()
+
+    timers = await timer_seconds(handle)
+    assert state.status == "manual_review" and state.error_code == "timeout"
+    assert timers[:3] == [30.0, 60.0, 120.0] and max(timers) == 120.0
+    assert sum(timers) == 900.0  # the processing timeout, to the second
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "manual_review" and job["error"]["code"] == "timeout"
+    assert job["download_url"] is None
+    assert ledger_rows(stack.settings.database_url, job_id) == []
+    assert mail_rows(stack.settings.database_url, job_id) == []
+
+
+async def test_duplicate_and_late_webhooks_change_nothing(time_skipping_env, stack_factory, faults):
+    faults(delay_seconds=0.2, webhook="duplicate")
+    stack = stack_factory(time_skipping_env)
+    async with create_worker(time_skipping_env.client, stack.settings):
+        client, job_id = await start(stack, "wf-duplicate")
+        await wait_for_status(client, job_id, {"completed"})
+        handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
+        await handle.result()
+        first = client.get(f"/v1/jobs/{job_id}").json()
+
+        # A late copy of the webhook, after the job is done: accepted, delivered nowhere.
+        emulated = httpx.get(f"{stack.emulator.url}/_emulator/jobs").json()
+        hook = next(j["webhook"] for j in emulated if j["id"] == first_upsampler_id(stack, job_id))
+        body = httpx.get(f"{stack.emulator.url}/api/v1/status/{first_upsampler_id(stack, job_id)}",
+                         headers={"Authorization": "Bearer test-upsampler-key"}).json()
+        late = httpx.post(hook, json=body)
+        assert late.status_code == 200 and late.json()["delivered"] is False
+
+    state = await handle.result()
+    assert state.webhooks >= 1
+    assert client.get(f"/v1/jobs/{job_id}").json() == first
+    assert len(stack.mailbox.wait_for(1)) == 1
+    await asyncio.sleep(0.5)
+    assert len(stack.mailbox.messages) == 1
+    assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
+    assert [m.status for m in mail_rows(stack.settings.database_url, job_id)] == ["sent"]
+    history_signals = await event_signals(handle)
+    assert history_signals >= 1
+
+
+def first_upsampler_id(stack, job_id: str) -> str:
+    from sqlmodel import Session, create_engine
+
+    from smi.db import Job
+
+    engine = create_engine(stack.settings.database_url)
+    with Session(engine) as session:
+        return session.get(Job, job_id).upsampler_id
+
+
+async def event_signals(handle) -> int:
+    return sum([1 async for e in handle.fetch_history_events()
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED])
