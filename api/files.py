@@ -22,7 +22,8 @@ TOKEN = re.compile(r"^[0-9a-f]{64}$")
 NAME = re.compile(r"^[0-9a-f]{32}$")
 
 
-@router.api_route("/downloads/{token}", methods=["GET", "HEAD"], summary="The customer's upscaled file")
+@router.get("/downloads/{token}", operation_id="download", summary="The customer's upscaled file")
+@router.head("/downloads/{token}", operation_id="download_head", summary="The file's headers alone")
 def download(token: str, session: Session = Depends(deps.db)):
     row = session.get(DownloadToken, signing.token_sha256(token)) if TOKEN.match(token) else None
     if row is None:

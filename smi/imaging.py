@@ -15,7 +15,7 @@ import pyvips
 # libvips loader -> our format name; anything else is refused.
 LOADERS = {"pngload": "png", "jpegload": "jpg", "webpload": "webp"}
 EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
-SAVE_OPTIONS = {"png": {"compression": 6}, "jpg": {"Q": 92}, "webp": {"Q": 92}}
+SAVERS = {"png": ("pngsave", {"compression": 6}), "jpg": ("jpegsave", {"Q": 92}), "webp": ("webpsave", {"Q": 92})}
 MAX_OUTPUT_PIXELS = 50_000_000
 
 
@@ -71,4 +71,5 @@ def convert(src: str | Path, dst: str | Path, fmt: str) -> None:
     image = pyvips.Image.new_from_file(str(src), access="sequential")
     if fmt == "jpg" and image.hasalpha():
         image = image.flatten(background=[255, 255, 255])
-    image.write_to_file(str(dst), **SAVE_OPTIONS[fmt])
+    saver, options = SAVERS[fmt]  # by name: `dst` is a temporary name without the extension
+    getattr(image, saver)(str(dst), **options)

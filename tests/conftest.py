@@ -39,8 +39,9 @@ def png_bytes(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def time_skipping_env():
+    """A fresh test server per test: its time-skipping lock count is global to the server."""
     env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(BIN / "temporal-test-server"))
     await env.client.operator_service.add_search_attributes(
         AddSearchAttributesRequest(
