@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
+# Written by `smi dev` with the generated development keys; the environment wins over it.
+DEV_ENV_FILE = Path("var/dev.env")
 
 
 class Settings(BaseSettings):
@@ -81,4 +83,4 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=DEV_ENV_FILE if DEV_ENV_FILE.exists() else None)

@@ -1,0 +1,55 @@
+"""The commands a user types: `smi dev` brings up the whole service, `smi submit` uses it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from smi.serve import free_port
+
+SMI = str(Path(sys.executable).parent / "smi")
+
+
+def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path):
+    ports = {name: free_port() for name in ("temporal", "api", "smtp", "emulator")}
+    env = dict(
+        os.environ,
+        SMI_TEMPORAL_ADDRESS=f"127.0.0.1:{ports['temporal']}",
+        SMI_API_PORT=str(ports["api"]),
+        SMI_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['api']}",
+        SMI_SMTP_PORT=str(ports["smtp"]),
+    )
+    for name in [k for k in env if k in ("SMI_UPSAMPLER_API_KEY", "SMI_STOREFRONT_API_KEY")]:
+        del env[name]
+    log = open(tmp_path / "dev.log", "w+")
+    dev = subprocess.Popen([SMI, "dev", "--emulator-port", str(ports["emulator"])], cwd=tmp_path, env=env,
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "The upscale service is running" not in (tmp_path / "dev.log").read_text():
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "smi dev did not come up"
+            time.sleep(0.3)
+        banner = (tmp_path / "dev.log").read_text()
+        assert f"http://127.0.0.1:{ports['api']}" in banner and "Storefront key" in banner
+
+        Image.effect_noise((90, 60), 40).convert("RGB").save(tmp_path / "photo.png")
+        submit = subprocess.run([SMI, "submit", "photo.png", "--scale", "3", "--email", "buyer@example.com"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert "done: 270x180 png" in submit.stdout
+        assert "/downloads/" in submit.stdout
+        outbox = list((tmp_path / "var" / "outbox").glob("*.eml"))
+        assert len(outbox) == 1 and b"buyer@example.com" in outbox[0].read_bytes()
+    finally:
+        os.killpg(dev.pid, signal.SIGINT)
+        code = dev.wait(timeout=60)
+        log.close()
+    assert code == 0
+    assert "stopped" in (tmp_path / "dev.log").read_text()
