@@ -48,6 +48,7 @@ async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
         job = await wait_for_status(client, job_id, {"completed", "failed", "manual_review"}, timeout=90)
         assert job["status"] == "completed", job
         messages = await asyncio.to_thread(stack.mailbox.wait_for, 1)
+        await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()  # through its clean-up
 
         # The same order once more after completion: still one job, nothing new started.
         late = await asyncio.to_thread(client.post, "/v1/jobs", json=body)
