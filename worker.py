@@ -11,6 +11,7 @@ from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
+from activities.payments import PaymentsActivities
 from activities.storage import StorageActivities
 from activities.upsampler import UpsamplerActivities
 from smi.db import make_engine
@@ -28,12 +29,14 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
     ledger = LedgerActivities(settings, engine)
     notify = NotifyActivities(settings, engine)
     calls = UpsamplerActivities(settings, engine, upsampler)
+    payments = PaymentsActivities(settings, engine)
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=[UpscaleWorkflow],
         activities=[
             storage.fetch_original,
+            storage.compress_original,
             storage.download_result,
             storage.validate_result,
             storage.store_result,
@@ -44,6 +47,7 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
             ledger.record_cost,
             ledger.issue_download_token,
             notify.send_email,
+            payments.refund,
         ],
         # Database and image work is blocking: it runs on these threads, not the event loop.
         activity_executor=ThreadPoolExecutor(max_workers=8),

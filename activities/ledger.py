@@ -42,61 +42,53 @@ class LedgerActivities:
                 job.result_path = out.path
             if update.upsampler_id is not None:
                 job.upsampler_id = update.upsampler_id
-            if update.credits is not None:
-                job.cost_credits, job.cost_usd = update.credits, update.usd
             if update.download is not None:
                 job.download_generation = update.download.generation
                 job.download_expires_at = update.download.expires_at
-            if update.error_code is not None:
-                job.error_code, job.error_message = update.error_code, update.error_message
+            if update.error_code is not None:  # "" clears the error
+                job.error_code, job.error_message = update.error_code or None, update.error_message or None
             session.add(job)
             session.commit()
 
     @activity.defn
     def record_cost(self, record: CostRecord) -> float:
-        """Book what Upsampler charged for one submission, once; returns the job's total in USD."""
+        """Book what Upsampler charged for one submission, once; the job's cost becomes the sum of its rows."""
         with Session(self.engine) as session:
-            session.add(
-                LedgerEntry(
-                    job_id=record.job_id,
-                    purpose=f"upscale:{record.upsampler_id}",
-                    credits=record.credits,
-                    usd=round(record.credits * record.credit_price_usd, 6),
-                    created_at=utcnow(),
-                )
-            )
+            session.add(LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
+                                    credits=record.credits, usd=round(record.credits * record.credit_price_usd, 6),
+                                    created_at=utcnow()))
             try:
                 session.commit()
             except IntegrityError:
                 session.rollback()  # booked by an earlier run of this activity
             entries = session.exec(select(LedgerEntry).where(LedgerEntry.job_id == record.job_id)).all()
-            return round(sum(entry.usd for entry in entries), 6)
+            job = session.get(Job, record.job_id)
+            job.cost_credits = round(sum(entry.credits for entry in entries), 6)
+            job.cost_usd = round(sum(entry.usd for entry in entries), 6)
+            session.add(job)
+            session.commit()
+            return job.cost_usd
 
     @activity.defn
     def issue_download_token(self, request: TokenRequest) -> DownloadLink:
-        """A download link of this generation; older generations stop working."""
-        token = signing.download_token(self.settings.secret("webhook_secret"), request.job_id, request.generation)
-        digest = signing.token_sha256(token)
+        """The download link for this purpose, made once; every older link of the job stops working."""
         with Session(self.engine) as session:
-            row = session.get(DownloadToken, digest)
+            row = session.exec(select(DownloadToken).where(
+                DownloadToken.job_id == request.job_id, DownloadToken.purpose == request.purpose)).first()
             if row is None:
+                generations = session.exec(select(DownloadToken.generation).where(
+                    DownloadToken.job_id == request.job_id)).all()
+                generation = max(generations, default=0) + 1
+                token = signing.download_token(self.settings.secret("webhook_secret"), request.job_id, generation)
                 now = utcnow()
-                row = DownloadToken(
-                    token_sha256=digest,
-                    job_id=request.job_id,
-                    generation=request.generation,
-                    expires_at=now + timedelta(hours=request.ttl_hours),
-                    created_at=now,
-                )
+                row = DownloadToken(token_sha256=signing.token_sha256(token), job_id=request.job_id,
+                                    purpose=request.purpose, generation=generation,
+                                    expires_at=now + timedelta(hours=request.ttl_hours), created_at=now)
                 session.add(row)
-            older = session.exec(
-                select(DownloadToken).where(
-                    DownloadToken.job_id == request.job_id, DownloadToken.generation < request.generation
-                )
-            ).all()
-            for old in older:
+            for old in session.exec(select(DownloadToken).where(
+                    DownloadToken.job_id == request.job_id, DownloadToken.generation < row.generation)).all():
                 old.revoked = True
                 session.add(old)
             session.commit()
             session.refresh(row)
-            return DownloadLink(request.generation, as_utc(row.expires_at))
+            return DownloadLink(row.generation, as_utc(row.expires_at))

@@ -1,4 +1,4 @@
-"""Mail side effects: the customer's emails, each sent once per job and purpose."""
+"""Mail side effects: the customer's and the admin's emails, each sent once per job and purpose."""
 
 from __future__ import annotations
 
@@ -8,18 +8,26 @@ from sqlmodel import Session, select
 from temporalio import activity
 
 from smi import mail, signing
-from smi.db import Job, SentMail, as_utc, utcnow
+from smi.db import Job, Refund, SentMail, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import EmailRequest
+
+# What the customer is told, by error kind; technical detail stays in the admin's notice.
+CUSTOMER_REASONS = {
+    "unsupported_format": "the file is not an image we can process (we take PNG, JPEG and WebP)",
+    "too_large": "the image is too large for the upscaler, even after compressing it",
+    "fetch_failed": "we could not download the image from the shop",
+}
+DEFAULT_REASON = "the upscaler could not complete the job"
 
 
 def human_size(size: int) -> str:
     value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
+    for unit in ("bytes", "KB", "MB"):
+        if value < 1000:
             return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
         value /= 1000
-    return f"{size} bytes"
+    return f"{value:.1f} GB"
 
 
 def download_url(settings: Settings, job_id: str, generation: int) -> str:
@@ -27,16 +35,44 @@ def download_url(settings: Settings, job_id: str, generation: int) -> str:
     return f"{settings.public_base_url.rstrip('/')}/downloads/{token}"
 
 
+def money(cents: int, currency: str) -> str:
+    return f"{cents / 100:.2f} {currency}"
+
+
 class NotifyActivities:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine
 
+    def _context(self, session: Session, job: Job, request: EmailRequest) -> dict:
+        refund = session.get(Refund, job.job_id)
+        expires = as_utc(job.download_expires_at)
+        return dict(
+            job_id=job.job_id,
+            name=job.customer_name,
+            order_id=job.order_id,
+            status=job.status,
+            scale_factor=job.scale_factor,
+            width=job.output_width,
+            height=job.output_height,
+            format=job.output_format or "",
+            size=human_size(job.output_bytes or 0),
+            download_url=download_url(self.settings, job.job_id, request.generation) if request.generation else "",
+            expires_at=expires.strftime("%Y-%m-%d %H:%M") if expires else "",
+            reason=CUSTOMER_REASONS.get(job.error_code or "", DEFAULT_REASON),
+            error_code=job.error_code,
+            error_message=job.error_message,
+            refund_status=refund.status if refund else None,
+            refund_amount=money(refund.amount_cents, refund.currency) if refund else "",
+            note=request.note,
+        )
+
     @activity.defn
     async def send_email(self, request: EmailRequest) -> bool:
-        """Send the customer the `kind` email; False when an earlier run already sent it."""
-        purpose = f"{request.kind}:{request.generation}"
-        message_id = f"<{request.job_id}.{request.kind}.{request.generation}@{self.settings.public_host.split(':')[0]}>"
+        """Send the `kind` email once per purpose; False when an earlier run already sent it."""
+        purpose = request.purpose or f"{request.kind}:{request.generation}"
+        host = self.settings.public_host.split(":")[0]
+        message_id = f"<{request.job_id}.{purpose.replace(':', '.')}@{host}>"
         with Session(self.engine) as session:
             job = session.get(Job, request.job_id)
             if job is None:
@@ -50,22 +86,9 @@ class NotifyActivities:
                     session.commit()
                 except IntegrityError:
                     session.rollback()
-            expires = as_utc(job.download_expires_at)
-            message = mail.build_message(
-                self.settings,
-                to=job.customer_email,
-                kind=request.kind,
-                message_id=message_id,
-                name=job.customer_name,
-                order_id=job.order_id,
-                scale_factor=job.scale_factor,
-                width=job.output_width,
-                height=job.output_height,
-                format=job.output_format or "",
-                size=human_size(job.output_bytes or 0),
-                download_url=download_url(self.settings, job.job_id, request.generation),
-                expires_at=expires.strftime("%Y-%m-%d %H:%M") if expires else "",
-            )
+            to = self.settings.admin_email if request.kind.startswith("admin_") else job.customer_email
+            message = mail.build_message(self.settings, to=to, kind=request.kind, message_id=message_id,
+                                         **self._context(session, job, request))
         await mail.send(self.settings, message)
         with Session(self.engine) as session:
             row = session.exec(select(SentMail).where(SentMail.job_id == request.job_id, SentMail.purpose == purpose)).one()

@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 
 from smi import imaging
 from smi.settings import Settings
-from workflows.types import DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
+from workflows.types import CompressRequest, DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
 
 CHUNK = 1024 * 1024
 HEARTBEAT_EVERY_SECONDS = 2.0
@@ -121,6 +121,20 @@ class StorageActivities:
         return _describe(final, info)
 
     @activity.defn
+    def compress_original(self, request: CompressRequest) -> StoredImage:
+        """A JPEG copy of the original at a lower quality, same pixel size, for Upsampler's input limit."""
+        job_dir = self.job_dir(request.job_id)
+        final = job_dir / compressed_name(request.quality)
+        if not final.exists():
+            original = next(iter(sorted(job_dir.glob("original.*"))), None)
+            if original is None:
+                raise _fail("fetch_failed", "the original is gone")
+            part = final.with_suffix(".part")
+            imaging.convert(original, part, "jpg", quality=request.quality)
+            os.replace(part, final)
+        return _describe(final, imaging.probe(final))
+
+    @activity.defn
     async def download_result(self, request: DownloadRequest) -> DownloadedFile:
         """4. Stream Upsampler's result to a temporary file; resume after a crash from the heartbeat."""
         tmp = self.tmp_dir(request.job_id)
@@ -172,6 +186,10 @@ class StorageActivities:
         count = sum(1 for _ in tmp.iterdir()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         return count
+
+
+def compressed_name(quality: int) -> str:
+    return f"compressed_q{quality}.jpg"
 
 
 def _describe(path: Path, info: imaging.ImageInfo) -> StoredImage:

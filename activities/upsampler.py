@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from smi import signing
 from smi.db import Submission, utcnow
 from smi.settings import Settings
-from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob
+from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
 from workflows.types import QUEUED, SubmitRequest, UpsamplerResult
 
 
@@ -24,8 +24,14 @@ def as_application_error(exc: UpsamplerError) -> ApplicationError:
     return ApplicationError(str(exc), type=exc.kind, non_retryable=not exc.retryable, next_retry_delay=delay)
 
 
+def original_name(request: SubmitRequest) -> str:
+    """The name the signed file URL carries: the job, plus the compressed variant if any."""
+    return f"{request.job_id}-{request.variant}" if request.variant else request.job_id
+
+
 def _result(job: UpsamplerJob) -> UpsamplerResult:
-    return UpsamplerResult(job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error)
+    kind = failure_kind(job.error) if job.status == "failed" else None
+    return UpsamplerResult(job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind)
 
 
 class UpsamplerActivities:
@@ -53,7 +59,7 @@ class UpsamplerActivities:
         expires = int(time.time()) + self.settings.original_url_ttl_seconds
         try:
             job = await self.client.submit(
-                signing.signed_file_url(base, secret, "originals", request.job_id, expires),
+                signing.signed_file_url(base, secret, "originals", original_name(request), expires),
                 request.scale_factor,
                 signing.webhook_url(base, secret, request.job_id),
             )

@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from api import deps
 from api.errors import ApiError
+from activities.storage import compressed_name
 from smi import signing
 from smi.db import DownloadToken, Job, as_utc, utcnow
 from smi.settings import Settings
@@ -19,7 +20,7 @@ from smi.settings import Settings
 router = APIRouter(tags=["files"])
 
 TOKEN = re.compile(r"^[0-9a-f]{64}$")
-NAME = re.compile(r"^[0-9a-f]{32}$")
+NAME = re.compile(r"^(?P<id>[0-9a-f]{32})(?:-q(?P<quality>[0-9]{1,2}))?$")
 
 
 @router.get("/downloads/{token}", operation_id="download", summary="The customer's upscaled file")
@@ -44,14 +45,17 @@ def download(token: str, session: Session = Depends(deps.db)):
 
 @router.get("/files/{kind}/{name}", summary="A stored original or upload, by a temporary signed URL")
 def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)):
-    if kind not in ("originals", "uploads") or not NAME.match(name):
+    match = NAME.match(name)
+    if kind not in ("originals", "uploads") or not match or (kind == "uploads" and match["quality"]):
         raise ApiError(404, "not_found", "no such file")
     if exp < time.time() or not signing.verify_file(cfg.secret("webhook_secret"), kind, name, exp, sig):
         raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
     if kind == "uploads":
         candidates = [cfg.storage_dir / "uploads" / name]
+    elif match["quality"]:
+        candidates = [cfg.storage_dir / "jobs" / match["id"] / compressed_name(int(match["quality"]))]
     else:
-        candidates = sorted((cfg.storage_dir / "jobs" / name).glob("original.*"))
+        candidates = sorted((cfg.storage_dir / "jobs" / match["id"]).glob("original.*"))
     path = next((p for p in candidates if p.is_file() and p.suffix != ".part"), None)
     if path is None:
         raise ApiError(404, "not_found", "no such file")

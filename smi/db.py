@@ -61,6 +61,7 @@ class Job(SQLModel, table=True):
     result_path: str | None = None
     cost_credits: float | None = None
     cost_usd: float | None = None
+    runs: int = 1  # 1 + the admin retries that started a new workflow run
     download_generation: int = 0
     download_expires_at: datetime | None = _timestamp(nullable=True)
     error_code: str | None = None
@@ -97,14 +98,31 @@ class DownloadToken(SQLModel, table=True):
     """Only the token's SHA-256 is kept; the token itself exists in the customer's email."""
 
     __tablename__ = "download_tokens"
-    __table_args__ = (UniqueConstraint("job_id", "generation"),)
+    __table_args__ = (UniqueConstraint("job_id", "generation"), UniqueConstraint("job_id", "purpose"))
 
     token_sha256: str = Field(primary_key=True, max_length=64)
     job_id: str = Field(index=True, max_length=32)
+    purpose: str = Field(max_length=64)  # "run:1", "resend:<request id>": one link per purpose
     generation: int
     expires_at: datetime = _timestamp(nullable=False)
     revoked: bool = False
     created_at: datetime = _timestamp(nullable=False)
+
+
+class Refund(SQLModel, table=True):
+    """At most one per job (the primary key): retries, resets and admin clicks all find this row."""
+
+    __tablename__ = "refunds"
+
+    job_id: str = Field(primary_key=True, max_length=32)
+    status: str = Field(max_length=16)  # pending -> refunded | owed (adapter "none": a human pays it back)
+    amount_cents: int
+    currency: str = Field(max_length=3)
+    reason: str = Field(max_length=64)
+    adapter: str = Field(max_length=16)
+    external_id: str | None = None
+    created_at: datetime = _timestamp(nullable=False, index=True)
+    completed_at: datetime | None = _timestamp(nullable=True)
 
 
 class SentMail(SQLModel, table=True):
@@ -113,7 +131,7 @@ class SentMail(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True, max_length=32)
-    purpose: str = Field(max_length=64)  # e.g. "completed:1" (kind and link generation)
+    purpose: str = Field(max_length=64)  # e.g. "completed:1" (kind and link generation), "failed:run:1"
     message_id: str
     status: str = "sending"  # sending -> sent
     created_at: datetime = _timestamp(nullable=False)
@@ -144,6 +162,7 @@ __all__ = [
     "DownloadToken",
     "Job",
     "LedgerEntry",
+    "Refund",
     "SentMail",
     "Session",
     "Submission",

@@ -67,9 +67,12 @@ def validate(path: str | Path, width: int, height: int, fmt: str | None = None) 
     return info
 
 
-def convert(src: str | Path, dst: str | Path, fmt: str) -> None:
+def convert(src: str | Path, dst: str | Path, fmt: str, quality: int | None = None) -> None:
+    """Re-encode, same pixel size; `quality` overrides the lossy formats' default."""
     image = pyvips.Image.new_from_file(str(src), access="sequential")
     if fmt == "jpg" and image.hasalpha():
         image = image.flatten(background=[255, 255, 255])
     saver, options = SAVERS[fmt]  # by name: `dst` is a temporary name without the extension
+    if quality is not None and "Q" in options:
+        options = {**options, "Q": quality}
     getattr(image, saver)(str(dst), **options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
     credit_price_usd: float = Field(0.04, ge=0)
     credits_per_megapixel: float = Field(0.25, ge=0)
 
+    refund_adapter: Literal["none", "webhook", "stripe"] = "none"
+    refund_webhook_url: str | None = None
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str = "https://api.stripe.com"  # tests point it at a local server
+
+    upsampler_max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)  # larger originals are compressed first
     max_input_bytes: int = 50 * 1024 * 1024
     max_result_bytes: int = 400 * 1024 * 1024
     original_url_ttl_seconds: int = 6 * 3600
@@ -65,6 +72,10 @@ class Settings(BaseSettings):
                 for name in ("storefront_api_key", "admin_api_key", "webhook_secret", "upsampler_api_key")
                 if getattr(self, name) is None
             ]
+            if self.refund_adapter == "webhook" and not self.refund_webhook_url:
+                missing.append("refund_webhook_url")
+            if self.refund_adapter == "stripe" and self.stripe_api_key is None:
+                missing.append("stripe_api_key")
             if missing:
                 names = ", ".join("SMI_" + m.upper() for m in missing)
                 raise ValueError(f"{names} must be set when SMI_ENV is not 'dev'")

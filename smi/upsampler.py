@@ -75,6 +75,16 @@ class UpsamplerJob:
         )
 
 
+def failure_kind(error: str | None) -> str:
+    """Upsampler states why a job FAILED only in words; sort them into the workflow's error kinds."""
+    text = (error or "").lower()
+    if any(word in text for word in ("too large", "too big", "exceed", "size limit", "megapixel")):
+        return "too_large"
+    if any(word in text for word in ("format", "unsupported", "not an image", "decode", "corrupt")):
+        return "unsupported_format"
+    return "upsampler_failed"
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if not value:

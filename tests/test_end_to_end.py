@@ -177,7 +177,7 @@ async def test_download_links_expire_and_unknown_tokens_are_404(dev_env, stack_f
     engine = create_engine(stack.settings.database_url)
     token = signing.download_token(WEBHOOK_SECRET, "a" * 32, 1)
     with Session(engine) as session:
-        session.add(DownloadToken(token_sha256=signing.token_sha256(token), job_id="a" * 32, generation=1,
+        session.add(DownloadToken(token_sha256=signing.token_sha256(token), job_id="a" * 32, purpose="run:1", generation=1,
                                   expires_at=utcnow() - timedelta(minutes=1), created_at=utcnow()))
         session.commit()
     engine.dispose()

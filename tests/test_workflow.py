@@ -71,19 +71,22 @@ async def test_no_result_in_15_minutes_goes_to_manual_review(time_skipping_env, 
     async with create_worker(time_skipping_env.client, stack.settings):
         client, job_id = await start(stack, "wf-timeout")
         handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
-        await let_time_skip(time_skipping_env)
-        state = await handle.result()
+        # Skip 16 minutes of workflow time (only while nothing runs); the job then waits for an admin.
+        await time_skipping_env.sleep(16 * 60)
+        state = await handle.query(UpscaleWorkflow.state)
+        timers = await timer_seconds(handle)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        admin_mail = stack.mailbox.wait_for(1)
 
-    timers = await timer_seconds(handle)
-    assert state.status == "manual_review" and state.error_code == "timeout"
+    assert state.status == "manual_review" and state.error_code == "timeout" and state.awaiting_decision
     assert timers[:3] == [30.0, 60.0, 120.0] and max(timers) == 120.0
     # The waits add up to the processing timeout, less the real seconds the status calls took.
     assert 895.0 < sum(timers) <= 900.0 and timers[-1] < 120.0
-    job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "manual_review" and job["error"]["code"] == "timeout"
     assert job["download_url"] is None
     assert ledger_rows(stack.settings.database_url, job_id) == []
-    assert mail_rows(stack.settings.database_url, job_id) == []
+    assert [m["To"] for m in admin_mail] == ["admin@localhost"]
+    assert "Manual review needed (timeout)" in admin_mail[0]["Subject"]
 
 
 async def test_duplicate_and_late_webhooks_change_nothing(time_skipping_env, stack_factory, faults):

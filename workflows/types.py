@@ -25,6 +25,7 @@ class JobPolicy:
     download_ttl_hours: float = 24.0
     credit_price_usd: float = 0.04
     credits_per_megapixel: float = 0.25
+    upsampler_max_input_bytes: int = 20 * 1024 * 1024
 
 
 @dataclass
@@ -36,6 +37,8 @@ class UpscaleInput:
     scale_factor: int
     format: str  # auto | png | jpg | webp
     policy: JobPolicy = field(default_factory=JobPolicy)
+    run: int = 1  # 1 + the admin retries that started this job again
+    attempts_before: int = 0  # Upsampler submissions made by earlier runs: keeps submission keys unique
 
 
 @dataclass
@@ -55,10 +58,17 @@ class StoredImage:
 
 
 @dataclass
+class CompressRequest:
+    job_id: str
+    quality: int
+
+
+@dataclass
 class SubmitRequest:
     job_id: str
     attempt: int
     scale_factor: int
+    variant: str = ""  # "" for the original, "q70" for the copy compressed at quality 70
 
 
 @dataclass
@@ -71,6 +81,7 @@ class UpsamplerResult:
     image_url: str | None = None
     compressed_image_url: str | None = None
     error: str | None = None
+    error_kind: str | None = None  # for FAILED: too_large, unsupported_format or upsampler_failed
 
 
 @dataclass
@@ -114,7 +125,7 @@ class CostRecord:
 @dataclass
 class TokenRequest:
     job_id: str
-    generation: int
+    purpose: str  # "run:1", "resend:<request id>": one link per purpose
     ttl_hours: float
 
 
@@ -127,8 +138,10 @@ class DownloadLink:
 @dataclass
 class EmailRequest:
     job_id: str
-    kind: str  # template name, e.g. "completed"
-    generation: int
+    kind: str  # template name: completed, failed, admin_notice
+    generation: int = 0  # the download link's generation, for "completed"
+    purpose: str | None = None  # the once-only key; default "<kind>:<generation>"
+    note: str | None = None  # the admin notice's headline
 
 
 @dataclass
@@ -141,11 +154,17 @@ class JobUpdate:
     input: StoredImage | None = None
     output: StoredImage | None = None
     upsampler_id: str | None = None
-    credits: float | None = None
-    usd: float | None = None
     download: DownloadLink | None = None
     error_code: str | None = None
     error_message: str | None = None
+
+
+@dataclass
+class RefundOutcome:
+    status: str  # refunded | owed
+    amount_cents: int
+    currency: str
+    adapter: str
 
 
 @dataclass
@@ -159,3 +178,5 @@ class JobState:
     webhooks: int = 0
     error_code: str | None = None
     error_message: str | None = None
+    refund: RefundOutcome | None = None
+    awaiting_decision: bool = False

@@ -1,7 +1,8 @@
 """UpscaleWorkflow: one paid order, from the storefront's image to the customer's email.
 
-The workflow only decides; every effect on the world is an activity. It reads top to
-bottom as the numbered process in DESIGN.md.
+The workflow only decides; every effect on the world is an activity. `run` reads as the
+numbered process of DESIGN.md; what happens when a step fails is declared once, in
+FAILURE_TABLE.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.notify import NotifyActivities
+    from activities.payments import PaymentsActivities, RefundRequest
     from activities.storage import StorageActivities
     from activities.upsampler import UpsamplerActivities
     from workflows.types import (
@@ -25,13 +27,14 @@ with workflow.unsafe.imports_passed_through():
         MANUAL_REVIEW,
         PROCESSING,
         QUEUED,
+        CompressRequest,
         CostRecord,
         DownloadRequest,
         EmailRequest,
         FetchRequest,
-        JobPolicy,
         JobState,
         JobUpdate,
+        StoredImage,
         StoreRequest,
         SubmitRequest,
         TokenRequest,
@@ -44,7 +47,32 @@ with workflow.unsafe.imports_passed_through():
 UPSCALE_STATUS = SearchAttributeKey.for_keyword("UpscaleStatus")
 MAX_OUTPUT_PIXELS = 50_000_000
 
-# Errors that no retry can mend: the activity raises them as non-retryable ApplicationErrors.
+# Answers to a failed step, once the activity's own retries are spent.
+RESUBMIT = "resubmit"  # a new Upsampler job from the same input
+COMPRESS = "compress"  # a JPEG copy one quality step lower, then resubmit
+REFRESH = "refresh"  # ask the status endpoint for fresh result URLs, download again
+REFUND = "refund"  # refund, tell the customer and the admin; the job ends failed
+REVIEW = "review"  # manual review: tell the admin, wait (days if need be) for retry or refund
+
+# The failure table. The n-th failure of a kind gets the n-th answer; the last one repeats.
+# Network errors, timeouts, 5xx and 429 (after Retry-After) never reach it: the activities'
+# RetryPolicies below absorb them, and only what outlasts those lands under "transient".
+FAILURE_TABLE: dict[str, list[str]] = {
+    "unsupported_format": [REFUND],
+    "fetch_failed": [REFUND],
+    "output_too_large": [REFUND],
+    "upsampler_invalid_input": [REFUND],
+    "too_large": [COMPRESS, COMPRESS, COMPRESS, REFUND],
+    "upsampler_failed": [RESUBMIT, REVIEW],
+    "invalid_result": [RESUBMIT, REVIEW],
+    "result_expired": [REFRESH, RESUBMIT, REVIEW],
+    "timeout": [REVIEW],
+    "refund_failed": [REVIEW],
+}
+DEFAULT_ANSWER = [REVIEW]
+COMPRESS_QUALITIES = [85, 70, 55]
+
+# Errors no retry can mend: activities raise them as non-retryable ApplicationErrors.
 FINAL_ERRORS = [
     "unsupported_format",
     "too_large",
@@ -54,17 +82,8 @@ FINAL_ERRORS = [
     "upsampler_unauthorized",
     "upsampler_invalid_input",
     "upsampler_not_found",
+    "refund_failed",
 ]
-
-# How the job ends when a step finally fails, by error kind. Anything unlisted goes to a human.
-FAILURE_ANSWERS = {
-    "unsupported_format": FAILED,
-    "too_large": FAILED,
-    "fetch_failed": FAILED,
-    "upsampler_invalid_input": FAILED,
-}
-
-# Retry policies: transient trouble (network, 5xx, 429 after Retry-After) retries with backoff.
 UPSAMPLER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -78,11 +97,17 @@ TRANSFER_RETRY = RetryPolicy(
     maximum_attempts=8,
     non_retryable_error_types=FINAL_ERRORS,
 )
+REFUND_RETRY = RetryPolicy(  # "retried until it answers 2xx": no attempt limit
+    initial_interval=timedelta(seconds=5),
+    maximum_interval=timedelta(minutes=10),
+    non_retryable_error_types=["refund_failed"],
+)
+MAIL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10)
 LOCAL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
-class JobStopped(Exception):
-    """A decision of the workflow that the job cannot go on; carries the error kind."""
+class Problem(Exception):
+    """A step failed for good; `code` is its row in FAILURE_TABLE."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -94,6 +119,9 @@ class UpscaleWorkflow:
     def __init__(self) -> None:
         self._state = JobState()
         self._hint: WebhookHint | None = None
+        self._decision: str | None = None
+        self._failures: dict[str, int] = {}
+        self._qualities = list(COMPRESS_QUALITIES)
 
     @workflow.query
     def state(self) -> JobState:
@@ -106,137 +134,264 @@ class UpscaleWorkflow:
         if hint.upsampler_id == self._state.upsampler_id:
             self._hint = hint
 
+    @workflow.signal
+    def admin_decision(self, decision: str) -> None:
+        """"refund" (any time; acted on at the next step) or "retry" (only while in manual review)."""
+        if decision == "refund" or (decision == "retry" and self._state.awaiting_decision):
+            self._decision = decision
+
     @workflow.run
     async def run(self, job: UpscaleInput) -> JobState:
+        self._job = job
+        self._state.attempt = job.attempts_before
         try:
-            await self._fulfil(job)
-        except JobStopped as stop:
-            await self._stop(job, stop.code, str(stop))
-        except ActivityError as err:
-            code, message = _failure_of(err)
-            await self._stop(job, code, message)
+            stored = await self._make_image()
+        except Problem as problem:
+            await self._refund_and_tell(problem)
+        else:
+            await self._deliver(stored)
+        await self._local(StorageActivities.cleanup, job.job_id)
         return self._state
 
-    async def _fulfil(self, job: UpscaleInput) -> None:
-        policy = job.policy
+    async def _make_image(self) -> StoredImage:
+        """Steps 1-5, answering each failure from the table until there is a valid image or a refund."""
+        job = self._job
+        original = variant = submission = result = None
+        width = height = 0
+        while True:
+            try:
+                if self._decision == "refund":
+                    raise Problem("admin_refund", "an admin asked for a refund")
+                if original is None:
+                    # 1. Fetch the original, check it is an image, keep it.
+                    original = await self._fetch_original()
+                    width, height = original.width * job.scale_factor, original.height * job.scale_factor
+                    if width * height > MAX_OUTPUT_PIXELS:
+                        raise Problem("output_too_large", f"the output would be {width}x{height}, over Upsampler's limit")
+                    await self._set_status(QUEUED, input=original)
+                    if original.bytes > job.policy.upsampler_max_input_bytes:
+                        variant = await self._compress()
+                if submission is None:
+                    # 2. Submit a temporary signed URL of the original (or its compressed copy).
+                    submission = await self._submit(variant)
+                    # 3. Wait for the webhook or poll, until the processing timeout; book the cost.
+                    result = await self._wait_for_result(submission)
+                    await self._local(LedgerActivities.record_cost, CostRecord(
+                        job.job_id, submission.upsampler_id,
+                        result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0,
+                        job.policy.credit_price_usd))
+                # 4-5. Download, validate, put in place.
+                return await self._download_and_check(result, width, height)
+            except Problem as problem:
+                answer = self._answer_to(problem)
+                if answer == REFRESH:
+                    result = await self._check_status(submission.upsampler_id)
+                    if result.status == COMPLETED:
+                        continue
+                    answer = RESUBMIT
+                submission = None
+                if answer == COMPRESS:
+                    variant = await self._compress()
+                elif answer == REVIEW:
+                    await self._manual_review(problem)
+                elif answer == REFUND:
+                    raise
 
-        # 1. Fetch the original, check it is an image, keep it.
-        original = await workflow.execute_activity_method(
+    def _answer_to(self, problem: Problem) -> str:
+        if problem.code == "admin_refund":
+            return REFUND
+        count = self._failures.get(problem.code, 0)
+        self._failures[problem.code] = count + 1
+        answers = FAILURE_TABLE.get(problem.code, DEFAULT_ANSWER)
+        return answers[min(count, len(answers) - 1)]
+
+    async def _fetch_original(self) -> StoredImage:
+        return await self._activity(
             StorageActivities.fetch_original,
-            FetchRequest(job.job_id, job.image_url),
+            FetchRequest(self._job.job_id, self._job.image_url),
             start_to_close_timeout=timedelta(minutes=5),
             retry_policy=TRANSFER_RETRY,
         )
-        width, height = original.width * job.scale_factor, original.height * job.scale_factor
-        if width * height > MAX_OUTPUT_PIXELS:
-            raise JobStopped("too_large", f"the output would be {width}x{height}, over Upsampler's pixel limit")
-        await self._set_status(job, QUEUED, input=original)
 
-        # 2. Submit to Upsampler with a temporary signed URL of the original and a signed webhook.
-        submission = await self._submit(job)
+    async def _compress(self) -> str:
+        """Re-encode the original one quality step lower; returns the variant's name."""
+        while self._qualities:
+            quality = self._qualities.pop(0)
+            copy = await self._activity(
+                StorageActivities.compress_original,
+                CompressRequest(self._job.job_id, quality),
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=TRANSFER_RETRY,
+            )
+            if copy.bytes <= self._job.policy.upsampler_max_input_bytes:
+                return f"q{quality}"
+        raise Problem("too_large", "the image is too large for Upsampler even compressed")
 
-        # 3. Wait for the webhook or poll, until the processing timeout.
-        result = await self._wait_for_result(job, submission, policy)
+    async def _submit(self, variant: str | None) -> UpsamplerResult:
+        job = self._job
+        self._state.attempt += 1
+        self._hint = None
+        submission = await self._activity(
+            UpsamplerActivities.submit_upscale,
+            SubmitRequest(job.job_id, self._state.attempt, job.scale_factor, variant or ""),
+            start_to_close_timeout=timedelta(minutes=1),
+            schedule_to_close_timeout=timedelta(minutes=30),
+            retry_policy=UPSAMPLER_RETRY,
+        )
+        if submission.status == FAILED:
+            raise Problem(submission.error_kind or "upsampler_failed", f"Upsampler refused the job: {submission.error}")
+        self._state.upsampler_id = submission.upsampler_id
+        expected = workflow.now() + timedelta(seconds=job.policy.poll_initial_delay_seconds)
+        await self._set_status(QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
+        return submission
 
+    async def _wait_for_result(self, submission: UpsamplerResult) -> UpsamplerResult:
+        """A webhook ends the wait at once; without one, poll at the initial delay, then back off.
+
+        Either way the status endpoint has the last word, so a forged or stale webhook can
+        only make us ask a little earlier.
+        """
+        policy = self._job.policy
+        deadline = workflow.now() + timedelta(seconds=policy.processing_timeout_seconds)
+        delay = policy.poll_initial_delay_seconds
+        while True:
+            remaining = (deadline - workflow.now()).total_seconds()
+            if remaining <= 0:
+                raise Problem("timeout", f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s")
+            try:
+                await workflow.wait_condition(lambda: self._hint is not None or self._decision == "refund",
+                                              timeout=min(delay, remaining))
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, policy.poll_max_interval_seconds)
+            if self._decision == "refund":
+                raise Problem("admin_refund", "an admin asked for a refund")
+            self._hint = None
+            status = await self._check_status(submission.upsampler_id)
+            if status.status == COMPLETED:
+                return status
+            if status.status == FAILED:
+                raise Problem(status.error_kind or "upsampler_failed", f"Upsampler failed the job: {status.error}")
+            if status.status == PROCESSING and self._state.status != PROCESSING:
+                await self._set_status(PROCESSING)
+
+    async def _check_status(self, upsampler_id: str) -> UpsamplerResult:
+        self._state.polls += 1
+        return await self._activity(
+            UpsamplerActivities.check_status,
+            upsampler_id,
+            start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=timedelta(minutes=10),
+            retry_policy=UPSAMPLER_RETRY,
+        )
+
+    async def _download_and_check(self, result: UpsamplerResult, width: int, height: int) -> StoredImage:
+        job = self._job
         # 4. Download the result, streamed and hashed.
-        await self._set_status(job, DOWNLOADING)
-        downloaded = await workflow.execute_activity_method(
+        await self._set_status(DOWNLOADING)
+        downloaded = await self._activity(
             StorageActivities.download_result,
             DownloadRequest(job.job_id, result.image_url or "", self._state.attempt),
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=TRANSFER_RETRY,
         )
-
         # 5. Validate: input x scale, a known format, decodes whole; then put it in place.
-        await workflow.execute_activity_method(
+        await self._activity(
             StorageActivities.validate_result,
             ValidateRequest(job.job_id, downloaded.path, width, height),
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=TRANSFER_RETRY,
         )
-        stored = await workflow.execute_activity_method(
+        return await self._activity(
             StorageActivities.store_result,
             StoreRequest(job.job_id, downloaded.path, job.format),
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=TRANSFER_RETRY,
         )
 
-        # 6. Book the cost, issue the download link, tell the customer, clean up.
-        credits = result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0
-        usd = await self._local(
-            LedgerActivities.record_cost,
-            CostRecord(job.job_id, submission.upsampler_id, credits, policy.credit_price_usd),
-        )
-        link = await self._local(LedgerActivities.issue_download_token, TokenRequest(job.job_id, 1, policy.download_ttl_hours))
-        await self._set_status(job, COMPLETED, output=stored, credits=credits, usd=usd, download=link)
-        await workflow.execute_activity_method(
-            NotifyActivities.send_email,
-            EmailRequest(job.job_id, "completed", link.generation),
-            start_to_close_timeout=timedelta(minutes=1),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=5)),
-        )
-        await self._local(StorageActivities.cleanup, job.job_id)
-
-    async def _submit(self, job: UpscaleInput) -> UpsamplerResult:
-        self._state.attempt += 1
-        submission = await workflow.execute_activity_method(
-            UpsamplerActivities.submit_upscale,
-            SubmitRequest(job.job_id, self._state.attempt, job.scale_factor),
-            start_to_close_timeout=timedelta(minutes=1),
-            schedule_to_close_timeout=timedelta(minutes=30),
-            retry_policy=UPSAMPLER_RETRY,
-        )
-        if submission.status == FAILED:
-            raise JobStopped("upsampler_failed", f"Upsampler refused the job: {submission.error or 'no reason given'}")
-        self._state.upsampler_id = submission.upsampler_id
-        expected = workflow.now() + timedelta(seconds=job.policy.poll_initial_delay_seconds)
-        await self._set_status(job, QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
-        return submission
-
-    async def _wait_for_result(self, job: UpscaleInput, submission: UpsamplerResult, policy: JobPolicy) -> UpsamplerResult:
-        """A webhook ends the wait at once; without one, poll at the initial delay, then back off.
-
-        Either way the status endpoint has the last word, so a forged or stale webhook can
-        only make us ask a little earlier.
-        """
-        deadline = workflow.now() + timedelta(seconds=policy.processing_timeout_seconds)
-        delay = policy.poll_initial_delay_seconds
-        while True:
-            remaining = (deadline - workflow.now()).total_seconds()
-            if remaining <= 0:
-                raise JobStopped("timeout", f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s")
-            try:
-                await workflow.wait_condition(lambda: self._hint is not None, timeout=min(delay, remaining))
-            except asyncio.TimeoutError:
-                delay = min(delay * 2, policy.poll_max_interval_seconds)
-            self._hint = None
-            self._state.polls += 1
-            status = await workflow.execute_activity_method(
-                UpsamplerActivities.check_status,
-                submission.upsampler_id,
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=timedelta(minutes=10),
-                retry_policy=UPSAMPLER_RETRY,
+    async def _deliver(self, stored: StoredImage) -> None:
+        """6. Issue the download link, tell the customer. A mail that will not go keeps the job completed."""
+        job = self._job
+        link = await self._local(LedgerActivities.issue_download_token,
+                                 TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours))
+        await self._set_status(COMPLETED, output=stored, download=link, error_code="", error_message="")
+        try:
+            await self._activity(
+                NotifyActivities.send_email,
+                EmailRequest(job.job_id, "completed", link.generation),
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=MAIL_RETRY,
             )
-            if status.status == COMPLETED:
-                return status
-            if status.status == FAILED:
-                raise JobStopped("upsampler_failed", f"Upsampler failed the job: {status.error or 'no reason given'}")
-            if status.status == PROCESSING and self._state.status != PROCESSING:
-                await self._set_status(job, PROCESSING)
+        except Problem as problem:
+            await self._set_status(COMPLETED, error_code="mail_failed", error_message=str(problem))
+            await self._tell_admin("The completion email could not be sent", f"mail:{job.run}")
 
-    async def _stop(self, job: UpscaleInput, code: str, message: str) -> None:
-        self._state.error_code, self._state.error_message = code, message
-        status = FAILURE_ANSWERS.get(code, MANUAL_REVIEW)
-        await self._set_status(job, status, error_code=code, error_message=message)
+    async def _manual_review(self, problem: Problem) -> None:
+        """Tell the admin and wait, durably, for a decision. Returns on retry; raises on refund."""
+        await self._set_status(MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
+        await self._tell_admin(f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}")
+        if self._decision is None:
+            self._state.awaiting_decision = True
+            await workflow.wait_condition(lambda: self._decision is not None)
+            self._state.awaiting_decision = False
+        decision, self._decision = self._decision, None
+        if decision == "refund":
+            raise Problem(problem.code, str(problem))
+        self._failures.clear()  # an admin's retry starts the table afresh
+        self._qualities = list(COMPRESS_QUALITIES)
+        await self._set_status(QUEUED, error_code="", error_message="")
 
-    async def _set_status(self, job: UpscaleInput, status: str, **fields) -> None:
+    async def _refund_and_tell(self, problem: Problem) -> None:
+        job = self._job
+        try:
+            self._state.refund = await self._activity(
+                PaymentsActivities.refund,
+                RefundRequest(job.job_id, problem.code),
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=REFUND_RETRY,
+            )
+        except Problem as refusal:
+            await self._set_status(MANUAL_REVIEW, error_code=refusal.code, error_message=str(refusal))
+            await self._tell_admin("The refund failed; pay it back by hand", f"refund:{job.run}")
+            return
+        await self._set_status(FAILED, error_code=problem.code, error_message=str(problem))
+        await self._activity(
+            NotifyActivities.send_email,
+            EmailRequest(job.job_id, "failed", purpose=f"failed:{job.run}"),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=MAIL_RETRY,
+        )
+        headline = "Refunded" if self._state.refund.status == "refunded" else "Refund owed: pay it back by hand"
+        await self._tell_admin(f"{headline} ({problem.code})", f"refund:{job.run}")
+
+    async def _tell_admin(self, note: str, purpose: str) -> None:
+        """An admin notice; one that cannot be sent is not a reason to stop the job."""
+        try:
+            await self._activity(
+                NotifyActivities.send_email,
+                EmailRequest(self._job.job_id, "admin_notice", purpose=f"admin:{purpose}", note=note),
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=MAIL_RETRY,
+            )
+        except Problem:
+            workflow.logger.warning("admin notice for job %s could not be sent", self._job.job_id)
+
+    async def _set_status(self, status: str, **fields) -> None:
         """Every status change: the query state, the UpscaleStatus search attribute, the record."""
         if status != self._state.status:
             self._state.status = status
             workflow.upsert_search_attributes([UPSCALE_STATUS.value_set(status)])
-        await self._local(LedgerActivities.update_job, JobUpdate(job.job_id, status, **fields))
+        if "error_code" in fields:
+            self._state.error_code = fields["error_code"] or None
+            self._state.error_message = fields.get("error_message") or None
+        await self._local(LedgerActivities.update_job, JobUpdate(self._job.job_id, status, **fields))
+
+    async def _activity(self, activity, arg, **options):
+        """Run an activity; its final failure becomes a Problem named by the error's type."""
+        try:
+            return await workflow.execute_activity_method(activity, arg, **options)
+        except ActivityError as err:
+            raise Problem(*_failure_of(err)) from None
 
     async def _local(self, activity, arg):
         """Quick database and disk bookkeeping: a local activity, retried until it succeeds."""
