@@ -17,6 +17,7 @@ from activities.upsampler import UpsamplerActivities
 from smi.db import make_engine
 from smi.settings import Settings, get_settings
 from smi.upsampler import UpsamplerClient
+from workflows.admin import RefundWorkflow, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 log = logging.getLogger("smi.worker")
@@ -33,7 +34,7 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=[UpscaleWorkflow],
+        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow],
         activities=[
             storage.fetch_original,
             storage.compress_original,

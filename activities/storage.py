@@ -113,6 +113,7 @@ class StorageActivities:
         await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image")
         try:
             info = await asyncio.to_thread(imaging.probe, part)
+            await asyncio.to_thread(imaging.decode_fully, part, "unsupported_format")
         except imaging.ImageError as exc:
             part.unlink(missing_ok=True)
             raise _fail(exc.code, str(exc)) from None

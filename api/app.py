@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import deps, errors, files, jobs, webhook
+from api import admin, deps, errors, files, jobs, webhook
 from smi.db import make_engine
 from smi.settings import Settings, get_settings
 
@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     async def lifespan(app: FastAPI):
         app.state.services = deps.Services(settings, make_engine(settings.database_url), temporal)
         yield
+        await app.state.services.http.aclose()
         app.state.services.engine.dispose()
 
     app = FastAPI(
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(jobs.router)
     app.include_router(webhook.router)
     app.include_router(files.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", tags=["operators"], summary="Liveness")
     def healthz():

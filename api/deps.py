@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import httpx
 from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -21,6 +22,7 @@ class Services:
     settings: Settings
     engine: Engine
     temporal: Client | None = None
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10.0, follow_redirects=True))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def temporal_client(self) -> Client:

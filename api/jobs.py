@@ -20,7 +20,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from api import deps
 from api.errors import ApiError
 from smi import signing
-from smi.db import Job, as_utc, utcnow
+from smi import pricing, probe
+from smi.db import Job, Refund, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import RECEIVED, JobPolicy, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
@@ -74,19 +75,22 @@ def policy_of(cfg: Settings) -> JobPolicy:
         download_ttl_hours=cfg.download_ttl_hours,
         credit_price_usd=cfg.credit_price_usd,
         credits_per_megapixel=cfg.credits_per_megapixel,
+        upsampler_max_input_bytes=cfg.upsampler_max_input_bytes,
     )
 
 
-async def start_workflow(client: Client, cfg: Settings, job: Job) -> None:
-    """Idempotent: an open workflow of this job is reused, a finished one is left alone."""
+async def start_workflow(client: Client, cfg: Settings, job: Job, run: int = 1, attempts_before: int = 0,
+                         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE) -> None:
+    """Idempotent: an open workflow of this job is reused; a finished one is left alone unless
+    `id_reuse_policy` allows a new run (an admin's retry)."""
     try:
         await client.start_workflow(
             UpscaleWorkflow.run,
-            UpscaleInput(job.job_id, job.image_url, job.scale_factor, job.format, policy_of(cfg)),
+            UpscaleInput(job.job_id, job.image_url, job.scale_factor, job.format, policy_of(cfg), run, attempts_before),
             id=f"upscale-{job.job_id}",
             task_queue=cfg.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_reuse_policy=id_reuse_policy,
             search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, RECEIVED)]),
         )
     except WorkflowAlreadyStartedError:
@@ -98,7 +102,7 @@ def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
-def job_view(job: Job, cfg: Settings) -> dict:
+def job_view(job: Job, cfg: Settings, refund: Refund | None = None) -> dict:
     from activities.notify import download_url
 
     completed = job.status == "completed" and job.download_generation > 0
@@ -126,7 +130,7 @@ def job_view(job: Job, cfg: Settings) -> dict:
         "download_url": download_url(cfg, job.job_id, job.download_generation) if completed else None,
         "download_expires_at": _iso(job.download_expires_at) if completed else None,
         "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
-        "refund": None,
+        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason} if refund else None,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
     }
 
@@ -136,6 +140,23 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         raise ApiError(404, "job_not_found", "no job has this job_id")
     return job
+
+
+async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_factor: int) -> None:
+    """422 before anything is written when the image's header already shows the job cannot succeed."""
+    found = await probe.probe_url(svc.http, image_url)
+    if found.problem:
+        raise ApiError(422, found.problem, f"image_url: {found.detail}")
+    if found.width:
+        verdict = quote_for(svc.settings, found.width, found.height, scale_factor)
+        if not verdict.accepted:
+            raise ApiError(422, "output_too_large", verdict.reason, {"max_scale_factor": verdict.max_scale_factor})
+
+
+def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
+    return pricing.quote(width, height, scale_factor, credits_per_megapixel=cfg.credits_per_megapixel,
+                         credit_price_usd=cfg.credit_price_usd, markup_percent=cfg.markup_percent,
+                         min_price_usd=cfg.min_price_usd)
 
 
 @router.post("/v1/jobs", status_code=202, summary="Start the job's workflow (after payment)")
@@ -149,6 +170,7 @@ async def create_job(
     fingerprint = body.fingerprint()
     job = session.exec(select(Job).where(Job.order_id == body.order_id)).first()
     if job is None:
+        await refuse_what_cannot_be_made(svc, body.image_url, body.scale_factor)
         now = utcnow()
         job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
                   **body.model_dump())
@@ -171,7 +193,7 @@ async def create_job(
 
 @router.get("/v1/jobs/{job_id}", summary="The job as it stands")
 def read_job(job_id: str, cfg: Settings = Depends(deps.settings), session: Session = Depends(deps.db)):
-    return job_view(get_job(session, job_id), cfg)
+    return job_view(get_job(session, job_id), cfg, session.get(Refund, job_id))
 
 
 @router.post("/v1/uploads", status_code=201, summary="Upload an image; returns an image_url for POST /v1/jobs")
@@ -199,3 +221,39 @@ async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
     expires = int(time.time()) + cfg.original_url_ttl_seconds
     url = signing.signed_file_url(cfg.public_base_url, cfg.secret("webhook_secret"), "uploads", upload_id, expires)
     return {"upload_id": upload_id, "image_url": url, "bytes": size}
+
+
+class QuoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: StrictInt | None = Field(None, ge=1, le=100_000)
+    height: StrictInt | None = Field(None, ge=1, le=100_000)
+    image_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s/?#]+")
+    scale_factor: StrictInt = Field(ge=2, le=16)
+
+
+@router.post("/v1/quotes", summary="Output size, credits, cost, price, and whether Upsampler accepts it")
+async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)):
+    width, height = body.width, body.height
+    if body.image_url is not None and width is None and height is None:
+        found = await probe.probe_url(svc.http, body.image_url)
+        if found.problem:
+            raise ApiError(422, found.problem, f"image_url: {found.detail}")
+        if not found.width:
+            raise ApiError(502, "image_unreadable", "could not read the image's size from image_url; try again "
+                                                    "or send width and height")
+        width, height = found.width, found.height
+    elif body.image_url is not None or width is None or height is None:
+        raise ApiError(422, "invalid_request", "send either width and height, or image_url (not both)")
+    q = quote_for(svc.settings, width, height, body.scale_factor)
+    return {
+        "input": {"width": q.width, "height": q.height},
+        "scale_factor": q.scale_factor,
+        "output": {"width": q.output_width, "height": q.output_height, "megapixels": q.output_megapixels},
+        "credits": q.credits,
+        "cost_usd": q.cost_usd,
+        "price_usd": q.price_usd,
+        "accepted": q.accepted,
+        "reason": q.reason,
+        "max_scale_factor": q.max_scale_factor,
+    }

@@ -46,13 +46,13 @@ def probe(path: str | Path) -> ImageInfo:
     return ImageInfo(image.width, image.height, fmt)
 
 
-def decode_fully(path: str | Path) -> None:
-    """Decode every pixel, streaming; truncation and corruption raise."""
+def decode_fully(path: str | Path, code: str = "invalid_result") -> None:
+    """Decode every pixel, streaming; truncation and corruption raise ImageError(code)."""
     try:
         image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="warning")
         image.avg()
     except pyvips.Error:
-        raise ImageError("invalid_result", "the image is truncated or corrupt") from None
+        raise ImageError(code, "the image is truncated or corrupt") from None
 
 
 def validate(path: str | Path, width: int, height: int, fmt: str | None = None) -> ImageInfo:

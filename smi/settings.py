@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     processing_timeout_seconds: float = Field(900.0, gt=0)
     credit_price_usd: float = Field(0.04, ge=0)
     credits_per_megapixel: float = Field(0.25, ge=0)
+    markup_percent: float = Field(500.0, ge=0)  # suggested price = cost x (1 + markup/100) ...
+    min_price_usd: float = Field(0.50, ge=0)  # ... never below this (Stripe's minimum charge)
 
     refund_adapter: Literal["none", "webhook", "stripe"] = "none"
     refund_webhook_url: str | None = None

@@ -1,0 +1,113 @@
+"""Admin endpoints: find jobs, and take over one: retry, refund, resend the email."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends
+from sqlmodel import Session, func, select
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api import deps
+from api.errors import ApiError
+from api.jobs import get_job, job_view, start_workflow
+from smi.db import Job, Refund, Submission, utcnow
+from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
+from workflows.upscale import UpscaleWorkflow
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(deps.admin)])
+
+Status = Literal["received", "queued", "processing", "downloading", "completed", "manual_review", "failed"]
+
+
+async def _running_state(svc: deps.Services, job_id: str):
+    """The workflow's state if its latest run is still open, else None."""
+    handle = (await svc.temporal_client()).get_workflow_handle(f"upscale-{job_id}")
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return handle, None
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return handle, None
+    return handle, await handle.query(UpscaleWorkflow.state)
+
+
+@router.get("/jobs", summary="Jobs by status, newest first")
+def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services),
+              session: Session = Depends(deps.db)):
+    query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
+    if status:
+        query = query.where(Job.status == status)
+    jobs = session.exec(query).all()
+    refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_([j.job_id for j in jobs]))).all()}
+    return {"jobs": [job_view(job, svc.settings, refunds.get(job.job_id)) for job in jobs]}
+
+
+@router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
+async def retry(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+    job = get_job(session, job_id)
+    handle, state = await _running_state(svc, job_id)
+    if state is not None:
+        if not state.awaiting_decision:
+            raise ApiError(409, "job_in_progress", f"the job is {state.status} and not waiting for a decision; "
+                                                   "retry applies to jobs in manual review or finished")
+        await handle.signal(UpscaleWorkflow.admin_decision, "retry")
+        return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
+    if session.get(Refund, job_id) is not None:
+        raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
+    attempts = session.exec(select(func.count()).select_from(Submission).where(Submission.job_id == job_id)).one()
+    job.runs += 1
+    job.status, job.updated_at = "received", utcnow()
+    job.error_code = job.error_message = None
+    session.add(job)
+    session.commit()
+    await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
+                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
+
+
+@router.post("/jobs/{job_id}/refund", status_code=202, summary="Refund now")
+async def refund(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+    get_job(session, job_id)
+    done = session.get(Refund, job_id)
+    if done is not None:
+        return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
+    handle, state = await _running_state(svc, job_id)
+    if state is not None:
+        await handle.signal(UpscaleWorkflow.admin_decision, "refund")
+        return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
+    client = await svc.temporal_client()
+    try:
+        await client.start_workflow(RefundWorkflow.run, job_id, id=f"refund-{job_id}", task_queue=svc.settings.task_queue,
+                                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+    except WorkflowAlreadyStartedError:
+        pass
+    return {"job_id": job_id, "action": "refund", "how": f"started workflow refund-{job_id}"}
+
+
+@router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
+async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+    job = get_job(session, job_id)
+    if job.status != "completed" or not job.result_path:
+        raise ApiError(409, "not_completed", f"the job is {job.status}; only completed jobs have a link to resend")
+    request_id = uuid.uuid4().hex
+    client = await svc.temporal_client()
+    handle = await client.start_workflow(
+        ResendLinkWorkflow.run, ResendInput(job_id, request_id, job.status, svc.settings.download_ttl_hours),
+        id=f"resend-{job_id}-{request_id}", task_queue=svc.settings.task_queue,
+    )
+    try:
+        link = await asyncio.wait_for(handle.result(), timeout=30)
+    except asyncio.TimeoutError:
+        return {"job_id": job_id, "action": "resend-email", "how": f"workflow {handle.id} is still running"}
+    session.refresh(job)
+    return {"job_id": job_id, "action": "resend-email", "download_expires_at": link.expires_at.isoformat(),
+            "how": f"link generation {link.generation} sent"}

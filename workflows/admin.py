@@ -1,0 +1,68 @@
+"""Admin actions on jobs whose UpscaleWorkflow has finished: a refund, a fresh download link.
+
+They are workflows too, so they retry like the rest and show in the Temporal UI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.ledger import LedgerActivities
+    from activities.notify import NotifyActivities
+    from activities.payments import PaymentsActivities, RefundRequest
+    from workflows.types import DownloadLink, EmailRequest, JobUpdate, RefundOutcome, TokenRequest
+    from workflows.upscale import MAIL_RETRY, REFUND_RETRY
+
+
+@dataclass
+class ResendInput:
+    job_id: str
+    request_id: str
+    status: str  # the job's status, kept as it is
+    ttl_hours: float
+
+
+@workflow.defn
+class RefundWorkflow:
+    """An admin's refund of a finished job. Its ID is `refund-<job_id>`; the refund row makes it once-only."""
+
+    @workflow.run
+    async def run(self, job_id: str) -> RefundOutcome:
+        outcome = await workflow.execute_activity_method(
+            PaymentsActivities.refund, RefundRequest(job_id, "admin"),
+            start_to_close_timeout=timedelta(minutes=1), retry_policy=REFUND_RETRY,
+        )
+        for request in (
+            EmailRequest(job_id, "refunded", purpose="refunded"),
+            EmailRequest(job_id, "admin_notice", purpose="admin:refund:admin", note=f"Refund {outcome.status} by an admin"),
+        ):
+            await workflow.execute_activity_method(
+                NotifyActivities.send_email, request, start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY,
+            )
+        return outcome
+
+
+@workflow.defn
+class ResendLinkWorkflow:
+    """A new download link with a new expiry, emailed again; the old link stops working."""
+
+    @workflow.run
+    async def run(self, request: ResendInput) -> DownloadLink:
+        link = await workflow.execute_local_activity_method(
+            LedgerActivities.issue_download_token,
+            TokenRequest(request.job_id, f"resend:{request.request_id}", request.ttl_hours),
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        await workflow.execute_local_activity_method(
+            LedgerActivities.update_job, JobUpdate(request.job_id, request.status, download=link),
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        await workflow.execute_activity_method(
+            NotifyActivities.send_email, EmailRequest(request.job_id, "completed", link.generation),
+            start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY,
+        )
+        return link
