@@ -57,6 +57,8 @@ class Faults(BaseModel):
     fail_with: str | None = None
     result: Literal["ok", "wrong_size", "truncated", "corrupt"] = "ok"
     result_url_ttl_seconds: float = 10800
+    max_input_bytes: int | None = Field(None, ge=1)  # larger inputs are refused at once, as "too large"
+    faulty_jobs: int | None = Field(None, ge=0)  # job-level faults hit only the next N submissions
 
 
 class _Input(BaseModel):
@@ -308,8 +310,13 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         except ValueError as exc:  # bad JSON or a ValidationError
             return _error(400, _first_error(exc) if isinstance(exc, ValidationError) else "body is not valid JSON")
         inp = body.input
+        faults = emu.faults.model_copy(deep=True)
+        if faults.faulty_jobs is not None:
+            if faults.faulty_jobs == 0:
+                faults = Faults()
+            emu.faults.faulty_jobs = max(0, emu.faults.faulty_jobs - 1)
         job = Job(id=uuid.uuid4().hex, image_url=inp.imageUrl, upscale_factor=inp.upscaleFactor,
-                  webhook=body.webhook, base_url=base_url(request), faults=emu.faults.model_copy(deep=True))
+                  webhook=body.webhook, base_url=base_url(request), faults=faults)
         log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
 
         def refuse(error: str) -> JSONResponse:
@@ -323,6 +330,8 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         data, fetch_error = await _fetch_image(inp.imageUrl)
         if data is None:
             return refuse(fetch_error or "could not fetch image")
+        if job.faults.max_input_bytes is not None and len(data) > job.faults.max_input_bytes:
+            return refuse(f"input image too large: {len(data)} bytes, the limit is {job.faults.max_input_bytes}")
         size = await asyncio.to_thread(_image_size, data)
         if size is None:
             return refuse("unsupported image format")

@@ -20,6 +20,12 @@ class _Handler:
     def __init__(self, sink: "MailSink"):
         self.sink = sink
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.sink.reject:  # tests: a mailbox that refuses mail
+            return "550 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
         self.sink._keep(message, envelope.original_content or envelope.content)
@@ -27,8 +33,10 @@ class _Handler:
 
 
 class MailSink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8025, outbox: Path | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 8025, outbox: Path | None = None,
+                 reject: set[str] | None = None):
         self.outbox = outbox
+        self.reject = reject or set()
         self.messages: list[EmailMessage] = []
         self._arrived = threading.Condition()
         self.controller = Controller(_Handler(self), hostname=host, port=port)

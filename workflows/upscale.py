@@ -292,7 +292,7 @@ class UpscaleWorkflow:
             StorageActivities.download_result,
             DownloadRequest(job.job_id, result.image_url or "", self._state.attempt),
             start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(seconds=30),
+            heartbeat_timeout=timedelta(seconds=10),  # a dead worker's download resumes elsewhere soon
             retry_policy=TRANSFER_RETRY,
         )
         # 5. Validate: input x scale, a known format, decodes whole; then put it in place.
