@@ -158,6 +158,7 @@ class UpscaleWorkflow:
         job = self._job
         original = variant = submission = result = None
         width = height = 0
+        refresh = False
         while True:
             try:
                 if self._decision == "refund":
@@ -180,15 +181,18 @@ class UpscaleWorkflow:
                         job.job_id, submission.upsampler_id,
                         result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0,
                         job.policy.credit_price_usd))
+                elif refresh:  # the result links expired: Upsampler's status reply carries fresh ones
+                    refresh = False
+                    result = await self._check_status(submission.upsampler_id)
+                    if result.status != COMPLETED:
+                        raise Problem("result_expired", f"no fresh result link: Upsampler says {result.status}")
                 # 4-5. Download, validate, put in place.
                 return await self._download_and_check(result, width, height)
             except Problem as problem:
                 answer = self._answer_to(problem)
                 if answer == REFRESH:
-                    result = await self._check_status(submission.upsampler_id)
-                    if result.status == COMPLETED:
-                        continue
-                    answer = RESUBMIT
+                    refresh = True
+                    continue
                 submission = None
                 if answer == COMPRESS:
                     variant = await self._compress()
