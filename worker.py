@@ -18,12 +18,33 @@ from smi.db import make_engine
 from smi.settings import Settings, get_settings
 from smi.upsampler import UpsamplerClient
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
+from workflows.types import UPSAMPLER_QUEUE_SUFFIX
 from workflows.upscale import UpscaleWorkflow
 
 log = logging.getLogger("smi.worker")
 
 
-def create_worker(client: Client, settings: Settings, task_queue: str | None = None) -> Worker:
+class WorkerGroup:
+    """The job worker and the Upsampler worker of one process, started and stopped together."""
+
+    def __init__(self, *workers: Worker):
+        self.workers = workers
+
+    async def __aenter__(self) -> "WorkerGroup":
+        for worker in self.workers:
+            await worker.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for worker in reversed(self.workers):
+            await worker.__aexit__(*exc)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(worker.run() for worker in self.workers))
+
+
+def create_worker(client: Client, settings: Settings, task_queue: str | None = None) -> WorkerGroup:
+    task_queue = task_queue or settings.task_queue
     engine = make_engine(settings.database_url)
     upsampler = UpsamplerClient(settings.upsampler_base_url, settings.secret("upsampler_api_key"))
     storage = StorageActivities(settings)
@@ -31,9 +52,11 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
     notify = NotifyActivities(settings, engine)
     calls = UpsamplerActivities(settings, engine, upsampler)
     payments = PaymentsActivities(settings, engine)
-    return Worker(
+    # Database and image work is blocking: it runs on these threads, not the event loop.
+    threads = ThreadPoolExecutor(max_workers=8)
+    jobs = Worker(
         client,
-        task_queue=task_queue or settings.task_queue,
+        task_queue=task_queue,
         workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow],
         activities=[
             storage.fetch_original,
@@ -42,25 +65,37 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
             storage.validate_result,
             storage.store_result,
             storage.cleanup,
-            calls.submit_upscale,
-            calls.check_status,
             ledger.update_job,
+            ledger.record_estimate,
             ledger.record_cost,
+            ledger.check_budget,
+            ledger.budget_gate,
             ledger.issue_download_token,
             notify.send_email,
+            notify.send_budget_alert,
             payments.refund,
         ],
-        # Database and image work is blocking: it runs on these threads, not the event loop.
-        activity_executor=ThreadPoolExecutor(max_workers=8),
+        activity_executor=threads,
     )
+    # Upsampler calls have a queue of their own whose rate limit the server enforces for all
+    # workers together: Upsampler's per-minute quota. The hourly one is kept in UpsamplerActivities.
+    upsampler_calls = Worker(
+        client,
+        task_queue=task_queue + UPSAMPLER_QUEUE_SUFFIX,
+        activities=[calls.submit_upscale, calls.check_status],
+        max_task_queue_activities_per_second=settings.upsampler_requests_per_minute / 60,
+        activity_executor=threads,
+    )
+    return WorkerGroup(jobs, upsampler_calls)
 
 
 async def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
-    worker = create_worker(client, settings)
-    log.info("worker polling task queue %s on %s", settings.task_queue, settings.temporal_address)
-    await worker.run()
+    workers = create_worker(client, settings)
+    log.info("worker polling task queues %s and %s%s on %s", settings.task_queue, settings.task_queue,
+             UPSAMPLER_QUEUE_SUFFIX, settings.temporal_address)
+    await workers.run()
 
 
 if __name__ == "__main__":

@@ -5,17 +5,27 @@ Each write is keyed by job and purpose, so running an activity again changes not
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
 
-from smi import signing
-from smi.db import DownloadToken, Job, LedgerEntry, as_utc, utcnow
+from smi import pricing, signing, usage
+from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, LedgerEntry, as_utc, utcnow
 from smi.settings import Settings
-from workflows.types import CostRecord, DownloadLink, JobUpdate, TokenRequest
+from workflows.types import (
+    BudgetAlertInfo,
+    BudgetGate,
+    CostRecord,
+    DownloadLink,
+    EstimateRecord,
+    JobUpdate,
+    TokenRequest,
+)
+
+BUDGET_THRESHOLDS = (80, 100)
 
 
 class LedgerActivities:
@@ -50,21 +60,37 @@ class LedgerActivities:
             session.add(job)
             session.commit()
 
+    def _book(self, session: Session, entry: LedgerEntry) -> None:
+        """Insert once: a row that an earlier run of the activity wrote stays as it is."""
+        session.add(entry)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+
+    @activity.defn
+    def record_estimate(self, record: EstimateRecord) -> float:
+        """Book the credits foreseen from the original's size, for comparison with what Upsampler charges."""
+        credits = pricing.credits_for(record.width * record.scale_factor * record.height * record.scale_factor,
+                                      record.credits_per_megapixel)
+        with Session(self.engine) as session:
+            self._book(session, LedgerEntry(job_id=record.job_id, purpose="estimate", credits=credits,
+                                            cost_usd=round(credits * record.credit_price_usd, 6), created_at=utcnow()))
+        return credits
+
     @activity.defn
     def record_cost(self, record: CostRecord) -> float:
         """Book what Upsampler charged for one submission, once; the job's cost becomes the sum of its rows."""
         with Session(self.engine) as session:
-            session.add(LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
-                                    credits=record.credits, usd=round(record.credits * record.credit_price_usd, 6),
-                                    created_at=utcnow()))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()  # booked by an earlier run of this activity
-            entries = session.exec(select(LedgerEntry).where(LedgerEntry.job_id == record.job_id)).all()
+            self._book(session, LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
+                                            credits=record.credits,
+                                            cost_usd=round(record.credits * record.credit_price_usd, 6),
+                                            created_at=utcnow()))
+            entries = session.exec(select(LedgerEntry).where(LedgerEntry.job_id == record.job_id,
+                                                             LedgerEntry.purpose.startswith("upscale:"))).all()
             job = session.get(Job, record.job_id)
             job.cost_credits = round(sum(entry.credits for entry in entries), 6)
-            job.cost_usd = round(sum(entry.usd for entry in entries), 6)
+            job.cost_usd = round(sum(entry.cost_usd for entry in entries), 6)
             session.add(job)
             session.commit()
             return job.cost_usd
@@ -92,3 +118,48 @@ class LedgerActivities:
             session.commit()
             session.refresh(row)
             return DownloadLink(row.generation, as_utc(row.expires_at))
+
+    def _budgets(self, now: datetime) -> list[tuple[str, float, datetime, datetime]]:
+        """(period key, budget, start, end) for each budget that is set."""
+        found = []
+        for period, budget in (("day", self.settings.daily_budget_usd), ("month", self.settings.monthly_budget_usd)):
+            if budget:
+                start, end = usage.period_bounds(now, period)
+                found.append((f"{period}:{usage.period_key(now, period)}", budget, start, end))
+        return found
+
+    @activity.defn
+    def check_budget(self, job_id: str) -> list[BudgetAlertInfo]:
+        """Thresholds (80 %, 100 %) this period's spend has crossed whose alert falls to this workflow.
+
+        The alert's row is inserted once per period and threshold; the workflow whose
+        activity wins the insert owns the email, and finds it again if it is retried.
+        """
+        owner = activity.info().workflow_id if activity.in_activity() else job_id
+        due = []
+        with Session(self.engine) as session:
+            for period, budget, start, end in self._budgets(utcnow()):
+                spent = usage.spent_usd(self.engine, start, end)
+                for threshold in BUDGET_THRESHOLDS:
+                    if spent < budget * threshold / 100:
+                        continue
+                    key = f"{period}:{threshold}"
+                    session.add(BudgetAlert(key=key, owner=owner, spent_usd=spent, budget_usd=budget, created_at=utcnow()))
+                    try:
+                        session.commit()
+                    except IntegrityError:
+                        session.rollback()
+                    row = session.get(BudgetAlert, key)
+                    if row.owner == owner:
+                        due.append(BudgetAlertInfo(key, period, threshold, row.spent_usd, budget))
+        return due
+
+    @activity.defn
+    def budget_gate(self, job_id: str) -> BudgetGate:
+        """With SMI_BUDGET_HARD_STOP: closed while a budget of this period is spent and not released."""
+        now = utcnow()
+        with Session(self.engine) as session:
+            for period, budget, start, end in self._budgets(now):
+                if usage.spent_usd(self.engine, start, end) >= budget and session.get(BudgetRelease, period) is None:
+                    return BudgetGate(False, min(300.0, (end - now).total_seconds() + 1))
+        return BudgetGate(True, 0.0)

@@ -10,13 +10,14 @@ from temporalio import activity
 from smi import mail, signing
 from smi.db import Job, Refund, SentMail, as_utc, utcnow
 from smi.settings import Settings
-from workflows.types import EmailRequest
+from workflows.types import BudgetAlertInfo, EmailRequest
 
 # What the customer is told, by error kind; technical detail stays in the admin's notice.
 CUSTOMER_REASONS = {
     "unsupported_format": "the file is not an image we can process (we take PNG, JPEG and WebP)",
     "too_large": "the image is too large for the upscaler, even after compressing it",
     "fetch_failed": "we could not download the image from the shop",
+    "admin_refund": "our team cancelled it",
 }
 DEFAULT_REASON = "the upscaler could not complete the job"
 
@@ -68,31 +69,43 @@ class NotifyActivities:
         )
 
     @activity.defn
-    async def send_email(self, request: EmailRequest) -> bool:
-        """Send the `kind` email once per purpose; False when an earlier run already sent it."""
-        purpose = request.purpose or f"{request.kind}:{request.generation}"
+    async def send_budget_alert(self, alert: BudgetAlertInfo) -> bool:
+        """The admin's budget email, once per period and threshold."""
+        return await self._send_once("budget", alert.key, self.settings.admin_email, "budget_alert",
+                                     period=alert.period, threshold=alert.threshold,
+                                     spent=f"{alert.spent_usd:.2f}", budget=f"{alert.budget_usd:.2f}")
+
+    async def _send_once(self, job_id: str, purpose: str, to: str, kind: str, /, **context) -> bool:
+        """Send unless a SentMail row says it went; the row is `sending` before and `sent` after."""
         host = self.settings.public_host.split(":")[0]
-        message_id = f"<{request.job_id}.{purpose.replace(':', '.')}@{host}>"
+        message_id = f"<{job_id}.{purpose.replace(':', '.')}@{host}>"
         with Session(self.engine) as session:
-            job = session.get(Job, request.job_id)
-            if job is None:
-                raise ValueError(f"job {request.job_id} has no record")
-            sent = session.exec(select(SentMail).where(SentMail.job_id == job.job_id, SentMail.purpose == purpose)).first()
+            sent = session.exec(select(SentMail).where(SentMail.job_id == job_id, SentMail.purpose == purpose)).first()
             if sent is not None and sent.status == "sent":
                 return False
             if sent is None:
-                session.add(SentMail(job_id=job.job_id, purpose=purpose, message_id=message_id, created_at=utcnow()))
+                session.add(SentMail(job_id=job_id, purpose=purpose, message_id=message_id, created_at=utcnow()))
                 try:
                     session.commit()
                 except IntegrityError:
                     session.rollback()
-            to = self.settings.admin_email if request.kind.startswith("admin_") else job.customer_email
-            message = mail.build_message(self.settings, to=to, kind=request.kind, message_id=message_id,
-                                         **self._context(session, job, request))
+        message = mail.build_message(self.settings, to=to, kind=kind, message_id=message_id, **context)
         await mail.send(self.settings, message)
         with Session(self.engine) as session:
-            row = session.exec(select(SentMail).where(SentMail.job_id == request.job_id, SentMail.purpose == purpose)).one()
+            row = session.exec(select(SentMail).where(SentMail.job_id == job_id, SentMail.purpose == purpose)).one()
             row.status, row.sent_at = "sent", utcnow()
             session.add(row)
             session.commit()
         return True
+
+    @activity.defn
+    async def send_email(self, request: EmailRequest) -> bool:
+        """Send the `kind` email once per purpose; False when an earlier run already sent it."""
+        with Session(self.engine) as session:
+            job = session.get(Job, request.job_id)
+            if job is None:
+                raise ValueError(f"job {request.job_id} has no record")
+            to = self.settings.admin_email if request.kind.startswith("admin_") else job.customer_email
+            context = self._context(session, job, request)
+        purpose = request.purpose or f"{request.kind}:{request.generation}"
+        return await self._send_once(request.job_id, purpose, to, request.kind, **context)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import httpx
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from smi.db import Job, Refund, utcnow
+from smi.db import Job, LedgerEntry, Refund, utcnow
 from smi.settings import Settings
 from workflows.types import RefundOutcome
 
@@ -62,6 +62,11 @@ class PaymentsActivities:
                 row.status, row.external_id = self._pay_back(row, job)
                 row.completed_at = utcnow()
                 session.add(row)
+                # The money going back, as negative revenue, in the same transaction as the refund's status.
+                if session.exec(select(LedgerEntry).where(LedgerEntry.job_id == job.job_id,
+                                                          LedgerEntry.purpose == "refund")).first() is None:
+                    session.add(LedgerEntry(job_id=job.job_id, purpose="refund", created_at=row.completed_at,
+                                            revenue_usd=-row.amount_cents / 100))
                 session.commit()
             return RefundOutcome(row.status, row.amount_cents, row.currency, row.adapter)
 
@@ -95,8 +100,11 @@ class PaymentsActivities:
             response = httpx.post(self.settings.refund_webhook_url, content=body, headers=headers, timeout=30)
         except httpx.TransportError as exc:
             raise ApplicationError(f"refund webhook unreachable: {type(exc).__name__}", type="refund_pending") from None
-        if not response.is_success:
+        if response.status_code in (408, 429) or response.status_code >= 500:
             raise ApplicationError(f"refund webhook answered {response.status_code}", type="refund_pending")
+        if not response.is_success:  # the storefront refuses for good: a human decides
+            raise ApplicationError(f"refund webhook refused the refund ({response.status_code})", type="refund_failed",
+                                   non_retryable=True)
         try:
             reply = response.json()
         except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 
@@ -12,10 +13,10 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from smi import signing
-from smi.db import Submission, utcnow
+from smi.db import Submission, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
-from workflows.types import QUEUED, SubmitRequest, UpsamplerResult
+from workflows.types import FAILED, QUEUED, SubmitRequest, UpsamplerResult
 
 
 def as_application_error(exc: UpsamplerError) -> ApplicationError:
@@ -51,41 +52,60 @@ class UpsamplerActivities:
             known = session.exec(
                 select(Submission).where(Submission.job_id == request.job_id, Submission.attempt == request.attempt)
             ).first()
-        if known is not None:
+        if known is not None:  # a retry or a reset: the answer Upsampler gave the first time
+            if known.error is not None:
+                return UpsamplerResult(known.upsampler_id, FAILED, error=known.error, error_kind=failure_kind(known.error))
             return UpsamplerResult(known.upsampler_id, QUEUED, known.credit_cost)
 
         secret = self.settings.secret("webhook_secret")
         base = self.settings.public_base_url
         expires = int(time.time()) + self.settings.original_url_ttl_seconds
-        try:
-            job = await self.client.submit(
-                signing.signed_file_url(base, secret, "originals", original_name(request), expires),
-                request.scale_factor,
-                signing.webhook_url(base, secret, request.job_id),
-            )
-        except UpsamplerError as exc:
-            raise as_application_error(exc) from None
-        if job.status != "failed":
-            with Session(self.engine) as session:
-                session.add(
-                    Submission(
-                        job_id=request.job_id,
-                        attempt=request.attempt,
-                        upsampler_id=job.id,
-                        credit_cost=job.credit_cost,
-                        created_at=utcnow(),
-                    )
-                )
-                try:
-                    session.commit()
-                except IntegrityError:  # a concurrent duplicate attempt recorded it first
-                    session.rollback()
+        job = await self._call("submit", lambda: self.client.submit(
+            signing.signed_file_url(base, secret, "originals", original_name(request), expires),
+            request.scale_factor,
+            signing.webhook_url(base, secret, request.job_id),
+        ))
+        with Session(self.engine) as session:
+            session.add(Submission(job_id=request.job_id, attempt=request.attempt, upsampler_id=job.id,
+                                   credit_cost=job.credit_cost, created_at=utcnow(),
+                                   error=(job.error or "refused") if job.status == FAILED else None))
+            try:
+                session.commit()
+            except IntegrityError:  # a concurrent duplicate attempt recorded it first
+                session.rollback()
         return _result(job)
 
     @activity.defn
     async def check_status(self, upsampler_id: str) -> UpsamplerResult:
         """3. Ask Upsampler how the job stands: the truth behind every webhook."""
+        return _result(await self._call("status", lambda: self.client.status(upsampler_id)))
+
+    async def _call(self, kind: str, request):
+        """One request within the hourly quota, counted for all workers in the database.
+
+        The per-minute quota is the task queue's rate limit (see worker.py); the hour is
+        kept here because a task queue knows only a per-second rate.
+        """
+        await asyncio.to_thread(self._check_hourly_quota)
+        outcome = "ok"
         try:
-            return _result(await self.client.status(upsampler_id))
+            return await request()
         except UpsamplerError as exc:
+            outcome = exc.kind
             raise as_application_error(exc) from None
+        finally:
+            await asyncio.to_thread(self._record_call, kind, outcome)
+
+    def _check_hourly_quota(self) -> None:
+        hour_ago = utcnow() - timedelta(hours=1)
+        with Session(self.engine) as session:
+            calls = session.exec(select(UpsamplerCall.at).where(UpsamplerCall.at >= hour_ago)
+                                 .order_by(UpsamplerCall.at).limit(self.settings.upsampler_requests_per_hour)).all()
+        if len(calls) >= self.settings.upsampler_requests_per_hour:
+            wait = as_utc(calls[0]) - hour_ago + timedelta(seconds=1)
+            raise ApplicationError("Upsampler's hourly quota is used up", type="rate_limited", next_retry_delay=wait)
+
+    def _record_call(self, kind: str, outcome: str) -> None:
+        with Session(self.engine) as session:
+            session.add(UpsamplerCall(at=utcnow(), kind=kind, outcome=outcome))
+            session.commit()

@@ -6,7 +6,11 @@ import asyncio
 import uuid
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from dataclasses import asdict
+from datetime import timedelta
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse
 from sqlmodel import Session, func, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -16,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import deps
 from api.errors import ApiError
 from api.jobs import get_job, job_view, start_workflow
+from smi import usage
 from smi.db import Job, Refund, Submission, utcnow
 from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
@@ -62,7 +67,7 @@ async def retry(job_id: str, svc: deps.Services = Depends(deps.services), sessio
         return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
     if session.get(Refund, job_id) is not None:
         raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
-    attempts = session.exec(select(func.count()).select_from(Submission).where(Submission.job_id == job_id)).one()
+    attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
     job.runs += 1
     job.status, job.updated_at = "received", utcnow()
     job.error_code = job.error_message = None
@@ -111,3 +116,28 @@ async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services),
     session.refresh(job)
     return {"job_id": job_id, "action": "resend-email", "download_expires_at": link.expires_at.isoformat(),
             "how": f"link generation {link.generation} sent"}
+
+
+@router.get("/usage", summary="Jobs, credits, cost, revenue and margin per UTC day or month; Upsampler quota")
+def usage_report(request: Request, period: Literal["day", "month"] = "day", start: str | None = Query(None, alias="from"),
+                 end: str | None = Query(None, alias="to"), svc: deps.Services = Depends(deps.services)):
+    today = utcnow().date()
+    try:
+        first = usage.parse_day(start, today - timedelta(days=30) if period == "day" else today.replace(day=1, month=1))
+        last = usage.parse_day(end, today) + timedelta(days=1)  # `to` is inclusive
+    except ValueError:
+        raise ApiError(422, "invalid_request", "from and to must be dates like 2026-11-21") from None
+    if last <= first:
+        raise ApiError(422, "invalid_request", "to must not be before from")
+    rows = usage.report(svc.engine, period, first, last)
+    if "text/csv" in request.headers.get("accept", ""):
+        return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
+    cfg = svc.settings
+    return {
+        "period": period,
+        "from": first.date().isoformat(),
+        "to": (last - timedelta(days=1)).date().isoformat(),
+        "rows": [asdict(row) for row in rows],
+        "upsampler_requests": usage.quota(svc.engine, utcnow(), cfg.upsampler_requests_per_minute,
+                                          cfg.upsampler_requests_per_hour),
+    }

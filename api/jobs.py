@@ -21,7 +21,7 @@ from api import deps
 from api.errors import ApiError
 from smi import signing
 from smi import pricing, probe
-from smi.db import Job, Refund, as_utc, utcnow
+from smi.db import Job, LedgerEntry, Refund, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import RECEIVED, JobPolicy, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
@@ -76,6 +76,7 @@ def policy_of(cfg: Settings) -> JobPolicy:
         credit_price_usd=cfg.credit_price_usd,
         credits_per_megapixel=cfg.credits_per_megapixel,
         upsampler_max_input_bytes=cfg.upsampler_max_input_bytes,
+        budget_hard_stop=cfg.budget_hard_stop,
     )
 
 
@@ -175,6 +176,9 @@ async def create_job(
         job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
                   **body.model_dump())
         session.add(job)
+        # The price paid, booked with the job in one transaction.
+        session.add(LedgerEntry(job_id=job.job_id, purpose="revenue", revenue_usd=body.amount_paid_cents / 100,
+                                created_at=now))
         try:
             session.commit()
         except IntegrityError:  # the same order arrived twice at once: the other request won

@@ -5,8 +5,11 @@ from signed, expiring `/cdn/...` links and POSTs webhooks. `/_emulator/*` (no au
 changes the fault settings, lists jobs and request counts, and resets everything.
 
 Request-level faults (`submit_errors`, `status_errors`, `cdn_errors`) are read live and each
-entry is consumed once. Job-level faults (delays, webhooks, results, failures, link lifetime)
-are copied into the job when it is submitted, so changing them later does not affect it.
+entry is consumed once; `cdn_bytes_per_second` is read live too, when a CDN request starts
+(the file is then streamed at that pace, `Range` still honoured). Job-level faults (delays,
+webhooks, results, failures, link lifetime) are copied into the job when it is submitted, so
+changing them later does not affect it. `/_emulator/requests` counts `cdn_range`: CDN
+requests that carried a `Range` header.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import hmac
 import io
 import logging
+import re
 import secrets
 import shutil
 import tempfile
@@ -28,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
@@ -52,6 +56,7 @@ class Faults(BaseModel):
     submit_errors: list[ErrorCode] = []
     status_errors: list[ErrorCode] = []
     cdn_errors: list[ErrorCode] = []
+    cdn_bytes_per_second: float | None = Field(None, gt=0)  # throttle result files to this rate (Range still works)
     retry_after_seconds: int | None = Field(None, ge=0)
     refuse_with: str | None = None
     fail_with: str | None = None
@@ -115,6 +120,66 @@ def _first_error(exc: ValidationError) -> str:
     return f"invalid {where}: {err['msg']}"
 
 
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+THROTTLE_CHUNK = 64 * 1024
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+    """One `Range: bytes=N-`, `bytes=N-M` or `bytes=-K` as (first, last) inclusive.
+
+    None: no usable single range, serve the whole file (a server may ignore Range). False:
+    not satisfiable (416).
+    """
+    match = _RANGE.match(header or "")
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # a suffix: the last K bytes
+        if int(last) == 0 or size == 0:
+            return False
+        return max(0, size - int(last)), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if start >= size or (last != "" and int(last) < start):
+        return False
+    return start, end
+
+
+async def _paced(path: Path, start: int, length: int, rate: float):
+    """`length` bytes of `path` from `start`, no faster than `rate` bytes per second."""
+    chunk = max(1024, min(THROTTLE_CHUNK, int(rate / 10)))
+    began = time.monotonic()
+    sent = 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while sent < length:
+            data = handle.read(min(chunk, length - sent))
+            if not data:
+                break
+            yield data
+            sent += len(data)
+            ahead = sent / rate - (time.monotonic() - began)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+def _throttled_file(path: Path, media_type: str, rate: float, range_header: str | None, head: bool) -> Response:
+    """What FileResponse does for one range, but streamed at `rate` bytes per second."""
+    size = path.stat().st_size
+    headers = {"Accept-Ranges": "bytes"}
+    span = _byte_range(range_header, size)
+    if span is False:
+        return Response(status_code=416, headers=headers | {"Content-Range": f"bytes */{size}"})
+    status, (first, last) = (200, (0, size - 1)) if span is None else (206, span)
+    length = last - first + 1 if size else 0
+    headers["Content-Length"] = str(length)
+    if status == 206:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if head:
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(_paced(path, first, length, rate), status_code=status, headers=headers, media_type=media_type)
+
+
 def _render(source: bytes, size: tuple[int, int], result: str, out_dir: Path) -> None:
     """CPU work (run in a thread): upscale, write result.png and result.jpg, apply result faults."""
     with Image.open(io.BytesIO(source)) as im:
@@ -143,7 +208,7 @@ class Emulator:
         self.faults = faults or Faults()
         self.storage_dir = storage_dir
         self.jobs: dict[str, Job] = {}
-        self.requests = {"submit": 0, "status": 0, "cdn": 0}
+        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
 
@@ -192,7 +257,7 @@ class Emulator:
         for job_id in self.jobs:
             shutil.rmtree(self.storage_dir / job_id, ignore_errors=True)
         self.jobs.clear()
-        self.requests = {"submit": 0, "status": 0, "cdn": 0}
+        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
         self.faults = Faults()
 
     # --- job life ------------------------------------------------------------------------
@@ -371,8 +436,10 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         return JSONResponse(emu.wire(job))
 
     @app.api_route("/cdn/{job_id}/{name}", methods=["GET", "HEAD"])
-    async def cdn(job_id: str, name: str, exp: str = "", sig: str = ""):
+    async def cdn(request: Request, job_id: str, name: str, exp: str = "", sig: str = ""):
         emu.requests["cdn"] += 1
+        if "range" in request.headers:  # a resumed download asks for the rest with `Range: bytes=N-`
+            emu.requests["cdn_range"] += 1
         if injected := emu.injected_error(emu.faults.cdn_errors):
             return injected
         path = emu.storage_dir / job_id / name
@@ -382,6 +449,9 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
             return _error(403, "bad signature")
         if time.time() > int(exp):
             return _error(403, "link expired")
+        rate = emu.faults.cdn_bytes_per_second
+        if rate is not None:
+            return _throttled_file(path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD")
         return FileResponse(path, media_type=RESULT_FILES[name])
 
     @app.get("/_emulator/faults")

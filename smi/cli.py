@@ -215,6 +215,19 @@ def cmd_submit(args: argparse.Namespace) -> None:
         raise SystemExit(f"job ended {last}: {error.get('code')}: {error.get('message')}")
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    from datetime import date, timedelta
+
+    from smi import usage
+    from smi.db import make_engine
+
+    today = date.today()
+    default_start = today - timedelta(days=30) if args.period == "day" else today.replace(month=1, day=1)
+    start = usage.parse_day(args.start, default_start)
+    end = usage.parse_day(args.end, today) + timedelta(days=1)
+    print(usage.to_table(usage.report(make_engine(get_settings().database_url), args.period, start, end)))
+
+
 def _check(response: httpx.Response) -> None:
     if response.status_code >= 400:
         try:
@@ -253,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("--order-id")
     submit.add_argument("--api", help="the API's base URL (default: SMI_API_HOST:SMI_API_PORT)")
     submit.set_defaults(run=cmd_submit)
+
+    report = commands.add_parser("usage", help="jobs, credits, cost, revenue and margin per UTC day or month")
+    report.add_argument("--period", choices=["day", "month"], default="month")
+    report.add_argument("--from", dest="start", help="first day, YYYY-MM-DD")
+    report.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (inclusive)")
+    report.set_defaults(run=cmd_usage)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -79,19 +79,57 @@ class Submission(SQLModel, table=True):
     attempt: int
     upsampler_id: str
     credit_cost: float | None = None
+    error: str | None = None  # set when Upsampler refused the job at once
     created_at: datetime = _timestamp(nullable=False)
 
 
 class LedgerEntry(SQLModel, table=True):
+    """Money per job, one row per purpose: "revenue" (the price paid), "estimate" (credits
+    foreseen at start; informative, not summed), "upscale:<upsampler id>" (what each
+    submission really cost), "refund" (the price paid back, as negative revenue)."""
+
     __tablename__ = "ledger"
     __table_args__ = (UniqueConstraint("job_id", "purpose"),)
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True, max_length=32)
-    purpose: str = Field(max_length=128)  # e.g. "upscale:<upsampler id>"
-    credits: float
-    usd: float
+    purpose: str = Field(max_length=128)
+    credits: float = 0.0
+    cost_usd: float = 0.0
+    revenue_usd: float = 0.0
     created_at: datetime = _timestamp(nullable=False, index=True)
+
+
+class UpsamplerCall(SQLModel, table=True):
+    """Every request to Upsampler, for the hourly quota (shared by all workers) and the usage report."""
+
+    __tablename__ = "upsampler_calls"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _timestamp(nullable=False, index=True)
+    kind: str = Field(max_length=16)  # submit | status
+    outcome: str = Field(max_length=32)  # ok, rate_limited, transient, ...
+
+
+class BudgetAlert(SQLModel, table=True):
+    """One per budget period and threshold: the insert decides which worker sends the email."""
+
+    __tablename__ = "budget_alerts"
+
+    key: str = Field(primary_key=True, max_length=64)  # e.g. "day:2026-11-21:80"
+    owner: str = Field(max_length=128)  # the workflow whose activity won the insert
+    spent_usd: float
+    budget_usd: float
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class BudgetRelease(SQLModel, table=True):
+    """An admin's release of a crossed budget (hard stop) for one period."""
+
+    __tablename__ = "budget_releases"
+
+    period: str = Field(primary_key=True, max_length=32)  # "day:2026-11-21" or "month:2026-11"
+    created_at: datetime = _timestamp(nullable=False)
 
 
 class DownloadToken(SQLModel, table=True):
@@ -159,6 +197,8 @@ def make_engine(url: str) -> Engine:
 
 
 __all__ = [
+    "BudgetAlert",
+    "BudgetRelease",
     "DownloadToken",
     "Job",
     "LedgerEntry",
@@ -166,6 +206,7 @@ __all__ = [
     "SentMail",
     "Session",
     "Submission",
+    "UpsamplerCall",
     "as_utc",
     "make_engine",
     "utcnow",

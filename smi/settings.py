@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str = "https://api.stripe.com"  # tests point it at a local server
 
+    upsampler_requests_per_minute: int = Field(60, gt=0)  # Upsampler's quota per key, all workers together
+    upsampler_requests_per_hour: int = Field(1800, gt=0)
+    daily_budget_usd: float | None = Field(None, gt=0)  # the admin is emailed at 80% and 100% of each
+    monthly_budget_usd: float | None = Field(None, gt=0)
+    budget_hard_stop: bool = False  # new jobs over a crossed budget wait in `queued` instead of spending
+
     upsampler_max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)  # larger originals are compressed first
     max_input_bytes: int = 50 * 1024 * 1024
     max_result_bytes: int = 400 * 1024 * 1024

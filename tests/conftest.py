@@ -145,6 +145,7 @@ def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_
         smtp_port=smtp_port,
         mail_from="Upscale <shop@127.0.0.1>",
         support_email="help@shop.test",
+        upsampler_requests_per_minute=6000,  # the real quota would make every test wait a second per call
     )
     values.update(overrides)
     return Settings(**values)

@@ -62,8 +62,9 @@ def rows(database_url: str, model, job_id: str) -> list:
         engine.dispose()
 
 
-def ledger_rows(database_url: str, job_id: str) -> list[LedgerEntry]:
-    return rows(database_url, LedgerEntry, job_id)
+def ledger_rows(database_url: str, job_id: str, purpose: str = "upscale:") -> list[LedgerEntry]:
+    """The job's ledger rows whose purpose starts with `purpose`: by default its charges."""
+    return [row for row in rows(database_url, LedgerEntry, job_id) if row.purpose.startswith(purpose)]
 
 
 def mail_rows(database_url: str, job_id: str) -> list[SentMail]:

@@ -525,6 +525,53 @@ async def test_cdn_link_expires(env, client):
     assert response.status_code == 403 and "expired" in response.json()["error"]
 
 
+async def test_cdn_throttled_with_ranges(env, client):
+    """`cdn_bytes_per_second` paces the file; Range still gets 206 with Content-Range, as unthrottled."""
+    env.faults(delay_seconds=0.1)
+    job = await client.submit(env.image(400, 300), 2, None)
+    done, _ = await wait_for(client, job.id, "completed")
+    async with httpx.AsyncClient() as http:
+        whole = (await http.get(done.image_url)).content  # unthrottled: FileResponse
+        size = len(whole)
+        assert size > 200_000
+        unthrottled = await http.get(done.image_url, headers={"Range": "bytes=1000-"})
+        assert unthrottled.status_code == 206 and unthrottled.content == whole[1000:]
+
+        rate = size / 0.5  # the whole file in about half a second
+        assert env.faults(cdn_bytes_per_second=rate)["cdn_bytes_per_second"] == rate
+        began = time.monotonic()
+        full = await http.get(done.image_url)
+        took = time.monotonic() - began
+        assert full.status_code == 200 and full.content == whole and took >= 0.4
+        assert full.headers["accept-ranges"] == "bytes" and int(full.headers["content-length"]) == size
+        assert "content-range" not in full.headers
+
+        start = size * 3 // 4
+        began = time.monotonic()
+        tail = await http.get(done.image_url, headers={"Range": f"bytes={start}-"})
+        took = time.monotonic() - began
+        assert tail.status_code == 206 and tail.content == whole[start:]
+        assert tail.headers["content-range"] == f"bytes {start}-{size - 1}/{size}"
+        assert tail.headers["accept-ranges"] == "bytes" and int(tail.headers["content-length"]) == size - start
+        assert 0.08 <= took < 0.4  # a quarter of the file at the same pace
+
+        middle = await http.get(done.image_url, headers={"Range": "bytes=100-1099"})
+        assert middle.status_code == 206 and middle.content == whole[100:1100]
+        assert middle.headers["content-range"] == f"bytes 100-1099/{size}"
+        past_end = await http.get(done.image_url, headers={"Range": f"bytes=100-{size + 50}"})
+        assert past_end.status_code == 206 and past_end.content == whole[100:]
+        suffix = await http.get(done.image_url, headers={"Range": "bytes=-500"})
+        assert suffix.status_code == 206 and suffix.content == whole[-500:]
+
+        unsatisfiable = await http.get(done.image_url, headers={"Range": f"bytes={size}-"})
+        assert unsatisfiable.status_code == 416 and unsatisfiable.headers["content-range"] == f"bytes */{size}"
+        head = await http.head(done.image_url, headers={"Range": "bytes=10-"})
+        assert head.status_code == 206 and head.content == b"" and int(head.headers["content-length"]) == size - 10
+        assert (await http.get(with_query(done.image_url, sig=""))).status_code == 403  # checks still first
+    counts = env.requests()
+    assert counts["cdn"] == 10 and counts["cdn_range"] == 7
+
+
 async def test_public_base_url_and_storage_dir(tmp_path):
     port = free_port()
     app = create_app(api_key=KEY, public_base_url=f"http://127.0.0.1:{port}/", faults=Faults(delay_seconds=0.05), storage_dir=tmp_path)
@@ -554,10 +601,10 @@ async def test_control_endpoints_and_reset(env, client):
     with pytest.raises(UpsamplerUnavailable):
         await client.submit(env.image(), 2, None)
     await client.submit(env.image(), 2, None)
-    assert len(env.jobs()) == 1 and env.requests() == {"submit": 2, "status": 0, "cdn": 0}
+    assert len(env.jobs()) == 1 and env.requests() == {"submit": 2, "status": 0, "cdn": 0, "cdn_range": 0}
     assert isinstance(env.state.jobs, dict) and isinstance(env.state.faults, Faults)
     assert httpx.post(f"{env.url}/_emulator/reset").json() == {"reset": True}
-    assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0}
+    assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
     assert httpx.get(f"{env.url}/_emulator/faults").json() == Faults().model_dump()
 
 

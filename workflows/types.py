@@ -14,6 +14,9 @@ COMPLETED = "completed"
 MANUAL_REVIEW = "manual_review"
 FAILED = "failed"
 
+# Upsampler calls run on "<task queue>-upsampler", rate-limited to Upsampler's quota.
+UPSAMPLER_QUEUE_SUFFIX = "-upsampler"
+
 
 @dataclass
 class JobPolicy:
@@ -26,6 +29,7 @@ class JobPolicy:
     credit_price_usd: float = 0.04
     credits_per_megapixel: float = 0.25
     upsampler_max_input_bytes: int = 20 * 1024 * 1024
+    budget_hard_stop: bool = False
 
 
 @dataclass
@@ -123,6 +127,16 @@ class CostRecord:
 
 
 @dataclass
+class EstimateRecord:
+    job_id: str
+    width: int
+    height: int
+    scale_factor: int
+    credits_per_megapixel: float
+    credit_price_usd: float
+
+
+@dataclass
 class TokenRequest:
     job_id: str
     purpose: str  # "run:1", "resend:<request id>": one link per purpose
@@ -180,3 +194,18 @@ class JobState:
     error_message: str | None = None
     refund: RefundOutcome | None = None
     awaiting_decision: bool = False
+
+
+@dataclass
+class BudgetAlertInfo:
+    key: str  # "day:2026-11-21:80"
+    period: str  # "day:2026-11-21"
+    threshold: int  # percent
+    spent_usd: float
+    budget_usd: float
+
+
+@dataclass
+class BudgetGate:
+    open: bool
+    recheck_seconds: float  # when a closed gate is worth asking again

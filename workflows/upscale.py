@@ -27,10 +27,12 @@ with workflow.unsafe.imports_passed_through():
         MANUAL_REVIEW,
         PROCESSING,
         QUEUED,
+        UPSAMPLER_QUEUE_SUFFIX,
         CompressRequest,
         CostRecord,
         DownloadRequest,
         EmailRequest,
+        EstimateRecord,
         FetchRequest,
         JobState,
         JobUpdate,
@@ -170,17 +172,19 @@ class UpscaleWorkflow:
                     if width * height > MAX_OUTPUT_PIXELS:
                         raise Problem("output_too_large", f"the output would be {width}x{height}, over Upsampler's limit")
                     await self._set_status(QUEUED, input=original)
+                    await self._local(LedgerActivities.record_estimate, EstimateRecord(
+                        job.job_id, original.width, original.height, job.scale_factor,
+                        job.policy.credits_per_megapixel, job.policy.credit_price_usd))
                     if original.bytes > job.policy.upsampler_max_input_bytes:
                         variant = await self._compress()
                 if submission is None:
                     # 2. Submit a temporary signed URL of the original (or its compressed copy).
+                    if job.policy.budget_hard_stop:
+                        await self._wait_for_budget()
                     submission = await self._submit(variant)
                     # 3. Wait for the webhook or poll, until the processing timeout; book the cost.
                     result = await self._wait_for_result(submission)
-                    await self._local(LedgerActivities.record_cost, CostRecord(
-                        job.job_id, submission.upsampler_id,
-                        result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0,
-                        job.policy.credit_price_usd))
+                    await self._book_cost(submission, result)
                 elif refresh:  # the result links expired: Upsampler's status reply carries fresh ones
                     refresh = False
                     result = await self._check_status(submission.upsampler_id)
@@ -238,6 +242,7 @@ class UpscaleWorkflow:
         submission = await self._activity(
             UpsamplerActivities.submit_upscale,
             SubmitRequest(job.job_id, self._state.attempt, job.scale_factor, variant or ""),
+            task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
             start_to_close_timeout=timedelta(minutes=1),
             schedule_to_close_timeout=timedelta(minutes=30),
             retry_policy=UPSAMPLER_RETRY,
@@ -283,10 +288,33 @@ class UpscaleWorkflow:
         return await self._activity(
             UpsamplerActivities.check_status,
             upsampler_id,
+            task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
             start_to_close_timeout=timedelta(seconds=30),
             schedule_to_close_timeout=timedelta(minutes=10),
             retry_policy=UPSAMPLER_RETRY,
         )
+
+    async def _book_cost(self, submission: UpsamplerResult, result: UpsamplerResult) -> None:
+        """What Upsampler charged for this submission; then the budget alerts it may have set off."""
+        job = self._job
+        credits = result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0
+        await self._local(LedgerActivities.record_cost,
+                          CostRecord(job.job_id, submission.upsampler_id, credits, job.policy.credit_price_usd))
+        for alert in await self._local(LedgerActivities.check_budget, job.job_id):
+            try:
+                await self._activity(NotifyActivities.send_budget_alert, alert,
+                                     start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY)
+            except Problem:
+                workflow.logger.warning("budget alert %s could not be sent", alert.key)
+
+    async def _wait_for_budget(self) -> None:
+        """Hard stop: wait in `queued` while this period's budget is spent, until the next period or a release."""
+        while not (gate := await self._local(LedgerActivities.budget_gate, self._job.job_id)).open:
+            try:
+                await workflow.wait_condition(lambda: self._decision == "refund", timeout=gate.recheck_seconds)
+            except asyncio.TimeoutError:
+                continue
+            raise Problem("admin_refund", "an admin asked for a refund")
 
     async def _download_and_check(self, result: UpsamplerResult, width: int, height: int) -> StoredImage:
         job = self._job
@@ -332,12 +360,12 @@ class UpscaleWorkflow:
 
     async def _manual_review(self, problem: Problem) -> None:
         """Tell the admin and wait, durably, for a decision. Returns on retry; raises on refund."""
+        # Decisions are taken from here on, even while the admin's notice is still being sent.
+        self._state.awaiting_decision = True
         await self._set_status(MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
         await self._tell_admin(f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}")
-        if self._decision is None:
-            self._state.awaiting_decision = True
-            await workflow.wait_condition(lambda: self._decision is not None)
-            self._state.awaiting_decision = False
+        await workflow.wait_condition(lambda: self._decision is not None)
+        self._state.awaiting_decision = False
         decision, self._decision = self._decision, None
         if decision == "refund":
             raise Problem(problem.code, str(problem))
