@@ -21,7 +21,7 @@ from api import deps
 from api.errors import ApiError
 from api.jobs import get_job, job_view, start_workflow
 from smi import usage
-from smi.db import Job, Refund, Submission, utcnow
+from smi.db import BudgetRelease, Job, LedgerEntry, Refund, Submission, utcnow
 from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
@@ -51,8 +51,30 @@ def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services
     if status:
         query = query.where(Job.status == status)
     jobs = session.exec(query).all()
-    refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_([j.job_id for j in jobs]))).all()}
-    return {"jobs": [job_view(job, svc.settings, refunds.get(job.job_id)) for job in jobs]}
+    ids = [j.job_id for j in jobs]
+    refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_(ids))).all()}
+    ledger: dict[str, list[LedgerEntry]] = {}
+    for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
+        ledger.setdefault(entry.job_id, []).append(entry)
+    return {"jobs": [{**job_view(job, svc.settings, refunds.get(job.job_id)), "money": money(ledger.get(job.job_id, []))}
+                     for job in jobs]}
+
+
+def money(entries: list[LedgerEntry]) -> dict:
+    """What one job earned: the price paid, Upsampler's charges, refunds, the margin; and the estimate."""
+    booked = [e for e in entries if e.purpose != "estimate"]
+    estimate = next((e for e in entries if e.purpose == "estimate"), None)
+    revenue = round(sum(e.revenue_usd for e in booked if e.purpose == "revenue"), 2)
+    refunded = round(-sum(e.revenue_usd for e in booked if e.purpose == "refund"), 2)
+    cost = round(sum(e.cost_usd for e in booked), 6)
+    return {
+        "revenue_usd": revenue,
+        "cost_usd": cost,
+        "credits": round(sum(e.credits for e in booked), 6),
+        "estimated_credits": estimate.credits if estimate else None,
+        "refunded_usd": refunded,
+        "margin_usd": round(revenue - refunded - cost, 6),
+    }
 
 
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
@@ -141,3 +163,22 @@ def usage_report(request: Request, period: Literal["day", "month"] = "day", star
         "upsampler_requests": usage.quota(svc.engine, utcnow(), cfg.upsampler_requests_per_minute,
                                           cfg.upsampler_requests_per_hour),
     }
+
+
+@router.post("/budget/release", summary="Let jobs held by a crossed budget (hard stop) spend again this period")
+async def release_budget(svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+    now = utcnow()
+    periods = [f"{period}:{usage.period_key(now, period)}" for period in ("day", "month")]
+    for period in periods:
+        if session.get(BudgetRelease, period) is None:
+            session.add(BudgetRelease(period=period, created_at=now))
+    session.commit()
+    client = await svc.temporal_client()
+    woken = 0
+    async for execution in client.list_workflows('UpscaleStatus="queued" AND ExecutionStatus="Running"'):
+        try:
+            await client.get_workflow_handle(execution.id).signal(UpscaleWorkflow.budget_released)
+            woken += 1
+        except RPCError:
+            pass  # finished in the meantime
+    return {"released": periods, "jobs_woken": woken}

@@ -15,6 +15,7 @@ requests that carried a `Range` header.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import contextlib
 import hashlib
 import hmac
@@ -64,6 +65,7 @@ class Faults(BaseModel):
     result_url_ttl_seconds: float = 10800
     max_input_bytes: int | None = Field(None, ge=1)  # larger inputs are refused at once, as "too large"
     faulty_jobs: int | None = Field(None, ge=0)  # job-level faults hit only the next N submissions
+    rate_limit_per_minute: int | None = Field(None, ge=1)  # API requests over this in any 60 s answer 429
 
 
 class _Input(BaseModel):
@@ -208,7 +210,8 @@ class Emulator:
         self.faults = faults or Faults()
         self.storage_dir = storage_dir
         self.jobs: dict[str, Job] = {}
-        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
+        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+        self.recent: deque[float] = deque()
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
 
@@ -226,6 +229,21 @@ class Emulator:
             headers = {"Retry-After": str(self.faults.retry_after_seconds)}
         log.info("emulator: injected HTTP %s", code)
         return _error(code, f"emulated error {code}", headers)
+
+    def over_rate_limit(self) -> JSONResponse | None:
+        """Upsampler's per-key quota: a sliding minute of accepted API requests."""
+        limit = self.faults.rate_limit_per_minute
+        if limit is None:
+            return None
+        now = time.monotonic()
+        while self.recent and self.recent[0] <= now - 60:
+            self.recent.popleft()
+        if len(self.recent) >= limit:
+            self.requests["rate_limited"] += 1
+            wait = max(1, int(self.recent[0] + 60 - now) + 1)
+            return _error(429, "rate limit exceeded", {"Retry-After": str(wait)})
+        self.recent.append(now)
+        return None
 
     def sign(self, job_id: str, name: str, exp: int) -> str:
         return hmac.new(self._sign_key, f"{job_id}/{name}:{exp}".encode(), hashlib.sha256).hexdigest()
@@ -257,7 +275,8 @@ class Emulator:
         for job_id in self.jobs:
             shutil.rmtree(self.storage_dir / job_id, ignore_errors=True)
         self.jobs.clear()
-        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
+        self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+        self.recent: deque[float] = deque()
         self.faults = Faults()
 
     # --- job life ------------------------------------------------------------------------
@@ -368,7 +387,7 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         emu.requests["submit"] += 1
         if not emu.authorized(request):
             return _error(401, "invalid or missing API key")
-        if injected := emu.injected_error(emu.faults.submit_errors):
+        if injected := emu.over_rate_limit() or emu.injected_error(emu.faults.submit_errors):
             return injected
         try:
             body = _SubmitBody.model_validate(await request.json())
@@ -419,7 +438,7 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         emu.requests["status"] += 1
         if not emu.authorized(request):
             return _error(401, "invalid or missing API key")
-        if injected := emu.injected_error(emu.faults.status_errors):
+        if injected := emu.over_rate_limit() or emu.injected_error(emu.faults.status_errors):
             return injected
         job = emu.jobs.get(job_id)
         if job is None:

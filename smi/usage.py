@@ -59,7 +59,7 @@ def report(engine: Engine, period: str, start: datetime, end: datetime) -> list[
             usage.jobs += 1
             usage.completed += status == "completed"
             usage.failed += status == "failed"
-        for (completed_at,) in session.exec(
+        for completed_at in session.exec(
             select(Refund.completed_at).where(Refund.completed_at >= start, Refund.completed_at < end)
         ):
             bucket(completed_at).refunded += 1

@@ -601,10 +601,10 @@ async def test_control_endpoints_and_reset(env, client):
     with pytest.raises(UpsamplerUnavailable):
         await client.submit(env.image(), 2, None)
     await client.submit(env.image(), 2, None)
-    assert len(env.jobs()) == 1 and env.requests() == {"submit": 2, "status": 0, "cdn": 0, "cdn_range": 0}
+    assert len(env.jobs()) == 1 and env.requests() == {"submit": 2, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
     assert isinstance(env.state.jobs, dict) and isinstance(env.state.faults, Faults)
     assert httpx.post(f"{env.url}/_emulator/reset").json() == {"reset": True}
-    assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0}
+    assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
     assert httpx.get(f"{env.url}/_emulator/faults").json() == Faults().model_dump()
 
 

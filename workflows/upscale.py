@@ -122,6 +122,7 @@ class UpscaleWorkflow:
         self._state = JobState()
         self._hint: WebhookHint | None = None
         self._decision: str | None = None
+        self._budget_released = False
         self._failures: dict[str, int] = {}
         self._qualities = list(COMPRESS_QUALITIES)
 
@@ -141,6 +142,11 @@ class UpscaleWorkflow:
         """"refund" (any time; acted on at the next step) or "retry" (only while in manual review)."""
         if decision == "refund" or (decision == "retry" and self._state.awaiting_decision):
             self._decision = decision
+
+    @workflow.signal
+    def budget_released(self) -> None:
+        """An admin released a crossed budget: a job held by the hard stop looks again at once."""
+        self._budget_released = True
 
     @workflow.run
     async def run(self, job: UpscaleInput) -> JobState:
@@ -310,11 +316,14 @@ class UpscaleWorkflow:
     async def _wait_for_budget(self) -> None:
         """Hard stop: wait in `queued` while this period's budget is spent, until the next period or a release."""
         while not (gate := await self._local(LedgerActivities.budget_gate, self._job.job_id)).open:
+            self._budget_released = False
             try:
-                await workflow.wait_condition(lambda: self._decision == "refund", timeout=gate.recheck_seconds)
+                await workflow.wait_condition(lambda: self._budget_released or self._decision == "refund",
+                                              timeout=gate.recheck_seconds)
             except asyncio.TimeoutError:
-                continue
-            raise Problem("admin_refund", "an admin asked for a refund")
+                pass
+            if self._decision == "refund":
+                raise Problem("admin_refund", "an admin asked for a refund")
 
     async def _download_and_check(self, result: UpsamplerResult, width: int, height: int) -> StoredImage:
         job = self._job
