@@ -20,6 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from smi import imaging
+from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
 from workflows.types import CompressRequest, DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
 
@@ -59,7 +60,7 @@ def file_sha256(path: Path) -> str:
 class StorageActivities:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None):
         self.settings = settings
-        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0), follow_redirects=True)
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0))
 
     def job_dir(self, job_id: str) -> Path:
         return self.settings.storage_dir / "jobs" / job_id
@@ -67,12 +68,13 @@ class StorageActivities:
     def tmp_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "tmp"
 
-    async def _stream_to(self, url: str, part: Path, limit: int, what: str, start: int = 0) -> tuple[int, str]:
+    async def _stream_to(self, url: str, part: Path, limit: int, what: str, policy: FetchPolicy,
+                         start: int = 0) -> tuple[int, str]:
         """Stream `url` into `part` (resuming at `start` when the server allows), hashing as it goes."""
         hasher = hashlib.sha256()
         headers = {"Range": f"bytes={start}-"} if start else {}
         try:
-            async with self.http.stream("GET", url, headers=headers) as response:
+            async with guarded_stream(self.http, url, policy, headers) as response:
                 if response.status_code == 200:
                     start = 0
                 elif response.status_code != 206 or not start:
@@ -97,6 +99,9 @@ class StorageActivities:
                             await out.flush()
                             activity.heartbeat(done)
                             last_beat = time.monotonic()
+        except FetchRefused as exc:
+            code = "result_url_refused" if what == "result" else "image_url_refused"
+            raise _fail(code, f"the {what} URL was refused: {exc}") from None
         except httpx.TransportError as exc:
             raise _fail("transient", f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
         return done, hasher.hexdigest()
@@ -110,9 +115,13 @@ class StorageActivities:
             return _describe(existing[0], imaging.probe(existing[0]))
         job_dir.mkdir(parents=True, exist_ok=True)
         part = job_dir / "original.part"
-        await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image")
+        await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image",
+                              self.settings.image_fetch_policy)
         try:
             info = await asyncio.to_thread(imaging.probe, part)
+            if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
+                raise imaging.ImageError("output_too_large", f"the image is {info.width}x{info.height}, too large "
+                                                             "to upscale within Upsampler's pixel limit")
             await asyncio.to_thread(imaging.decode_fully, part, "unsupported_format")
         except imaging.ImageError as exc:
             part.unlink(missing_ok=True)
@@ -146,7 +155,8 @@ class StorageActivities:
         part = tmp / f"result-{request.attempt}.part"
         details = activity.info().heartbeat_details if activity.in_activity() else ()
         start = int(details[0]) if details and part.exists() and part.stat().st_size >= int(details[0]) else 0
-        size, digest = await self._stream_to(request.url, part, self.settings.max_result_bytes, "result", start)
+        size, digest = await self._stream_to(request.url, part, self.settings.max_result_bytes, "result",
+                                             self.settings.result_fetch_policy, start)
         os.replace(part, final)
         return DownloadedFile(str(final), size, digest)
 

@@ -22,7 +22,8 @@ class Services:
     settings: Settings
     engine: Engine
     temporal: Client | None = None
-    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10.0, follow_redirects=True))
+    # Redirects are not followed by httpx: the fetch guard follows them, checking each.
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10.0))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def temporal_client(self) -> Client:

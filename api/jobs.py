@@ -145,7 +145,7 @@ def get_job(session: Session, job_id: str) -> Job:
 
 async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_factor: int) -> None:
     """422 before anything is written when the image's header already shows the job cannot succeed."""
-    found = await probe.probe_url(svc.http, image_url)
+    found = await probe.probe_url(svc.http, image_url, svc.settings.image_fetch_policy)
     if found.problem:
         raise ApiError(422, found.problem, f"image_url: {found.detail}")
     if found.width:
@@ -240,7 +240,7 @@ class QuoteRequest(BaseModel):
 async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)):
     width, height = body.width, body.height
     if body.image_url is not None and width is None and height is None:
-        found = await probe.probe_url(svc.http, body.image_url)
+        found = await probe.probe_url(svc.http, body.image_url, svc.settings.image_fetch_policy)
         if found.problem:
             raise ApiError(422, found.problem, f"image_url: {found.detail}")
         if not found.width:

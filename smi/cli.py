@@ -88,7 +88,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
             emulator = ServerThread(create_emulator(keys["SMI_EMULATOR_API_KEY"], storage_dir=var / "emulator"),
                                     port=args.emulator_port, log_level="warning").start()
             threads.append(emulator)
+            emulator_host = emulator.url.split("//")[1]
             env.update(SMI_UPSAMPLER_BASE_URL=f"{emulator.url}/api/v1", SMI_UPSAMPLER_API_KEY=keys["SMI_EMULATOR_API_KEY"])
+            env.setdefault("SMI_UPSAMPLER_RESULT_HOSTS", emulator_host)
+            # The fetch guard lets through exactly the local services dev runs: the emulator and our API.
+            env.setdefault("SMI_FETCH_ALLOW_HOSTS", f"{emulator_host},{settings.public_host}")
             sink = MailSink(settings.smtp_host, settings.smtp_port, outbox=var / "outbox").start()
             threads.append(sink)
 

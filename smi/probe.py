@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
+
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 STEPS = (64 * 1024, 1024 * 1024)  # most headers fit in the first; JPEGs with big EXIF need more
 
@@ -32,6 +34,8 @@ def read_header(data: bytes) -> Probe | None:
                 return Probe(problem="unsupported_format", detail=f"{image.format} images are not accepted; "
                                                                    "send PNG, JPEG or WebP")
             return Probe(image.width, image.height, fmt)
+    except Image.DecompressionBombError:
+        return Probe(problem="output_too_large", detail="the image's dimensions are absurdly large")
     except UnidentifiedImageError:
         return None if len(data) < STEPS[-1] else Probe(problem="unsupported_format",
                                                         detail="the file is not a PNG, JPEG or WebP image")
@@ -39,11 +43,11 @@ def read_header(data: bytes) -> Probe | None:
         return None
 
 
-async def probe_url(http: httpx.AsyncClient, url: str) -> Probe:
+async def probe_url(http: httpx.AsyncClient, url: str, policy: FetchPolicy) -> Probe:
     """Read just enough of `url` for the header. Transient trouble gives an empty Probe: not a verdict."""
     data = b""
     try:
-        async with http.stream("GET", url) as response:
+        async with guarded_stream(http, url, policy) as response:
             if 400 <= response.status_code < 500:
                 return Probe(problem="image_unreachable", detail=f"the image_url answered {response.status_code}")
             if response.status_code != 200:
@@ -54,6 +58,8 @@ async def probe_url(http: httpx.AsyncClient, url: str) -> Probe:
                     found = read_header(data)
                     if found is not None or len(data) >= STEPS[-1]:
                         return found or Probe()
+    except FetchRefused as exc:
+        return Probe(problem="url_refused", detail=f"this URL is not fetched: {exc}")
     except httpx.HTTPError:
         return Probe()
     if not data:

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from smi.fetch import FetchPolicy
+
 REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
 # Written by `smi dev` with the generated development keys; the environment wins over it.
 DEV_ENV_FILE = Path("var/dev.env")
@@ -56,6 +58,12 @@ class Settings(BaseSettings):
     markup_percent: float = Field(500.0, ge=0)  # suggested price = cost x (1 + markup/100) ...
     min_price_usd: float = Field(0.50, ge=0)  # ... never below this (Stripe's minimum charge)
 
+    # The fetch guard (smi/fetch.py): loopback and private hosts that may be fetched anyway,
+    # the only hosts a result may come from, and the ports a fetched URL may use.
+    fetch_allow_hosts: str = ""
+    upsampler_result_hosts: str = "upsampler.com,.upsampler.com"
+    fetch_allowed_ports: str = "80,443"
+
     refund_adapter: Literal["none", "webhook", "stripe"] = "none"
     refund_webhook_url: str | None = None
     stripe_api_key: SecretStr | None = None
@@ -94,6 +102,16 @@ class Settings(BaseSettings):
         if value is None:
             raise RuntimeError(f"SMI_{name.upper()} is not set; `smi dev` generates it in development")
         return value.get_secret_value()
+
+    @property
+    def image_fetch_policy(self) -> FetchPolicy:
+        """For the storefront's image_url (and uploads, on our own host when allow-listed)."""
+        return FetchPolicy.parse(self.fetch_allow_hosts, None, self.fetch_allowed_ports)
+
+    @property
+    def result_fetch_policy(self) -> FetchPolicy:
+        """For Upsampler's result URLs: only its hosts, and still no private addresses."""
+        return FetchPolicy.parse(self.fetch_allow_hosts, self.upsampler_result_hosts, self.fetch_allowed_ports)
 
     @property
     def public_host(self) -> str:

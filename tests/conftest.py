@@ -128,7 +128,7 @@ class Stack:
 
 
 def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_port: int, emulator_url: str,
-                  **overrides) -> Settings:
+                  allow_hosts: tuple[str, ...] = (), **overrides) -> Settings:
     values = dict(
         env="test",
         temporal_address=temporal_address,
@@ -146,6 +146,8 @@ def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_
         mail_from="Upscale <shop@127.0.0.1>",
         support_email="help@shop.test",
         upsampler_requests_per_minute=6000,  # the real quota would make every test wait a second per call
+        fetch_allow_hosts=",".join(allow_hosts),  # the loopback servers the tests stand up
+        upsampler_result_hosts=emulator_url.split("//")[1],
     )
     values.update(overrides)
     return Settings(**values)
@@ -164,6 +166,7 @@ def stack_factory(tmp_path, emulator, shop, mailbox):
             api_port=port,
             smtp_port=mailbox.port,
             emulator_url=emulator.url,
+            allow_hosts=(shop.url.split("//")[1], emulator.url.split("//")[1], f"127.0.0.1:{port}"),
             **overrides,
         )
         api = ServerThread(create_app(settings), port=port).start()

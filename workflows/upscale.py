@@ -62,6 +62,7 @@ REVIEW = "review"  # manual review: tell the admin, wait (days if need be) for r
 FAILURE_TABLE: dict[str, list[str]] = {
     "unsupported_format": [REFUND],
     "fetch_failed": [REFUND],
+    "image_url_refused": [REFUND],
     "output_too_large": [REFUND],
     "upsampler_invalid_input": [REFUND],
     "too_large": [COMPRESS, COMPRESS, COMPRESS, REFUND],
@@ -79,6 +80,8 @@ FINAL_ERRORS = [
     "unsupported_format",
     "too_large",
     "fetch_failed",
+    "image_url_refused",
+    "result_url_refused",
     "invalid_result",
     "result_expired",
     "upsampler_unauthorized",
