@@ -56,7 +56,7 @@ def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services
     ledger: dict[str, list[LedgerEntry]] = {}
     for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
         ledger.setdefault(entry.job_id, []).append(entry)
-    return {"jobs": [{**job_view(job, svc.settings, refunds.get(job.job_id)), "money": money(ledger.get(job.job_id, []))}
+    return {"jobs": [{**job_view(job, svc.settings, session, refunds.get(job.job_id)), "money": money(ledger.get(job.job_id, []))}
                      for job in jobs]}
 
 

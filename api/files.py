@@ -6,8 +6,9 @@ import re
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
+from sqlalchemy import update
 from sqlmodel import Session
 
 from api import deps
@@ -23,9 +24,11 @@ TOKEN = re.compile(r"^[0-9a-f]{64}$")
 NAME = re.compile(r"^(?P<id>[0-9a-f]{32})(?:-q(?P<quality>[0-9]{1,2}))?$")
 
 
-@router.get("/downloads/{token}", operation_id="download", summary="The customer's upscaled file")
-@router.head("/downloads/{token}", operation_id="download_head", summary="The file's headers alone")
-def download(token: str, session: Session = Depends(deps.db)):
+@router.get("/downloads/{token}", operation_id="download", summary="The customer's upscaled file",
+            dependencies=[Depends(deps.public_rate_limit)])
+@router.head("/downloads/{token}", operation_id="download_head", summary="The file's headers alone",
+             dependencies=[Depends(deps.public_rate_limit)])
+def download(token: str, request: Request, cfg: Settings = Depends(deps.settings), session: Session = Depends(deps.db)):
     row = session.get(DownloadToken, signing.token_sha256(token)) if TOKEN.match(token) else None
     if row is None:
         raise ApiError(404, "link_not_found", "this download link is not valid; check that it was copied whole")
@@ -39,16 +42,27 @@ def download(token: str, session: Session = Depends(deps.db)):
     path = Path(job.result_path) if job and job.result_path else None
     if path is None or not path.is_file():
         raise ApiError(410, "file_gone", "the file is no longer stored; ask support for help")
+    whole = request.method == "GET" and request.headers.get("range", "bytes=0-").replace(" ", "").startswith("bytes=0-")
+    if whole and cfg.download_max_count is not None:
+        # Counted in the database in one statement, so parallel requests cannot slip past the limit.
+        counted = session.execute(update(DownloadToken).where(
+            DownloadToken.token_sha256 == row.token_sha256, DownloadToken.downloads < cfg.download_max_count,
+        ).values(downloads=DownloadToken.downloads + 1))
+        session.commit()
+        if counted.rowcount == 0:
+            raise ApiError(410, "download_limit", f"this link was used {cfg.download_max_count} times, its limit; "
+                                                  "ask support for a fresh link")
     # FileResponse streams the file and answers Range requests with 206.
     return FileResponse(path, filename=f"{job.order_id}-{path.name}", content_disposition_type="attachment")
 
 
-@router.get("/files/{kind}/{name}", summary="A stored original or upload, by a temporary signed URL")
+@router.get("/files/{kind}/{name}", summary="A stored original or upload, by a temporary signed URL",
+            dependencies=[Depends(deps.public_rate_limit)])
 def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)):
     match = NAME.match(name)
     if kind not in ("originals", "uploads") or not match or (kind == "uploads" and match["quality"]):
         raise ApiError(404, "not_found", "no such file")
-    if exp < time.time() or not signing.verify_file(cfg.secret("webhook_secret"), kind, name, exp, sig):
+    if exp < time.time() or not signing.verify_file(cfg.webhook_secrets(), kind, name, exp, sig):
         raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
     if kind == "uploads":
         candidates = [cfg.storage_dir / "uploads" / name]

@@ -21,7 +21,7 @@ from api import deps
 from api.errors import ApiError
 from smi import signing
 from smi import pricing, probe
-from smi.db import Job, LedgerEntry, Refund, as_utc, utcnow
+from smi.db import DownloadToken, Job, LedgerEntry, Refund, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import RECEIVED, JobPolicy, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
@@ -103,9 +103,16 @@ def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
-def job_view(job: Job, cfg: Settings, refund: Refund | None = None) -> dict:
-    from activities.notify import download_url
+def live_download_url(session: Session, cfg: Settings, job: Job) -> str | None:
+    """The job's current link; after a secret rotation it may have been derived from the previous secret."""
+    for secret in cfg.webhook_secrets():
+        token = signing.download_token(secret, job.job_id, job.download_generation)
+        if session.get(DownloadToken, signing.token_sha256(token)) is not None:
+            return f"{cfg.public_base_url.rstrip('/')}/downloads/{token}"
+    return None
 
+
+def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> dict:
     completed = job.status == "completed" and job.download_generation > 0
     return {
         "job_id": job.job_id,
@@ -128,7 +135,7 @@ def job_view(job: Job, cfg: Settings, refund: Refund | None = None) -> dict:
             if job.output_sha256
             else None
         ),
-        "download_url": download_url(cfg, job.job_id, job.download_generation) if completed else None,
+        "download_url": live_download_url(session, cfg, job) if completed else None,
         "download_expires_at": _iso(job.download_expires_at) if completed else None,
         "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
         "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason} if refund else None,
@@ -197,7 +204,7 @@ async def create_job(
 
 @router.get("/v1/jobs/{job_id}", summary="The job as it stands")
 def read_job(job_id: str, cfg: Settings = Depends(deps.settings), session: Session = Depends(deps.db)):
-    return job_view(get_job(session, job_id), cfg, session.get(Refund, job_id))
+    return job_view(get_job(session, job_id), cfg, session, session.get(Refund, job_id))
 
 
 @router.post("/v1/uploads", status_code=201, summary="Upload an image; returns an image_url for POST /v1/jobs")

@@ -25,14 +25,20 @@ log = logging.getLogger("smi.api.webhook")
 MAX_BODY = 1024 * 1024
 
 
-@router.post("/smi-webhook/upsampler/", summary="Upsampler's completion webhook")
+@router.post("/smi-webhook/upsampler/", summary="Upsampler's completion webhook",
+             dependencies=[Depends(deps.public_rate_limit)])
 async def upsampler_webhook(request: Request, job: str | None = None, sig: str | None = None,
                             svc: deps.Services = Depends(deps.services)):
-    if not job or not signing.verify(svc.settings.secret("webhook_secret"), job, sig):
+    if not job or not signing.verify(svc.settings.webhook_secrets(), job, sig):
         raise ApiError(401, "bad_signature", "the webhook URL's signature does not match")
-    body = await request.body()
-    if len(body) > MAX_BODY:
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
         raise ApiError(413, "too_large", "webhook bodies are limited to 1 MB")
+    body = b""
+    async for chunk in request.stream():  # capped while reading, whatever Content-Length claimed
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(413, "too_large", "webhook bodies are limited to 1 MB")
     try:
         update = UpsamplerJob.from_wire(json.loads(body))
     except ValueError as exc:  # JSONDecodeError is a ValueError too

@@ -144,6 +144,7 @@ class DownloadToken(SQLModel, table=True):
     generation: int
     expires_at: datetime = _timestamp(nullable=False)
     revoked: bool = False
+    downloads: int = 0  # whole downloads started (requests from byte 0)
     created_at: datetime = _timestamp(nullable=False)
 
 

@@ -36,8 +36,13 @@ class Settings(BaseSettings):
     upsampler_api_key: SecretStr | None = None
 
     storefront_api_key: SecretStr | None = None
+    storefront_api_keys: SecretStr | None = None  # comma-separated, valid beside the single key: rotation
     admin_api_key: SecretStr | None = None
     webhook_secret: SecretStr | None = None
+    webhook_secret_previous: SecretStr | None = None  # still accepted while webhooks and links signed with it live
+
+    download_max_count: int | None = Field(None, gt=0)  # downloads per link (a Range request counts from byte 0)
+    public_rate_limit_per_minute: int = Field(600, gt=0)  # per client address, on the public endpoints
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
@@ -85,9 +90,11 @@ class Settings(BaseSettings):
         if self.env != "dev":
             missing = [
                 name
-                for name in ("storefront_api_key", "admin_api_key", "webhook_secret", "upsampler_api_key")
+                for name in ("admin_api_key", "webhook_secret", "upsampler_api_key")
                 if getattr(self, name) is None
             ]
+            if not self.storefront_keys():
+                missing.append("storefront_api_key")
             if self.refund_adapter == "webhook" and not self.refund_webhook_url:
                 missing.append("refund_webhook_url")
             if self.refund_adapter == "stripe" and self.stripe_api_key is None:
@@ -102,6 +109,17 @@ class Settings(BaseSettings):
         if value is None:
             raise RuntimeError(f"SMI_{name.upper()} is not set; `smi dev` generates it in development")
         return value.get_secret_value()
+
+    def storefront_keys(self) -> list[str]:
+        keys = [self.storefront_api_key.get_secret_value()] if self.storefront_api_key else []
+        if self.storefront_api_keys:
+            keys += [k.strip() for k in self.storefront_api_keys.get_secret_value().split(",") if k.strip()]
+        return keys
+
+    def webhook_secrets(self) -> list[str]:
+        """The signing secret first, then the previous one: both verify, only the first signs."""
+        return [self.secret("webhook_secret")] + (
+            [self.webhook_secret_previous.get_secret_value()] if self.webhook_secret_previous else [])
 
     @property
     def image_fetch_policy(self) -> FetchPolicy:

@@ -15,10 +15,13 @@ def sign(secret: str, message: str) -> str:
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
-def verify(secret: str, message: str, signature: str | None) -> bool:
+def verify(secrets: str | list[str], message: str, signature: str | None) -> bool:
+    """Constant-time check against each secret (a list during a rotation: current, previous)."""
     if not signature:
         return False
-    return hmac.compare_digest(sign(secret, message), signature)
+    candidates = [secrets] if isinstance(secrets, str) else secrets
+    matches = [hmac.compare_digest(sign(secret, message), signature) for secret in candidates]
+    return any(matches)
 
 
 def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
@@ -37,8 +40,8 @@ def signed_file_url(public_base_url: str, secret: str, kind: str, name: str, exp
     return f"{public_base_url.rstrip('/')}/files/{kind}/{name}?{query}"
 
 
-def verify_file(secret: str, kind: str, name: str, expires: int, signature: str | None) -> bool:
-    return verify(secret, _file_message(kind, name, expires), signature)
+def verify_file(secrets: str | list[str], kind: str, name: str, expires: int, signature: str | None) -> bool:
+    return verify(secrets, _file_message(kind, name, expires), signature)
 
 
 def download_token(secret: str, job_id: str, generation: int) -> str:

@@ -148,6 +148,7 @@ def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_
         upsampler_requests_per_minute=6000,  # the real quota would make every test wait a second per call
         fetch_allow_hosts=",".join(allow_hosts),  # the loopback servers the tests stand up
         upsampler_result_hosts=emulator_url.split("//")[1],
+        public_rate_limit_per_minute=100_000,  # every test client is 127.0.0.1; tests/test_abuse.py sets its own
     )
     values.update(overrides)
     return Settings(**values)
