@@ -8,6 +8,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smi.fetch import FetchPolicy
@@ -33,7 +34,10 @@ class Settings(BaseSettings):
     api_port: int = 8000
 
     upsampler_base_url: str = REAL_UPSAMPLER_URL
-    upsampler_api_key: SecretStr | None = None
+    upsampler_api_key: SecretStr | None = None  # wins over the per-mode keys below when set
+    upsampler_mode: Literal["test", "live"] | None = None  # picks SMI_UPSAMPLER_API_KEY_TEST or _LIVE
+    upsampler_api_key_test: SecretStr | None = None
+    upsampler_api_key_live: SecretStr | None = None
 
     storefront_api_key: SecretStr | None = None
     storefront_api_keys: SecretStr | None = None  # comma-separated, valid beside the single key: rotation
@@ -85,6 +89,22 @@ class Settings(BaseSettings):
     max_result_bytes: int = 400 * 1024 * 1024
     original_url_ttl_seconds: int = 6 * 3600
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, values: dict) -> dict:
+        """`SMI_<SECRET>_FILE` (Docker secrets): the file's content, stripped, stands for `SMI_<SECRET>`."""
+        for name in SECRET_FIELDS:
+            path = values.pop(f"{name}_file", None)
+            if path and not values.get(name):
+                values[name] = Path(path).read_text().strip()
+        return values
+
+    @model_validator(mode="after")
+    def _upsampler_key_for_mode(self) -> "Settings":
+        if self.upsampler_api_key is None and self.upsampler_mode is not None:
+            self.upsampler_api_key = getattr(self, f"upsampler_api_key_{self.upsampler_mode}")
+        return self
+
     @model_validator(mode="after")
     def _keys_required_outside_dev(self) -> "Settings":
         if self.env != "dev":
@@ -134,6 +154,12 @@ class Settings(BaseSettings):
     @property
     def public_host(self) -> str:
         return urlsplit(self.public_base_url).netloc
+
+
+SECRET_FIELDS = [name for name, info in Settings.model_fields.items() if info.annotation in (SecretStr | None, SecretStr)]
+for _name in SECRET_FIELDS:  # declare SMI_<SECRET>_FILE beside each secret, so the environment source reads it
+    Settings.model_fields[f"{_name}_file"] = FieldInfo(annotation=str | None, default=None)
+Settings.model_rebuild(force=True)
 
 
 @lru_cache
