@@ -71,6 +71,7 @@ FAILURE_TABLE: dict[str, list[str]] = {
     "result_expired": [REFRESH, RESUBMIT, REVIEW],
     "timeout": [REVIEW],
     "refund_failed": [REVIEW],
+    "admin_refund": [REFUND],
 }
 DEFAULT_ANSWER = [REVIEW]
 COMPRESS_QUALITIES = [85, 70, 55]
@@ -215,8 +216,6 @@ class UpscaleWorkflow:
                     raise
 
     def _answer_to(self, problem: Problem) -> str:
-        if problem.code == "admin_refund":
-            return REFUND
         count = self._failures.get(problem.code, 0)
         self._failures[problem.code] = count + 1
         answers = FAILURE_TABLE.get(problem.code, DEFAULT_ANSWER)
