@@ -14,10 +14,12 @@ from activities.notify import NotifyActivities
 from activities.payments import PaymentsActivities
 from activities.storage import StorageActivities
 from activities.upsampler import UpsamplerActivities
+from smi.codec import data_converter
 from smi.db import make_engine
 from smi.settings import Settings, get_settings
 from smi.upsampler import UpsamplerClient
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
+from workflows.retention import RetentionWorkflow, ensure_retention_schedule
 from workflows.types import UPSAMPLER_QUEUE_SUFFIX
 from workflows.upscale import UpscaleWorkflow
 
@@ -45,6 +47,9 @@ class WorkerGroup:
 
 def create_worker(client: Client, settings: Settings, task_queue: str | None = None) -> WorkerGroup:
     task_queue = task_queue or settings.task_queue
+    if settings.payload_key is not None and client.data_converter.payload_codec is None:
+        raise ValueError("SMI_PAYLOAD_KEY is set but the Temporal client does not encrypt: "
+                         "connect it with data_converter=smi.codec.data_converter(settings)")
     engine = make_engine(settings.database_url)
     upsampler = UpsamplerClient(settings.upsampler_base_url, settings.secret("upsampler_api_key"))
     storage = StorageActivities(settings)
@@ -57,7 +62,7 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
     jobs = Worker(
         client,
         task_queue=task_queue,
-        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow],
+        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow, RetentionWorkflow],
         activities=[
             storage.fetch_original,
             storage.compress_original,
@@ -74,6 +79,11 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
             notify.send_email,
             notify.send_budget_alert,
             payments.refund,
+            storage.retention_inventory,
+            storage.delete_retained,
+            ledger.retention_plan,
+            ledger.forget_results,
+            ledger.delete_expired_tokens,
         ],
         activity_executor=threads,
     )
@@ -91,10 +101,16 @@ def create_worker(client: Client, settings: Settings, task_queue: str | None = N
 
 async def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
+                                  data_converter=data_converter(settings))  # encrypts payloads when a key is set
     workers = create_worker(client, settings)
     log.info("worker polling task queues %s and %s%s on %s", settings.task_queue, settings.task_queue,
              UPSAMPLER_QUEUE_SUFFIX, settings.temporal_address)
+    try:
+        if await ensure_retention_schedule(client, settings):
+            log.info("created the retention schedule (daily, 03:00 UTC)")
+    except Exception:  # the worker is still needed; the next worker start tries again
+        log.exception("could not create the retention schedule")
     await workers.run()
 
 

@@ -24,8 +24,10 @@ from workflows.types import (
     JobUpdate,
     TokenRequest,
 )
+from workflows.types import RetentionPlan, RetentionPlanRequest, RetentionRequest
 
 BUDGET_THRESHOLDS = (80, 100)
+FINISHED_STATUSES = ("completed", "failed")  # a refunded job ends failed (or stays completed)
 
 
 class LedgerActivities:
@@ -163,3 +165,75 @@ class LedgerActivities:
                 if usage.spent_usd(self.engine, start, end) >= budget and session.get(BudgetRelease, period) is None:
                     return BudgetGate(False, min(300.0, (end - now).total_seconds() + 1))
         return BudgetGate(True, 0.0)
+
+    # Retention (workflows/retention.py): what is due, in UTC, and the rows that go with it.
+    # Nothing of a job still running or in manual review is ever due.
+
+    def _retention_cutoff(self, as_of: datetime) -> datetime:
+        return as_utc(as_of) - timedelta(hours=self.settings.retention_grace_hours)
+
+    @activity.defn
+    def retention_plan(self, request: RetentionPlanRequest) -> RetentionPlan:
+        """Of a page of stored names, what is due: inputs of finished jobs, results past their link's
+        expiry plus the grace (or, without a link, past the job's end plus the grace), uploads of
+        finished jobs or never ordered (older than their URL's lifetime plus the grace)."""
+        page, cutoff = request.page, self._retention_cutoff(request.as_of)
+        plan = RetentionPlan()
+        if not page.names:
+            return plan
+        with Session(self.engine) as session:
+            if page.kind == "jobs":
+                newest: dict[str, DownloadToken] = {}
+                for token in session.exec(select(DownloadToken).where(DownloadToken.job_id.in_(page.names))).all():
+                    if token.job_id not in newest or token.generation > newest[token.job_id].generation:
+                        newest[token.job_id] = token
+                for job in session.exec(select(Job).where(Job.job_id.in_(page.names)).order_by(Job.job_id)).all():
+                    if job.status not in FINISHED_STATUSES:
+                        continue
+                    plan.inputs.append(job.job_id)
+                    token = newest.get(job.job_id)
+                    ended = as_utc(token.expires_at) if token is not None else as_utc(job.updated_at)
+                    if ended < cutoff:
+                        plan.results.append(job.job_id)
+            elif page.kind == "uploads":
+                statuses: dict[str, list[str]] = {}
+                for image_url, status in session.exec(select(Job.image_url, Job.status).where(
+                        Job.image_url.contains("/files/uploads/"))).all():
+                    upload_id = signing.upload_id_of(image_url)
+                    if upload_id:
+                        statuses.setdefault(upload_id, []).append(status)
+                unordered_cutoff = cutoff - timedelta(seconds=self.settings.original_url_ttl_seconds)
+                for upload_id, modified in zip(page.names, page.modified):
+                    ordered = statuses.get(upload_id)
+                    if ordered and all(status in FINISHED_STATUSES for status in ordered):
+                        plan.uploads.append(upload_id)
+                    elif not ordered and as_utc(modified) < unordered_cutoff:
+                        plan.uploads.append(upload_id)
+        return plan
+
+    @activity.defn
+    def forget_results(self, job_ids: list[str]) -> int:
+        """These jobs' results were deleted: their record no longer names a file (resend-email then says so)."""
+        if not job_ids:
+            return 0
+        with Session(self.engine) as session:
+            jobs = session.exec(select(Job).where(Job.job_id.in_(job_ids), Job.result_path.is_not(None))).all()
+            for job in jobs:
+                job.result_path = None
+                session.add(job)
+            session.commit()
+            return len(jobs)
+
+    @activity.defn
+    def delete_expired_tokens(self, request: RetentionRequest) -> int:
+        """Download tokens that expired more than the grace ago, of finished (or unknown) jobs: the rows go."""
+        cutoff = self._retention_cutoff(request.as_of or utcnow())
+        with Session(self.engine) as session:
+            tokens = session.exec(select(DownloadToken).where(DownloadToken.expires_at < cutoff)).all()
+            ids = sorted({token.job_id for token in tokens})
+            status = dict(session.exec(select(Job.job_id, Job.status).where(Job.job_id.in_(ids))).all()) if ids else {}
+            due = [t for t in tokens if t.job_id not in status or status[t.job_id] in FINISHED_STATUSES]
+            for token in due:
+                session.delete(token)
+            session.commit()
+            return len(due)

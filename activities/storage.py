@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiofiles
@@ -23,6 +25,7 @@ from smi import imaging
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
 from workflows.types import CompressRequest, DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
+from workflows.types import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
 
 CHUNK = 1024 * 1024
 HEARTBEAT_EVERY_SECONDS = 2.0
@@ -198,6 +201,74 @@ class StorageActivities:
         shutil.rmtree(tmp, ignore_errors=True)
         return count
 
+    # Retention (workflows/retention.py) and erasure (DELETE /v1/admin/customers/{email}).
+    # Every deletion is of what is there: running one again deletes nothing more.
+
+    def uploads_dir(self) -> Path:
+        return self.settings.storage_dir / "uploads"
+
+    @activity.defn
+    def retention_inventory(self, request: InventoryRequest) -> StoredNames:
+        """A page (by name, after `request.after`) of the job folders holding files, or of the uploads."""
+        folder = self.settings.storage_dir / request.kind if request.kind in ("jobs", "uploads") else None
+        if folder is None:
+            raise _fail("invalid_request", f"unknown kind of stored files: {request.kind}")
+        found: dict[str, datetime] = {}
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                name = entry.name.removesuffix(".part") if request.kind == "uploads" else entry.name
+                if not STORED_ID.match(name) or name <= request.after:
+                    continue
+                times = [_mtime(p) for p in ([entry] if entry.is_file() else entry.rglob("*")) if p.is_file()]
+                if times:  # an empty folder holds nothing to delete
+                    found[name] = max(times + [found.get(name, times[0])])
+        names = sorted(found)
+        page = names[:request.limit]
+        return StoredNames(request.kind, page, [found[name] for name in page],
+                           page[-1] if len(names) > request.limit else None)
+
+    @activity.defn
+    def delete_retained(self, plan: RetentionPlan) -> RetentionDeleted:
+        """Delete what the plan makes due; returns how many files of each kind were there."""
+        deleted = RetentionDeleted()
+        for job_id in plan.inputs:
+            if not STORED_ID.match(job_id):
+                continue
+            job_dir = self.job_dir(job_id)
+            for path in sorted(job_dir.iterdir()) if job_dir.is_dir() else []:
+                if path.name == "tmp":
+                    deleted.temporary += _remove(path)
+                elif path.name.endswith(".part"):
+                    deleted.temporary += _remove(path)
+                elif path.name.startswith("original."):
+                    deleted.originals += _remove(path)
+                elif path.name.startswith("compressed_q"):
+                    deleted.compressed += _remove(path)
+        for job_id in plan.results:
+            if not STORED_ID.match(job_id):
+                continue
+            for path in sorted(self.job_dir(job_id).glob("upscaled_*")):
+                deleted.results += _remove(path)
+        for job_id in set(plan.inputs) | set(plan.results):
+            if STORED_ID.match(job_id):
+                _remove_if_empty(self.job_dir(job_id))
+        for upload_id in plan.uploads:
+            deleted.uploads += self.erase_upload(upload_id)
+        return deleted
+
+    def erase_job_files(self, job_id: str) -> int:
+        """Every file of the job (original, copies, result, leftovers) and its folder; returns how many files."""
+        if not STORED_ID.match(job_id):
+            return 0
+        return _remove(self.job_dir(job_id))
+
+    def erase_upload(self, upload_id: str) -> int:
+        """The upload (and a partial one); returns how many files there were."""
+        if not STORED_ID.match(upload_id):
+            return 0
+        folder = self.uploads_dir()
+        return _remove(folder / upload_id) + _remove(folder / f"{upload_id}.part")
+
 
 def compressed_name(quality: int) -> str:
     return f"compressed_q{quality}.jpg"
@@ -214,3 +285,28 @@ def _http_failure(status: int, what: str) -> ApplicationError:
         return _fail("result_expired", f"the {what} link answered {status}: expired or refused")
     return _fail("fetch_failed", f"fetching the {what} answered {status}")
 
+
+STORED_ID = re.compile(r"^[0-9a-f]{32}$")  # job ids and upload ids: nothing else under jobs/ and uploads/ is touched
+
+
+def _mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+
+
+def _remove(path: Path) -> int:
+    """Delete a file or a folder tree; returns how many files were deleted (0 when already gone)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return 1
+    if not path.is_dir():
+        return 0
+    count = sum(1 for p in path.rglob("*") if p.is_file() or p.is_symlink())
+    shutil.rmtree(path, ignore_errors=True)
+    return count
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (a result kept), or already gone
+        pass

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import re
 import uuid
 from typing import Literal
 
@@ -11,6 +14,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
+from sqlalchemy import delete
 from sqlmodel import Session, func, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -19,13 +23,16 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api import deps
 from api.errors import ApiError
-from api.jobs import get_job, job_view, start_workflow
-from smi import usage
-from smi.db import BudgetRelease, Job, LedgerEntry, Refund, Submission, utcnow
+from activities.ledger import FINISHED_STATUSES
+from activities.storage import StorageActivities
+from api.jobs import EMAIL, get_job, job_view, start_workflow
+from smi import signing, usage
+from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, utcnow
 from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(deps.admin)])
+log = logging.getLogger("smi.api.admin")
 
 Status = Literal["received", "queued", "processing", "downloading", "completed", "manual_review", "failed"]
 
@@ -80,6 +87,8 @@ def money(entries: list[LedgerEntry]) -> dict:
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
 async def retry(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
     job = get_job(session, job_id)
+    if job.customer_email == ERASED_EMAIL:
+        raise ApiError(409, "customer_erased", "the customer's data was erased; this job cannot run again")
     handle, state = await _running_state(svc, job_id)
     if state is not None:
         if not state.awaiting_decision:
@@ -123,6 +132,8 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services), sessi
 @router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
 async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
     job = get_job(session, job_id)
+    if job.status == "completed" and not job.result_path:
+        raise ApiError(409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link")
     if job.status != "completed" or not job.result_path:
         raise ApiError(409, "not_completed", f"the job is {job.status}; only completed jobs have a link to resend")
     request_id = uuid.uuid4().hex
@@ -182,3 +193,95 @@ async def release_budget(svc: deps.Services = Depends(deps.services), session: S
         except RPCError:
             pass  # finished in the meantime
     return {"released": periods, "jobs_woken": woken}
+
+
+# GDPR erasure. The address comes in the path, so it is masked in the access log (below) and
+# never written to a log, a workflow payload or an error message.
+ERASED_EMAIL = "erased@erased.invalid"  # the placeholder: reserved TLD, undeliverable, matches no customer
+ERASED_IMAGE_URL = "https://erased.invalid/"
+CUSTOMER_PATH = re.compile(r"(/v1/admin/customers/)[^\s?\"]*")
+
+
+class RedactCustomerPaths(logging.Filter):
+    """Masks the address in `/v1/admin/customers/{email}` in every log record it sees (uvicorn's access log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "/customers/" in a for a in record.args):
+            record.args = tuple(CUSTOMER_PATH.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str) and "/customers/" in record.msg:
+            record.msg = CUSTOMER_PATH.sub(r"\1<redacted>", record.msg)
+        return True
+
+
+_access_log = logging.getLogger("uvicorn.access")
+if not any(isinstance(f, RedactCustomerPaths) for f in _access_log.filters):
+    _access_log.addFilter(RedactCustomerPaths())
+
+
+async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
+    """Jobs whose upscale or refund workflow is still open (e.g. still sending the customer's email)."""
+    client = await svc.temporal_client()
+    gate = asyncio.Semaphore(16)
+
+    async def is_open(workflow_id: str) -> bool:
+        async with gate:
+            try:
+                description = await client.get_workflow_handle(workflow_id).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    return False
+                raise
+            return description.status == WorkflowExecutionStatus.RUNNING
+
+    pairs = [(job_id, f"{kind}-{job_id}") for job_id in job_ids for kind in ("upscale", "refund")]
+    checks = await asyncio.gather(*(is_open(workflow_id) for _, workflow_id in pairs))
+    return sorted({job_id for (job_id, _), busy in zip(pairs, checks) if busy})
+
+
+@router.delete("/customers/{email}", summary="Erase a customer's personal data and files (GDPR)")
+async def erase_customer(email: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+    """Every job of the address (compared case-insensitively): its files (original, copies, result,
+    upload) are deleted, its download tokens and sent-mail rows too, and the address, name,
+    payment reference and image URL on the job are replaced by placeholders. Ledger and refund
+    rows stay, anonymous (they name the job only). All or nothing: while any job of the address
+    is running or in manual review the answer is `409` and nothing is erased. An unknown address
+    (or one already erased) is `200` with zero counts."""
+    address = email.strip().lower()
+    if len(address) > 254 or not EMAIL.match(address):
+        raise ApiError(422, "invalid_request", "email: must be an e-mail address like name@example.com",
+                       [{"field": "email", "problem": "not an e-mail address"}])
+    jobs = [] if address == ERASED_EMAIL else list(session.exec(
+        select(Job).where(func.lower(Job.customer_email) == address).order_by(Job.job_id)).all())
+    counts = {"jobs": 0, "files": 0, "tokens": 0, "emails": 0}
+    if not jobs:
+        return counts
+    ids = [job.job_id for job in jobs]
+    busy = [job.job_id for job in jobs if job.status not in FINISHED_STATUSES] or await _open_workflows(svc, ids)
+    if busy:
+        raise ApiError(409, "customer_jobs_busy", f"{len(busy)} of the customer's {len(jobs)} jobs are still running "
+                       "or waiting in manual review; nothing was erased. Let them finish (or refund them), then "
+                       "call this again", {"busy_job_ids": busy})
+
+    # Files first: should anything fail after them, calling again finds the jobs and finishes the work.
+    storage = StorageActivities(svc.settings, http=svc.http)
+    uploads = {upload_id for job in jobs if (upload_id := signing.upload_id_of(job.image_url))}
+
+    def delete_files() -> int:
+        return sum(storage.erase_job_files(job_id) for job_id in ids) + sum(storage.erase_upload(u) for u in uploads)
+
+    counts["files"] = await asyncio.to_thread(delete_files)
+    counts["tokens"] = session.execute(delete(DownloadToken).where(DownloadToken.job_id.in_(ids))).rowcount
+    counts["emails"] = session.execute(delete(SentMail).where(SentMail.job_id.in_(ids))).rowcount
+    now = utcnow()
+    for job in jobs:
+        job.customer_email, job.customer_name = ERASED_EMAIL, None
+        job.payment_reference, job.image_url, job.result_path = None, ERASED_IMAGE_URL, None
+        # The idempotency fingerprint hashed the order with the address: replaced too (the same order again is a conflict).
+        job.request_sha256 = hashlib.sha256(f"erased:{job.job_id}".encode()).hexdigest()
+        job.updated_at = now
+        session.add(job)
+    session.commit()
+    counts["jobs"] = len(jobs)
+    log.info("erased a customer's personal data: %d jobs (%s), %d files, %d tokens, %d sent-mail rows",
+             len(ids), ", ".join(ids), counts["files"], counts["tokens"], counts["emails"])
+    return counts

@@ -17,6 +17,7 @@ from sqlmodel import Session
 from temporalio.client import Client
 
 from api.errors import ApiError
+from smi.codec import data_converter
 from smi.settings import Settings
 
 
@@ -36,7 +37,8 @@ class Services:
             if self.temporal is None:
                 try:
                     self.temporal = await Client.connect(
-                        self.settings.temporal_address, namespace=self.settings.temporal_namespace
+                        self.settings.temporal_address, namespace=self.settings.temporal_namespace,
+                        data_converter=data_converter(self.settings),  # the worker's: same payload encryption
                     )
                 except Exception:
                     raise ApiError(503, "temporal_unavailable", "the workflow service is not reachable; try again") from None

@@ -45,6 +45,7 @@ def _dev_keys() -> dict[str, str]:
                 values[name] = value
     for name in ("SMI_STOREFRONT_API_KEY", "SMI_ADMIN_API_KEY", "SMI_WEBHOOK_SECRET", "SMI_EMULATOR_API_KEY"):
         values.setdefault(name, secrets.token_urlsafe(24))
+    values.setdefault("SMI_PAYLOAD_KEY", secrets.token_urlsafe(32))  # base64url of 32 bytes: AES-256 (smi/codec.py)
     DEV_ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
     DEV_ENV_FILE.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     DEV_ENV_FILE.chmod(0o600)
@@ -63,6 +64,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.update({k: v for k, v in keys.items() if k not in os.environ and k != "SMI_EMULATOR_API_KEY"})
     temporal_host, temporal_port = settings.temporal_address.rsplit(":", 1)
     ui_port = int(temporal_port) + 1000
+    # The UI decodes the encrypted payloads through our API's codec endpoint, from the browser.
+    api_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
+    codec_endpoint = f"http://{api_host}:{settings.api_port}/codec"
+    env.setdefault("SMI_CODEC_CORS_ORIGINS", ",".join(dict.fromkeys(
+        f"http://{host}:{ui_port}" for host in (temporal_host, "127.0.0.1", "localhost"))))
     children: list[subprocess.Popen] = []
     threads: list = []
 
@@ -76,6 +82,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             "--ip", temporal_host, "--port", temporal_port, "--ui-port", str(ui_port),
             "--db-filename", str(var / "temporal.db"),
             "--search-attribute", "UpscaleStatus=Keyword",
+            "--ui-codec-endpoint", codec_endpoint,
             "--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL",
             "--log-level", "warn",
         ])
@@ -107,6 +114,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
             f"  API            {api}   (docs: {api}/docs)",
             f"  Temporal UI    http://{temporal_host}:{ui_port}   (filter: UpscaleStatus=\"manual_review\")",
             f"  Temporal gRPC  {settings.temporal_address}",
+            f"  Payload codec  {codec_endpoint}   " + (
+                f"(payloads encrypted in Temporal, key id {settings.payload_key_id}; the UI decodes through it)"
+                if settings.payload_key else "(encryption off: SMI_PAYLOAD_KEY is empty)"),
         ]
         if emulated:
             lines += [

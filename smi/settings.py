@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_secret_previous: SecretStr | None = None  # still accepted while webhooks and links signed with it live
 
+    # Encryption of Temporal payloads (smi/codec.py), off while no key is set; `smi dev` sets one.
+    payload_key: SecretStr | None = None  # base64url of 32 random bytes (AES-256-GCM); the only key that encrypts
+    payload_key_id: str = "k1"  # stored in clear in each payload, so the right key is found after a rotation
+    payload_keys_previous: SecretStr | None = None  # "id:key,id:key": decrypt only, kept while their histories live
+    # Browser origins of the Temporal UI allowed to call the API's codec endpoint (/codec, CORS).
+    codec_cors_origins: str = "http://127.0.0.1:8233,http://localhost:8233"
+
     download_max_count: int | None = Field(None, gt=0)  # downloads per link (a Range request counts from byte 0)
     public_rate_limit_per_minute: int = Field(600, gt=0)  # per client address, on the public endpoints
 
@@ -88,6 +95,8 @@ class Settings(BaseSettings):
     max_input_bytes: int = 50 * 1024 * 1024
     max_result_bytes: int = 400 * 1024 * 1024
     original_url_ttl_seconds: int = 6 * 3600
+    # Retention (workflows/retention.py): results and download tokens are deleted this long after the link expired.
+    retention_grace_hours: float = Field(72.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +112,18 @@ class Settings(BaseSettings):
     def _upsampler_key_for_mode(self) -> "Settings":
         if self.upsampler_api_key is None and self.upsampler_mode is not None:
             self.upsampler_api_key = getattr(self, f"upsampler_api_key_{self.upsampler_mode}")
+        return self
+
+    @model_validator(mode="after")
+    def _payload_keys_usable(self) -> "Settings":
+        """An empty key is no key (encryption off); a malformed one stops the process at start."""
+        from smi.codec import EncryptionCodec
+
+        for name in ("payload_key", "payload_keys_previous"):
+            value = getattr(self, name)
+            if value is not None and not value.get_secret_value().strip():
+                setattr(self, name, None)
+        EncryptionCodec.from_settings(self)  # raises PayloadKeyError (a ValueError) naming the bad setting
         return self
 
     @model_validator(mode="after")

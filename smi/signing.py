@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from urllib.parse import urlencode
 
 
@@ -55,3 +56,12 @@ def download_token(secret: str, job_id: str, generation: int) -> str:
 
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+_UPLOAD_PATH = re.compile(r"/files/uploads/([0-9a-f]{32})(?:[?#]|$)")
+
+
+def upload_id_of(image_url: str | None) -> str | None:
+    """The upload an image_url names when it is one of our signed upload URLs (whatever the host)."""
+    found = _UPLOAD_PATH.search(image_url or "")
+    return found.group(1) if found else None

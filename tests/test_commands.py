@@ -47,9 +47,41 @@ def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path)
         assert "/downloads/" in submit.stdout
         outbox = list((tmp_path / "var" / "outbox").glob("*.eml"))
         assert len(outbox) == 1 and b"buyer@example.com" in outbox[0].read_bytes()
+        _payloads_encrypted_and_the_ui_decodes_them(tmp_path, env, ports, submit.stdout)
     finally:
         os.killpg(dev.pid, signal.SIGINT)
         code = dev.wait(timeout=60)
         log.close()
     assert code == 0
     assert "stopped" in (tmp_path / "dev.log").read_text()
+
+
+def _payloads_encrypted_and_the_ui_decodes_them(tmp_path, env, ports, submitted: str) -> None:
+    """`smi dev` generates a payload key: the job's history is ciphertext, and the dev UI is
+    pointed at the API's codec endpoint, which answers the loopback UI without a key."""
+    import asyncio
+    import base64
+    import re
+
+    import httpx
+    from google.protobuf import json_format
+    from temporalio.client import Client
+
+    assert "SMI_PAYLOAD_KEY=" in (tmp_path / "var" / "dev.env").read_text()
+    job_id = re.search(r"job ([0-9a-f]{32})", submitted).group(1)
+
+    async def first_input():
+        client = await Client.connect(env["SMI_TEMPORAL_ADDRESS"])  # a plain client: sees what is stored
+        history = await client.get_workflow_handle(f"upscale-{job_id}").fetch_history()
+        return history.events[0].workflow_execution_started_event_attributes.input.payloads[0]
+
+    stored = asyncio.run(first_input())
+    assert stored.metadata["encoding"] == b"binary/encrypted" and job_id.encode() not in stored.data
+    ui_settings = httpx.get(f"http://127.0.0.1:{ports['temporal'] + 1000}/api/v1/settings").json()
+    assert ui_settings["Codec"]["Endpoint"] == f"http://127.0.0.1:{ports['api']}/codec"
+    ui_origin = f"http://127.0.0.1:{ports['temporal'] + 1000}"
+    decoded = httpx.post(f"{ui_settings['Codec']['Endpoint']}/decode", headers={"Origin": ui_origin, "X-Namespace": "default"},
+                         json={"payloads": [json_format.MessageToDict(stored)]})
+    assert decoded.status_code == 200, decoded.text
+    assert decoded.headers["access-control-allow-origin"] == ui_origin
+    assert job_id.encode() in base64.b64decode(decoded.json()["payloads"][0]["data"])

@@ -209,3 +209,62 @@ class BudgetAlertInfo:
 class BudgetGate:
     open: bool
     recheck_seconds: float  # when a closed gate is worth asking again
+
+
+# Retention (workflows/retention.py): one cleanup pass, a page of stored names at a time.
+@dataclass
+class RetentionRequest:
+    as_of: datetime | None = None  # the pass's "now" (UTC); the workflow sets it from workflow.now()
+
+
+@dataclass
+class StoredNames:
+    """A page of what storage holds: job ids (jobs/<id>/ with files) or upload ids (uploads/<id>)."""
+
+    kind: str  # "jobs" | "uploads"
+    names: list[str] = field(default_factory=list)
+    modified: list[datetime] = field(default_factory=list)  # per name: the newest file's modification time
+    next_after: str | None = None  # the cursor of the next page; None on the last one
+
+
+@dataclass
+class InventoryRequest:
+    kind: str  # "jobs" | "uploads"
+    after: str = ""
+    limit: int = 500
+
+
+@dataclass
+class RetentionPlan:
+    """What one page makes due. Inputs: original, compressed copies, leftovers of tmp/; results: upscaled_*."""
+
+    inputs: list[str] = field(default_factory=list)  # job ids
+    results: list[str] = field(default_factory=list)  # job ids
+    uploads: list[str] = field(default_factory=list)  # upload ids
+
+
+@dataclass
+class RetentionDeleted:
+    originals: int = 0
+    compressed: int = 0
+    temporary: int = 0  # tmp/ and *.part leftovers
+    results: int = 0
+    uploads: int = 0
+
+
+@dataclass
+class RetentionReport:
+    as_of: datetime | None = None
+    originals: int = 0
+    compressed: int = 0
+    temporary: int = 0
+    results: int = 0
+    uploads: int = 0
+    tokens: int = 0
+    jobs_seen: int = 0
+
+
+@dataclass
+class RetentionPlanRequest:
+    page: StoredNames
+    as_of: datetime
