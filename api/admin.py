@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import uuid
 from typing import Literal
 
@@ -195,29 +194,10 @@ async def release_budget(svc: deps.Services = Depends(deps.services), session: S
     return {"released": periods, "jobs_woken": woken}
 
 
-# GDPR erasure. The address comes in the path, so it is masked in the access log (below) and
+# GDPR erasure. The address comes in the path, so it is masked in the access log (api/redact.py) and
 # never written to a log, a workflow payload or an error message.
 ERASED_EMAIL = "erased@erased.invalid"  # the placeholder: reserved TLD, undeliverable, matches no customer
 ERASED_IMAGE_URL = "https://erased.invalid/"
-CUSTOMER_PATH = re.compile(r"(/v1/admin/customers/)[^\s?\"]*")
-
-
-class RedactCustomerPaths(logging.Filter):
-    """Masks the address in `/v1/admin/customers/{email}` in every log record it sees (uvicorn's access log)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(isinstance(a, str) and "/customers/" in a for a in record.args):
-            record.args = tuple(CUSTOMER_PATH.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str) and "/customers/" in record.msg:
-            record.msg = CUSTOMER_PATH.sub(r"\1<redacted>", record.msg)
-        return True
-
-
-_access_log = logging.getLogger("uvicorn.access")
-if not any(isinstance(f, RedactCustomerPaths) for f in _access_log.filters):
-    _access_log.addFilter(RedactCustomerPaths())
-
-
 async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
     """Jobs whose upscale or refund workflow is still open (e.g. still sending the customer's email)."""
     client = await svc.temporal_client()

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, codec, deps, errors, files, jobs, webhook
+from api import admin, codec, deps, errors, files, jobs, redact, webhook
 from smi.db import make_engine
 from smi.settings import Settings, get_settings
 
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         lifespan=lifespan,
     )
     errors.install(app)
+    redact.install()
     app.include_router(jobs.router)
     app.include_router(webhook.router)
     app.include_router(files.router)

@@ -43,3 +43,22 @@ async def test_no_secret_or_address_in_logs_or_histories(dev_env, stack_factory,
         assert secret not in logs, secret
     token = job["download_url"].rsplit("/", 1)[1]
     assert token not in histories  # the link's token never passes through Temporal
+
+
+def test_access_log_lines_are_redacted():
+    import logging
+
+    from api.redact import RedactSensitive
+
+    token = "ab" * 32
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5000", "GET", f"/downloads/{token}", "1.1", 200), None)
+    record2 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5000", "DELETE", f"/v1/admin/customers/{EMAIL}", "1.1", 200), None)
+    record3 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5000", "POST", f"/smi-webhook/upsampler/?job=x&sig={token}", "1.1", 200), None)
+    for item in (record, record2, record3):
+        assert RedactSensitive().filter(item)
+    lines = [r.getMessage() for r in (record, record2, record3)]
+    assert all(token not in line and EMAIL not in line for line in lines)
+    assert lines[0].endswith('"GET /downloads/<redacted> HTTP/1.1" 200')
