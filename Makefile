@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test install clean
+.PHONY: dev test test-postgres install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole suite against a throwaway PostgreSQL 15 (started, and installed when absent, by .ci/start-postgres).
+test-postgres: $(STAMP)
+	started=$$(bash .ci/start-postgres) && \
+	SMI_TEST_POSTGRES_URL=$$(echo "$$started" | head -1) $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	status=$$?; eval "$$(echo "$$started" | tail -1)" >/dev/null; exit $$status
 
 clean:
 	rm -rf $(VENV) var

@@ -4,6 +4,7 @@ a shop serving images, and an SMTP server, all on loopback."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response
 from PIL import Image
+from sqlalchemy import create_engine, text
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
@@ -127,13 +129,26 @@ class Stack:
         return httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
+def database_url(tmp_path: Path) -> str:
+    """SQLite in the test's folder; or, with SMI_TEST_POSTGRES_URL set, a fresh PostgreSQL database."""
+    server = os.environ.get("SMI_TEST_POSTGRES_URL")
+    if not server:
+        return f"sqlite:///{tmp_path}/smi.db"
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
 def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_port: int, emulator_url: str,
                   allow_hosts: tuple[str, ...] = (), **overrides) -> Settings:
     values = dict(
         env="test",
         temporal_address=temporal_address,
         task_queue=f"upscale-{uuid.uuid4().hex[:8]}",
-        database_url=f"sqlite:///{tmp_path}/smi.db",
+        database_url=database_url(tmp_path),
         storage_dir=tmp_path / "storage",
         public_base_url=f"http://127.0.0.1:{api_port}",
         api_port=api_port,
