@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, codec, deps, errors, files, jobs, redact, webhook
+from api import admin, codec, deps, errors, files, jobs, metrics, redact, webhook
 from smi.db import make_engine
 from smi.settings import Settings, get_settings
 
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(webhook.router)
     app.include_router(files.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
     app.include_router(codec.router)  # the Temporal UI's remote codec: encrypted payloads shown to admins
 
     @app.get("/healthz", tags=["operators"], summary="Liveness")

@@ -94,6 +94,14 @@ async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
     await asyncio.sleep(0.5)
     assert len(stack.mailbox.messages) == 1
 
+    # Operators see it in the metrics.
+    scraped = httpx.get(f"{stack.api.url}/metrics")
+    assert scraped.headers["content-type"].startswith("text/plain")
+    lines = scraped.text.splitlines()
+    assert 'smi_jobs{status="completed"} 1' in lines and "smi_credits_spent_total 1" in lines
+    assert 'smi_upsampler_requests_total{kind="submit",outcome="ok"} 1' in lines
+    assert "# TYPE smi_upsampler_requests_total counter" in lines
+
     # The file is stored where the contract says.
     assert (stack.settings.storage_dir / "jobs" / job_id / "upscaled_480x320.png").is_file()
     assert not (stack.settings.storage_dir / "jobs" / job_id / "tmp").exists()
