@@ -28,6 +28,7 @@ from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
 
+HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch guard checks the rest
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
 
@@ -48,7 +49,7 @@ class JobRequest(BaseModel):
     @field_validator("image_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/?#]+", value):
+        if not re.match(HTTP_URL, value):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
@@ -239,7 +240,7 @@ class QuoteRequest(BaseModel):
 
     width: StrictInt | None = Field(None, ge=1, le=100_000)
     height: StrictInt | None = Field(None, ge=1, le=100_000)
-    image_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s/?#]+")
+    image_url: str | None = Field(None, max_length=2048, pattern=HTTP_URL)
     scale_factor: StrictInt = Field(ge=2, le=16)
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pyvips
 
+from smi.pricing import MAX_OUTPUT_PIXELS
+
 # libvips loader -> our format name; anything else is refused.
 LOADERS = {"pngload": "png", "jpegload": "jpg", "webpload": "webp"}
 EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
 SAVERS = {"png": ("pngsave", {"compression": 6}), "jpg": ("jpegsave", {"Q": 92}), "webp": ("webpsave", {"Q": 92})}
-MAX_OUTPUT_PIXELS = 50_000_000
 MAX_INPUT_PIXELS = MAX_OUTPUT_PIXELS // 4  # the smallest scale is 2: anything larger can never be made
 
 

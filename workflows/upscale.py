@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.payments import PaymentsActivities, RefundRequest
     from activities.storage import StorageActivities
     from activities.upsampler import UpsamplerActivities
+    from smi.pricing import MAX_OUTPUT_PIXELS
     from workflows.types import (
         COMPLETED,
         DOWNLOADING,
@@ -47,7 +48,6 @@ with workflow.unsafe.imports_passed_through():
     )
 
 UPSCALE_STATUS = SearchAttributeKey.for_keyword("UpscaleStatus")
-MAX_OUTPUT_PIXELS = 50_000_000
 
 # Answers to a failed step, once the activity's own retries are spent.
 RESUBMIT = "resubmit"  # a new Upsampler job from the same input
