@@ -21,7 +21,7 @@ from api import deps
 from api.errors import ApiError
 from smi import signing
 from smi import pricing, probe
-from smi.db import DownloadToken, Job, LedgerEntry, Refund, as_utc, utcnow
+from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, Refund, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import RECEIVED, JobPolicy, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
@@ -184,6 +184,7 @@ async def create_job(
         job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
                   **body.model_dump())
         session.add(job)
+        session.add(JobEvent(job_id=job.job_id, status=RECEIVED, at=now))
         # The price paid, booked with the job in one transaction.
         session.add(LedgerEntry(job_id=job.job_id, purpose="revenue", revenue_usd=body.amount_paid_cents / 100,
                                 created_at=now))

@@ -68,6 +68,17 @@ class Job(SQLModel, table=True):
     error_message: str | None = None
 
 
+class JobEvent(SQLModel, table=True):
+    """One row per status change: how long each stage took, for the dashboard and the status page."""
+
+    __tablename__ = "job_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=32)
+    status: str = Field(max_length=32)  # the status entered
+    at: datetime = _timestamp(nullable=False, index=True)
+
+
 class Submission(SQLModel, table=True):
     """One request to Upsampler: recorded before the activity reports it, found again on retry."""
 
