@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
 
-from smi import pricing, signing, usage
+from smi import pricing, signing, telemetry, usage
 from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, JobEvent, LedgerEntry, as_utc, utcnow
 from smi.settings import Settings
 from workflows.types import (
@@ -64,13 +64,15 @@ class LedgerActivities:
             session.add(job)
             session.commit()
 
-    def _book(self, session: Session, entry: LedgerEntry) -> None:
-        """Insert once: a row that an earlier run of the activity wrote stays as it is."""
+    def _book(self, session: Session, entry: LedgerEntry) -> bool:
+        """Insert once: a row that an earlier run of the activity wrote stays as it is. True if new."""
         session.add(entry)
         try:
             session.commit()
+            return True
         except IntegrityError:
             session.rollback()
+            return False
 
     @activity.defn
     def record_estimate(self, record: EstimateRecord) -> float:
@@ -86,10 +88,13 @@ class LedgerActivities:
     def record_cost(self, record: CostRecord) -> float:
         """Book what Upsampler charged for one submission, once; the job's cost becomes the sum of its rows."""
         with Session(self.engine) as session:
-            self._book(session, LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
-                                            credits=record.credits,
-                                            cost_usd=round(record.credits * record.credit_price_usd, 6),
-                                            created_at=utcnow()))
+            booked = self._book(session, LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
+                                                     credits=record.credits,
+                                                     cost_usd=round(record.credits * record.credit_price_usd, 6),
+                                                     created_at=utcnow()))
+            if booked:  # counters take integers; credits come in hundredths
+                telemetry.count("smi_credits_spent_hundredths", round(record.credits * 100),
+                                "Upsampler credits booked, in hundredths of a credit.")
             entries = session.exec(select(LedgerEntry).where(LedgerEntry.job_id == record.job_id,
                                                              LedgerEntry.purpose.startswith("upscale:"))).all()
             job = session.get(Job, record.job_id)

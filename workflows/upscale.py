@@ -129,6 +129,7 @@ class UpscaleWorkflow:
         self._budget_released = False
         self._failures: dict[str, int] = {}
         self._qualities = list(COMPRESS_QUALITIES)
+        self._stage_entered = None
 
     @workflow.query
     def state(self) -> JobState:
@@ -156,6 +157,9 @@ class UpscaleWorkflow:
     async def run(self, job: UpscaleInput) -> JobState:
         self._job = job
         self._state.attempt = job.attempts_before
+        self._stage_entered = workflow.info().start_time
+        _count("smi_jobs_started", "Job runs started (an admin's retry after a run ended is a new run).",
+               run="first" if job.run == 1 else "retry")
         try:
             stored = await self._make_image()
         except Problem as problem:
@@ -282,9 +286,12 @@ class UpscaleWorkflow:
                 delay = min(delay * 2, policy.poll_max_interval_seconds)
             if self._decision == "refund":
                 raise Problem("admin_refund", "an admin asked for a refund")
+            woken_by_webhook = self._hint is not None
             self._hint = None
             status = await self._check_status(submission.upsampler_id)
             if status.status == COMPLETED:
+                _count("smi_results_learned", "Finished Upsampler jobs, by what told us: webhook or poll.",
+                       via="webhook" if woken_by_webhook else "poll")
                 return status
             if status.status == FAILED:
                 raise Problem(status.error_kind or "upsampler_failed", f"Upsampler failed the job: {status.error}")
@@ -398,6 +405,7 @@ class UpscaleWorkflow:
             await self._tell_admin("The refund failed; pay it back by hand", f"refund:{job.run}")
             return
         await self._set_status(FAILED, error_code=problem.code, error_message=str(problem))
+        _count("smi_jobs_refunded", "Jobs refunded, by reason.", reason=problem.code)
         await self._activity(
             NotifyActivities.send_email,
             EmailRequest(job.job_id, "failed", purpose=f"failed:{job.run}"),
@@ -422,6 +430,14 @@ class UpscaleWorkflow:
     async def _set_status(self, status: str, **fields) -> None:
         """Every status change: the query state, the UpscaleStatus search attribute, the record."""
         if status != self._state.status:
+            now = workflow.now()
+            workflow.metric_meter().create_histogram_timedelta(
+                "smi_stage_duration", "Time a job spent in each stage.", "duration"
+            ).record(now - self._stage_entered, {"stage": self._state.status})
+            self._stage_entered = now
+            if status in (COMPLETED, FAILED, MANUAL_REVIEW):
+                _count("smi_job_outcomes", "Jobs reaching completed, failed or manual review, by error code.",
+                       outcome=status, reason=fields.get("error_code") or "none")
             self._state.status = status
             workflow.upsert_search_attributes([UPSCALE_STATUS.value_set(status)])
         if "error_code" in fields:
@@ -441,6 +457,11 @@ class UpscaleWorkflow:
         return await workflow.execute_local_activity_method(
             activity, arg, start_to_close_timeout=timedelta(seconds=30), retry_policy=LOCAL_RETRY
         )
+
+
+def _count(name: str, description: str, **attributes: str) -> None:
+    """One more of our workflow counters; the SDK records nothing while a workflow replays."""
+    workflow.metric_meter().create_counter(name, description).add(1, attributes)
 
 
 def _failure_of(err: ActivityError) -> tuple[str, str]:
