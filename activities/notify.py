@@ -108,4 +108,7 @@ class NotifyActivities:
             to = self.settings.admin_email if request.kind.startswith("admin_") else job.customer_email
             context = self._context(session, job, request)
         purpose = request.purpose or f"{request.kind}:{request.generation}"
-        return await self._send_once(request.job_id, purpose, to, request.kind, **context)
+        sent = await self._send_once(request.job_id, purpose, to, request.kind, **context)
+        # Never the address: the job_id on the line says whose it was.
+        activity.logger.info("%s email %s", purpose, "sent" if sent else "was sent before")
+        return sent

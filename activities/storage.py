@@ -21,7 +21,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from smi import imaging
+from smi import imaging, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
 from workflows.types import CompressRequest, DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
@@ -131,6 +131,7 @@ class StorageActivities:
             raise _fail(exc.code, str(exc)) from None
         final = job_dir / f"original.{imaging.EXTENSIONS[info.format]}"
         os.replace(part, final)
+        activity.logger.info("original stored: %dx%d %s", info.width, info.height, info.format)
         return _describe(final, info)
 
     @activity.defn
@@ -158,9 +159,15 @@ class StorageActivities:
         part = tmp / f"result-{request.attempt}.part"
         details = activity.info().heartbeat_details if activity.in_activity() else ()
         start = int(details[0]) if details and part.exists() and part.stat().st_size >= int(details[0]) else 0
+        if start:
+            activity.logger.info("resuming the result download at byte %d", start)
+        else:
+            activity.logger.info("downloading the result")
         size, digest = await self._stream_to(request.url, part, self.settings.max_result_bytes, "result",
                                              self.settings.result_fetch_policy, start)
         os.replace(part, final)
+        activity.logger.info("result downloaded: %d bytes", size)
+        telemetry.count("smi_result_download_bytes", size - start, "Bytes of results downloaded from Upsampler.")
         return DownloadedFile(str(final), size, digest)
 
     @activity.defn

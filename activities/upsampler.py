@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from smi import signing
+from smi import signing, telemetry
 from smi.db import Submission, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
@@ -73,6 +73,7 @@ class UpsamplerActivities:
                 session.commit()
             except IntegrityError:  # a concurrent duplicate attempt recorded it first
                 session.rollback()
+        activity.logger.info("submitted to Upsampler: %s %s", job.id, job.status)
         return _result(job)
 
     @activity.defn
@@ -95,6 +96,8 @@ class UpsamplerActivities:
             raise as_application_error(exc) from None
         finally:
             await asyncio.to_thread(self._record_call, kind, outcome)
+            telemetry.count("smi_upsampler_requests", 1, "Requests to Upsampler by kind and outcome.",
+                            kind=kind, outcome=outcome)
 
     def _check_hourly_quota(self) -> None:
         hour_ago = utcnow() - timedelta(hours=1)

@@ -26,7 +26,7 @@ from activities.ledger import FINISHED_STATUSES
 from activities.storage import StorageActivities
 from api.jobs import EMAIL, get_job, job_view, start_workflow
 from smi import signing, usage
-from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, utcnow
+from smi.db import BudgetRelease, DownloadToken, Job, JobEvent, LedgerEntry, Refund, SentMail, Submission, utcnow
 from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
@@ -102,6 +102,7 @@ async def retry(job_id: str, svc: deps.Services = Depends(deps.services), sessio
     job.status, job.updated_at = "received", utcnow()
     job.error_code = job.error_message = None
     session.add(job)
+    session.add(JobEvent(job_id=job_id, status="received", at=job.updated_at))
     session.commit()
     await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
                          id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)

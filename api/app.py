@@ -8,8 +8,9 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, codec, deps, errors, files, jobs, metrics, redact, webhook
+from api import admin, admin_pages, codec, deps, errors, files, jobs, metrics, redact, status, webhook
 from smi.db import make_engine
+from smi.logs import JobIdFromRequest
 from smi.settings import Settings, get_settings
 
 
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(codec.router)  # the Temporal UI's remote codec: encrypted payloads shown to admins
+    app.include_router(status.router)  # the customer's status page
+    app.include_router(admin_pages.router)  # the admin dashboard (browser)
 
     @app.get("/healthz", tags=["operators"], summary="Liveness")
     def healthz():
@@ -62,4 +65,5 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             return errors.error_response(503, "not_ready", "a dependency is unreachable", checks)
         return {"status": "ready", "checks": checks}
 
+    app.add_middleware(JobIdFromRequest)  # outermost: a request naming a job has its job_id on every log line
     return app

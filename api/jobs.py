@@ -68,6 +68,11 @@ def job_url(cfg: Settings, job_id: str) -> str:
     return f"{cfg.public_base_url.rstrip('/')}/v1/jobs/{job_id}"
 
 
+def status_page_url(cfg: Settings, job_id: str) -> str:
+    """The customer's status page (no API key needed: the link carries a view token)."""
+    return signing.status_page_url(cfg.public_base_url, cfg.secret("webhook_secret"), job_id)
+
+
 def policy_of(cfg: Settings) -> JobPolicy:
     return JobPolicy(
         poll_initial_delay_seconds=cfg.poll_initial_delay_seconds,
@@ -119,6 +124,7 @@ def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = 
         "job_id": job.job_id,
         "order_id": job.order_id,
         "status": job.status,
+        "status_page_url": status_page_url(cfg, job.job_id),
         "scale_factor": job.scale_factor,
         "format": job.format,
         "created_at": _iso(job.created_at),
@@ -201,7 +207,8 @@ async def create_job(
                        f"order {body.order_id} was already submitted with a different body; use a new order_id")
     if job.status == RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
         await start_workflow(await svc.temporal_client(), cfg, job)
-    return {"job_id": job.job_id, "status": job.status, "status_url": job_url(cfg, job.job_id)}
+    return {"job_id": job.job_id, "status": job.status, "status_url": job_url(cfg, job.job_id),
+            "status_page_url": status_page_url(cfg, job.job_id)}
 
 
 @router.get("/v1/jobs/{job_id}", summary="The job as it stands")

@@ -10,6 +10,7 @@ SENSITIVE = [
     (re.compile(r"(/v1/admin/customers/)[^\s?\"]*"), r"\1<redacted>"),  # a customer's e-mail address
     (re.compile(r"(/downloads/)[^\s?\"]*"), r"\1<redacted>"),  # a download token is a bearer credential
     (re.compile(r"([?&]sig=)[^&\s\"]*"), r"\1<redacted>"),  # signatures of webhook and file URLs
+    (re.compile(r"([?&]v=)[^&\s\"]*"), r"\1<redacted>"),  # a status page's view token leads to the download
 ]
 
 

@@ -9,7 +9,10 @@ entry is consumed once; `cdn_bytes_per_second` is read live too, when a CDN requ
 (the file is then streamed at that pace, `Range` still honoured). Job-level faults (delays,
 webhooks, results, failures, link lifetime) are copied into the job when it is submitted, so
 changing them later does not affect it. `/_emulator/requests` counts `cdn_range`: CDN
-requests that carried a `Range` header.
+requests that carried a `Range` header. `/_emulator/timeline` gives each job's wall-clock
+moments (`time.time()`: submitted, finished, webhook_sent just before the first webhook POST,
+webhook_answered, cdn_first just as the first CDN request for its files arrives), for the
+benchmarks (bench/webhook_latency.py).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class Job:
     source: bytes | None = None
     outcome_error: str | None = None  # set by the upscale when it fails
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    timeline: dict[str, float] = field(default_factory=dict)  # moment -> time.time(), first occurrence only
 
 
 def credit_cost(out_pixels: int) -> float:
@@ -214,6 +218,17 @@ class Emulator:
         self.recent: deque[float] = deque()
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        """One client for the webhooks and image fetches (a new client per request costs an SSL context).
+
+        No keep-alive: each request opens its own connection, as a fresh client did, so a
+        connection the other side closed while idle is never reused.
+        """
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0))
+        return self._http
 
     # --- helpers -------------------------------------------------------------------------
     def authorized(self, request: Request) -> bool:
@@ -302,6 +317,7 @@ class Emulator:
     def finish(self, job: Job) -> None:
         error = job.faults.fail_with or job.outcome_error
         job.status, job.error = ("FAILED", error) if error else ("SUCCESS", None)
+        job.timeline.setdefault("finished", time.time())
         log.info("emulator: job %s %s", job.id, job.status)
         mode = job.faults.webhook
         if mode == "drop":
@@ -325,23 +341,24 @@ class Emulator:
             return
         if delay:
             await asyncio.sleep(delay)
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            for body in bodies:
-                try:
-                    response = await http.post(job.webhook, json=body)
-                    outcome: int | str = response.status_code
-                except httpx.HTTPError as exc:
-                    outcome = f"{type(exc).__name__}: {exc}"[:200]
-                    log.warning("emulator: webhook for job %s failed: %s", job.id, outcome)
-                job.webhooks_sent.append({"status": body["status"], "code_or_error": outcome})
+        http = self.http()
+        for body in bodies:
+            try:
+                job.timeline.setdefault("webhook_sent", time.time())
+                response = await http.post(job.webhook, json=body, timeout=10.0)
+                job.timeline.setdefault("webhook_answered", time.time())
+                outcome: int | str = response.status_code
+            except httpx.HTTPError as exc:
+                outcome = f"{type(exc).__name__}: {exc}"[:200]
+                log.warning("emulator: webhook for job %s failed: %s", job.id, outcome)
+            job.webhooks_sent.append({"status": body["status"], "code_or_error": outcome})
 
 
-async def _fetch_image(url: str) -> tuple[bytes | None, str | None]:
+async def _fetch_image(http: httpx.AsyncClient, url: str) -> tuple[bytes | None, str | None]:
     try:
-        async with httpx.AsyncClient(timeout=30.0, follow_redirects=True) as http:
-            response = await http.get(url)
-            response.raise_for_status()
-            return response.content, None
+        response = await http.get(url, follow_redirects=True)
+        response.raise_for_status()
+        return response.content, None
     except httpx.HTTPError as exc:
         log.info("emulator: could not fetch %s: %s", url, type(exc).__name__)
         return None, "could not fetch image"
@@ -375,6 +392,8 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         yield
         for task in list(emu._tasks):
             task.cancel()
+        if emu._http is not None:
+            await emu._http.aclose()
 
     app = FastAPI(title="Upsampler emulator", lifespan=lifespan)
     app.state.emulator = emu
@@ -401,6 +420,7 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
             emu.faults.faulty_jobs = max(0, emu.faults.faulty_jobs - 1)
         job = Job(id=uuid.uuid4().hex, image_url=inp.imageUrl, upscale_factor=inp.upscaleFactor,
                   webhook=body.webhook, base_url=base_url(request), faults=faults)
+        job.timeline["submitted"] = time.time()
         log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
 
         def refuse(error: str) -> JSONResponse:
@@ -411,7 +431,7 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
 
         if job.faults.refuse_with:
             return refuse(job.faults.refuse_with)
-        data, fetch_error = await _fetch_image(inp.imageUrl)
+        data, fetch_error = await _fetch_image(emu.http(), inp.imageUrl)
         if data is None:
             return refuse(fetch_error or "could not fetch image")
         if job.faults.max_input_bytes is not None and len(data) > job.faults.max_input_bytes:
@@ -457,6 +477,8 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
     @app.api_route("/cdn/{job_id}/{name}", methods=["GET", "HEAD"])
     async def cdn(request: Request, job_id: str, name: str, exp: str = "", sig: str = ""):
         emu.requests["cdn"] += 1
+        if job_id in emu.jobs:
+            emu.jobs[job_id].timeline.setdefault("cdn_first", time.time())
         if "range" in request.headers:  # a resumed download asks for the rest with `Range: bytes=N-`
             emu.requests["cdn_range"] += 1
         if injected := emu.injected_error(emu.faults.cdn_errors):
@@ -491,6 +513,10 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
              "webhooks_sent": list(j.webhooks_sent), "width": j.width, "height": j.height, "error": j.error}
             for j in emu.jobs.values()
         ]
+
+    @app.get("/_emulator/timeline")
+    async def timeline() -> dict[str, dict[str, float]]:
+        return {j.id: dict(j.timeline) for j in emu.jobs.values()}
 
     @app.get("/_emulator/requests")
     async def request_counts() -> dict:

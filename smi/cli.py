@@ -1,4 +1,4 @@
-"""`smi`: the service's commands (dev, worker, api, emulator, submit)."""
+"""`smi`: the service's commands (dev, worker, api, migrate, emulator, submit, usage)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.update({k: v for k, v in keys.items() if k not in os.environ and k != "SMI_EMULATOR_API_KEY"})
     temporal_host, temporal_port = settings.temporal_address.rsplit(":", 1)
     ui_port = int(temporal_port) + 1000
+    env.setdefault("SMI_TEMPORAL_UI_URL", f"http://{temporal_host}:{ui_port}")  # the dashboard's workflow links
     # The UI decodes the encrypted payloads through our API's codec endpoint, from the browser.
     api_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
     codec_endpoint = f"http://{api_host}:{settings.api_port}/codec"
@@ -103,6 +104,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             sink = MailSink(settings.smtp_host, settings.smtp_port, outbox=var / "outbox").start()
             threads.append(sink)
 
+        env.setdefault("SMI_WORKER_METRICS_ADDRESS", "127.0.0.1:9464")
         start("worker", [str(BIN / "smi"), "worker"])
         start("API", [str(BIN / "smi"), "api"])
         _wait_for_port(settings.api_host, settings.api_port, 60, "the API")
@@ -112,8 +114,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
             "",
             "The upscale service is running. Ctrl-C stops everything.",
             f"  API            {api}   (docs: {api}/docs)",
+            f"  Dashboard      {api}/admin   (log in with the admin key below)",
             f"  Temporal UI    http://{temporal_host}:{ui_port}   (filter: UpscaleStatus=\"manual_review\")",
             f"  Temporal gRPC  {settings.temporal_address}",
+            f"  Metrics        {api}/metrics (API), http://{env['SMI_WORKER_METRICS_ADDRESS']}/metrics (worker)",
             f"  Payload codec  {codec_endpoint}   " + (
                 f"(payloads encrypted in Temporal, key id {settings.payload_key_id}; the UI decodes through it)"
                 if settings.payload_key else "(encryption off: SMI_PAYLOAD_KEY is empty)"),
@@ -154,12 +158,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(_: argparse.Namespace) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully and exits 0 (worker.main)."""
     import worker
 
-    try:
-        asyncio.run(worker.run(get_settings()))
-    except KeyboardInterrupt:
-        pass
+    worker.main(get_settings())
 
 
 def cmd_api(_: argparse.Namespace) -> None:
@@ -168,7 +170,20 @@ def cmd_api(_: argparse.Namespace) -> None:
     from api.app import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    # log_config=None: uvicorn's loggers (the redacted access log too) write through ours.
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info",
+                log_config=None)
+
+
+def cmd_migrate(_: argparse.Namespace) -> None:
+    """Brings the database to the newest schema (every process also does at start; this runs it first, alone)."""
+    from smi.db import make_engine
+    from smi.migrations import current
+
+    engine = make_engine(get_settings().database_url)  # applies the migrations (smi/migrations)
+    with engine.connect() as connection:
+        print(f"database at revision {current(connection)}", flush=True)
+    engine.dispose()
 
 
 def cmd_emulator(args: argparse.Namespace) -> None:
@@ -179,7 +194,8 @@ def cmd_emulator(args: argparse.Namespace) -> None:
     key = args.api_key or secrets.token_urlsafe(24)
     if not args.api_key:
         print(f"emulator API key: {key}", flush=True)
-    uvicorn.run(create_app(key, storage_dir=Path("var/emulator")), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(key, storage_dir=Path("var/emulator")), host=args.host, port=args.port, log_level="info",
+                log_config=None)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -253,8 +269,10 @@ def _check(response: httpx.Response) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("mail.log", "httpx"):
+    from smi.logs import setup_logging
+
+    setup_logging(logging.INFO)  # JSON lines unless stderr is a terminal (smi/logs.py)
+    for chatty in ("mail.log", "httpx", "alembic"):  # alembic: smi.migrations logs what it changes
         logging.getLogger(chatty).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="smi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     dev.set_defaults(run=cmd_dev)
     commands.add_parser("worker", help="one worker").set_defaults(run=cmd_worker)
     commands.add_parser("api", help="the API server").set_defaults(run=cmd_api)
+    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(run=cmd_migrate)
 
     emulator = commands.add_parser("emulator", help="the Upsampler emulator alone")
     emulator.add_argument("--host", default="127.0.0.1")

@@ -7,6 +7,8 @@ the row and does nothing twice.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -198,13 +200,24 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # WAL: readers never block the writer
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(100):
+                try:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    # Processes opening a new file at once: one converts it to WAL, and SQLite answers
+                    # the others "locked" at once, without its busy timeout. Soon it is WAL for all.
+                    if attempt == 99:
+                        raise
+                    time.sleep(0.05)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+    from smi.migrations import migrate  # here: smi.migrations' env.py imports this module
+
+    migrate(engine)  # alembic upgrade to head; one cheap query when already there (smi/migrations)
     return engine
 
 

@@ -25,7 +25,14 @@ class Settings(BaseSettings):
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
+    temporal_ui_url: str = "http://127.0.0.1:8233"  # the admin dashboard links each job's workflow there
     task_queue: str = "upscale"
+    # host:port of the worker's Prometheus endpoint (SDK and job metrics); empty: none. One per
+    # process, so `smi dev` and the compose file set it; several workers on one host need one each.
+    worker_metrics_address: str = ""
+    # On SIGTERM/SIGINT a worker polls no more and gives running activities this long to finish;
+    # then they are cancelled and, heartbeating, resumed by another worker (worker.py).
+    worker_shutdown_seconds: float = Field(30.0, ge=0)
 
     database_url: str = "sqlite:///var/smi.db"
     storage_dir: Path = Path("var/storage")
@@ -101,8 +108,9 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _secrets_from_files(cls, values: dict) -> dict:
-        """`SMI_<SECRET>_FILE` (Docker secrets): the file's content, stripped, stands for `SMI_<SECRET>`."""
-        for name in SECRET_FIELDS:
+        """`SMI_<SECRET>_FILE` (Docker secrets): the file's content, stripped, stands for `SMI_<SECRET>`;
+        `SMI_DATABASE_URL_FILE` too."""
+        for name in FILE_FIELDS:
             path = values.pop(f"{name}_file", None)
             if path and not values.get(name):
                 values[name] = Path(path).read_text().strip()
@@ -178,7 +186,8 @@ class Settings(BaseSettings):
 
 
 SECRET_FIELDS = [name for name, info in Settings.model_fields.items() if info.annotation in (SecretStr | None, SecretStr)]
-for _name in SECRET_FIELDS:  # declare SMI_<SECRET>_FILE beside each secret, so the environment source reads it
+FILE_FIELDS = SECRET_FIELDS + ["database_url"]  # the database URL carries its password
+for _name in FILE_FIELDS:  # declare SMI_<SECRET>_FILE beside each secret, so the environment source reads it
     Settings.model_fields[f"{_name}_file"] = FieldInfo(annotation=str | None, default=None)
 Settings.model_rebuild(force=True)
 

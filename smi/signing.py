@@ -31,6 +31,20 @@ def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
     return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
 
 
+def view_token(secret: str, job_id: str) -> str:
+    """Opens that one job's status page, and so its download link once completed: as secret as that link."""
+    return sign(secret, f"view:{job_id}")
+
+
+def verify_view_token(secrets: str | list[str], job_id: str, token: str | None) -> bool:
+    return verify(secrets, f"view:{job_id}", token)
+
+
+def status_page_url(public_base_url: str, secret: str, job_id: str) -> str:
+    """The customer's status page: the storefront shows or links it after payment."""
+    return f"{public_base_url.rstrip('/')}/status/{job_id}?{urlencode({'v': view_token(secret, job_id)})}"
+
+
 def _file_message(kind: str, name: str, expires: int) -> str:
     return f"file:{kind}/{name}:{expires}"
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from smi.serve import free_port
@@ -17,13 +18,14 @@ SMI = str(Path(sys.executable).parent / "smi")
 
 
 def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path):
-    ports = {name: free_port() for name in ("temporal", "api", "smtp", "emulator")}
+    ports = {name: free_port() for name in ("temporal", "api", "smtp", "emulator", "metrics")}
     env = dict(
         os.environ,
         SMI_TEMPORAL_ADDRESS=f"127.0.0.1:{ports['temporal']}",
         SMI_API_PORT=str(ports["api"]),
         SMI_PUBLIC_BASE_URL=f"http://127.0.0.1:{ports['api']}",
         SMI_SMTP_PORT=str(ports["smtp"]),
+        SMI_WORKER_METRICS_ADDRESS=f"127.0.0.1:{ports['metrics']}",
     )
     for name in [k for k in env if k in ("SMI_UPSAMPLER_API_KEY", "SMI_STOREFRONT_API_KEY")]:
         del env[name]
@@ -38,6 +40,7 @@ def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path)
             time.sleep(0.3)
         banner = (tmp_path / "dev.log").read_text()
         assert f"http://127.0.0.1:{ports['api']}" in banner and "Storefront key" in banner
+        assert f"http://127.0.0.1:{ports['api']}/admin" in banner
 
         Image.effect_noise((90, 60), 40).convert("RGB").save(tmp_path / "photo.png")
         submit = subprocess.run([SMI, "submit", "photo.png", "--scale", "3", "--email", "buyer@example.com"],
@@ -47,6 +50,8 @@ def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path)
         assert "/downloads/" in submit.stdout
         outbox = list((tmp_path / "var" / "outbox").glob("*.eml"))
         assert len(outbox) == 1 and b"buyer@example.com" in outbox[0].read_bytes()
+        worker_metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics").text
+        assert 'smi_job_outcomes_total{' in worker_metrics and "temporal_workflow_completed_total" in worker_metrics
         _payloads_encrypted_and_the_ui_decodes_them(tmp_path, env, ports, submit.stdout)
     finally:
         os.killpg(dev.pid, signal.SIGINT)

@@ -57,8 +57,11 @@ def test_access_log_lines_are_redacted():
         "127.0.0.1:5000", "DELETE", f"/v1/admin/customers/{EMAIL}", "1.1", 200), None)
     record3 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
         "127.0.0.1:5000", "POST", f"/smi-webhook/upsampler/?job=x&sig={token}", "1.1", 200), None)
-    for item in (record, record2, record3):
+    record4 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5000", "GET", f"/status/{'c' * 32}/events?v={token}", "1.1", 200), None)
+    for item in (record, record2, record3, record4):
         assert RedactSensitive().filter(item)
-    lines = [r.getMessage() for r in (record, record2, record3)]
+    lines = [r.getMessage() for r in (record, record2, record3, record4)]
     assert all(token not in line and EMAIL not in line for line in lines)
     assert lines[0].endswith('"GET /downloads/<redacted> HTTP/1.1" 200')
+    assert lines[3].endswith(f'"GET /status/{"c" * 32}/events?v=<redacted> HTTP/1.1" 200')

@@ -19,6 +19,13 @@ def test_secrets_come_from_files(tmp_path, monkeypatch):
     assert "from-a-file" not in repr(settings) and "from-a-file" not in str(settings.model_dump())
 
 
+def test_database_url_comes_from_a_file(tmp_path, monkeypatch):
+    """The URL carries the database password: a Docker secret like the keys."""
+    (tmp_path / "db").write_text("postgresql+psycopg://smi:pw@db/smi\n")
+    monkeypatch.setenv("SMI_DATABASE_URL_FILE", str(tmp_path / "db"))
+    assert Settings().database_url == "postgresql+psycopg://smi:pw@db/smi"
+
+
 def test_upsampler_key_follows_the_mode(monkeypatch):
     monkeypatch.setenv("SMI_UPSAMPLER_API_KEY_TEST", "test-key")
     monkeypatch.setenv("SMI_UPSAMPLER_API_KEY_LIVE", "live-key")

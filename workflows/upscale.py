@@ -438,6 +438,7 @@ class UpscaleWorkflow:
             if status in (COMPLETED, FAILED, MANUAL_REVIEW):
                 _count("smi_job_outcomes", "Jobs reaching completed, failed or manual review, by error code.",
                        outcome=status, reason=fields.get("error_code") or "none")
+            workflow.logger.info("status: %s -> %s", self._state.status, status)  # not repeated on replay
             self._state.status = status
             workflow.upsert_search_attributes([UPSCALE_STATUS.value_set(status)])
         if "error_code" in fields:

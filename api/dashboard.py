@@ -1,0 +1,76 @@
+"""The admin dashboard's figures, read from the database: every query of the dashboard is here."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import DateTime, case, func, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from smi.db import Job, JobEvent, as_utc
+
+TROUBLE = ("failed", "manual_review")
+
+
+@dataclass
+class ReviewItem:
+    job_id: str
+    order_id: str
+    error_code: str | None
+    error_message: str | None
+    since: datetime  # when the job entered manual review
+
+
+def status_counts(engine: Engine) -> dict[str, int]:
+    with Session(engine) as session:
+        rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: count for status, count in rows}
+
+
+def manual_review_queue(engine: Engine) -> list[ReviewItem]:
+    """Jobs waiting for an admin, longest waiting first."""
+    entered = (select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
+               .where(JobEvent.status == "manual_review").group_by(JobEvent.job_id).subquery())
+    query = (select(Job.job_id, Job.order_id, Job.error_code, Job.error_message,
+                    func.coalesce(entered.c.at, Job.updated_at).label("since"))
+             .outerjoin(entered, entered.c.job_id == Job.job_id)
+             .where(Job.status == "manual_review").order_by("since"))
+    with Session(engine) as session:
+        rows = session.execute(query).all()
+    return [ReviewItem(r.job_id, r.order_id, r.error_code, r.error_message, as_utc(r.since)) for r in rows]
+
+
+def error_rate(engine: Engine, since: datetime) -> tuple[int, int]:
+    """(jobs created since then that failed or wait in manual review, jobs created since then)."""
+    troubled = func.sum(case((Job.status.in_(TROUBLE), 1), else_=0))
+    with Session(engine) as session:
+        total, bad = session.execute(select(func.count(), troubled).where(Job.created_at >= since)).one()
+    return bad or 0, total
+
+
+def median_stage_seconds(engine: Engine, since: datetime) -> dict[str, float]:
+    """Per status: the median time from entering it to the job's next event, over stages entered since then.
+
+    The next event comes from a window function (SQLite and PostgreSQL alike); the median is
+    taken here because SQLite has no percentile function.
+    """
+    next_at = func.lead(JobEvent.at, type_=DateTime(timezone=True)).over(
+        partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id))
+    query = select(JobEvent.status, JobEvent.at, next_at.label("next_at")).where(JobEvent.at >= since)
+    durations: dict[str, list[float]] = {}
+    with Session(engine) as session:
+        for status, at, following in session.execute(query):
+            if following is not None:
+                durations.setdefault(status, []).append((as_utc(following) - as_utc(at)).total_seconds())
+    return {status: statistics.median(values) for status, values in durations.items()}
+
+
+def recent_jobs(engine: Engine, limit: int = 20) -> list:
+    """The newest jobs, without the customer's address or name."""
+    query = (select(Job.job_id, Job.order_id, Job.status, Job.created_at, Job.updated_at, Job.error_code)
+             .order_by(Job.created_at.desc()).limit(limit))
+    with Session(engine) as session:
+        return list(session.execute(query).all())

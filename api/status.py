@@ -1,0 +1,176 @@
+"""The customer's status page: where the order stands, live, and the download button when done.
+
+No API key: the link carries a view token (an HMAC of the job id under SMI_WEBHOOK_SECRET),
+so the storefront can hand it to the customer or embed the page. Nothing personal is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from fastapi.templating import Jinja2Templates
+from sqlmodel import Session, select
+
+from api import deps
+from api.errors import ApiError
+from api.jobs import live_download_url
+from smi import signing
+from smi.db import Job, JobEvent, Refund, as_utc, utcnow
+
+router = APIRouter(tags=["customer"], dependencies=[Depends(deps.public_rate_limit)])
+templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
+
+EVENTS_POLL_SECONDS = 0.5  # how often the event stream looks at the database
+EVENTS_MAX_SECONDS = 300  # then the stream ends and the browser's EventSource reconnects
+KEEPALIVE_SECONDS = 15  # a comment line, so proxies keep the connection and a gone client is noticed
+
+STAGES = ["received", "queued", "processing", "downloading", "completed"]
+STAGE_LABELS = {"received": "Order received", "queued": "In line", "processing": "Upscaling",
+                "downloading": "Checking the result", "completed": "Ready"}
+# Progress on entering each stage, and how far it may grow while estimated_completion lies ahead.
+PROGRESS = {"received": (5, 5), "queued": (10, 25), "processing": (25, 85), "downloading": (90, 95),
+            "completed": (100, 100)}
+HEADLINES = {
+    "received": ("Order received", "We have your order and are getting your image ready."),
+    "queued": ("In line", "Your image is waiting for its turn to be upscaled."),
+    "processing": ("Upscaling your image", "Your image is being upscaled right now."),
+    "downloading": ("Almost done", "We are checking the finished image."),
+    "completed": ("Your image is ready", "Download your upscaled image below."),
+    "manual_review": ("We're looking into it", "Something needs a closer look. Our team has been told and will "
+                                              "finish your order or refund it."),
+}
+FINAL = ("completed", "failed")
+
+
+def _iso(value) -> str | None:
+    value = as_utc(value)
+    return value.isoformat() if value else None
+
+
+def _headline(job: Job, refund: Refund | None) -> tuple[str, str]:
+    if job.status != "failed":
+        return HEADLINES.get(job.status, HEADLINES["received"])
+    if refund is not None and refund.status == "refunded":
+        return "Refunded", "We could not upscale this image, so we refunded your payment."
+    if refund is not None:
+        return "Refund on its way", "We could not upscale this image; your payment will be refunded."
+    return "We could not finish this order", "Please contact the shop's support; they will sort it out."
+
+
+def _progress(status: str, entered, estimated_completion) -> int | None:
+    """From the stage, moving on towards estimated_completion when it is known; None outside the happy path."""
+    if status not in PROGRESS:
+        return None
+    low, high = PROGRESS[status]
+    entered, eta = as_utc(entered), as_utc(estimated_completion)
+    if entered is None or eta is None or eta <= entered:
+        return low
+    share = (utcnow() - entered) / (eta - entered)
+    return round(low + (high - low) * min(1.0, max(0.0, share)))
+
+
+def job_state(session: Session, svc: deps.Services, job_id: str) -> dict | None:
+    """What the page shows, as JSON: the same for the first render, the event stream and polling."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    entered = {}  # the latest entry into each status: after an admin's retry, the current run's times
+    for event in session.exec(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.at, JobEvent.id)):
+        entered[event.status] = event.at
+    refund = session.get(Refund, job_id)
+    headline, message = _headline(job, refund)
+    current = STAGES.index(job.status) if job.status in STAGES else -1
+    download_url = None
+    expires = as_utc(job.download_expires_at)
+    if job.status == "completed" and job.download_generation > 0 and expires and expires > utcnow():
+        download_url = live_download_url(session, svc.settings, job)
+    if job.status == "completed" and download_url is None:
+        message = f"The download link has expired. Write to {svc.settings.support_email} for a new one."
+    return {
+        "job_id": job.job_id,
+        "order_id": job.order_id,
+        "status": job.status,
+        "final": job.status in FINAL,
+        "headline": headline,
+        "message": message,
+        "progress": _progress(job.status, entered.get(job.status, job.created_at), job.estimated_completion),
+        "stages": [{"status": stage, "label": STAGE_LABELS[stage], "at": _iso(entered.get(stage)),
+                    "state": "done" if i < current or job.status == "completed" else "current" if i == current else "todo"}
+                   for i, stage in enumerate(STAGES)],
+        "estimated_completion": _iso(job.estimated_completion) if job.status not in FINAL else None,
+        "download_url": download_url,
+        "download_expires_at": _iso(expires) if download_url else None,
+        "output": ({"width": job.output_width, "height": job.output_height, "format": job.output_format,
+                    "bytes": job.output_bytes} if download_url else None),
+    }
+
+
+def _read_state(svc: deps.Services, job_id: str) -> dict | None:
+    with Session(svc.engine) as session:
+        return job_state(session, svc, job_id)
+
+
+async def _checked_state(svc: deps.Services, job_id: str, token: str | None) -> dict:
+    """The state, or the same 404 for a bad token and an unknown job: the page reveals nothing without its link."""
+    state = None
+    if signing.verify_view_token(svc.settings.webhook_secrets(), job_id, token):
+        state = await run_in_threadpool(_read_state, svc, job_id)
+    if state is None:
+        raise ApiError(404, "not_found", "there is no status page at this address; check the link you were given")
+    return state
+
+
+@router.get("/status/{job_id}", summary="The customer's status page (HTML)")
+async def status_page(request: Request, job_id: str, v: str | None = Query(None, description="the view token"),
+                      svc: deps.Services = Depends(deps.services)):
+    state = await _checked_state(svc, job_id, v)
+    nonce = secrets.token_urlsafe(16)
+    headers = {
+        # Embeddable in the storefront (no frame-ancestors); scripts and styles only our own inline ones.
+        "Content-Security-Policy": f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+                                   "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+        "Referrer-Policy": "no-referrer",  # the URL carries the view token
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return templates.TemplateResponse(request, "pages/status.html", {"state": state, "nonce": nonce}, headers=headers)
+
+
+@router.get("/status/{job_id}/state", summary="The status page's state as JSON (the page's polling fallback)")
+async def status_state(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)):
+    return await _checked_state(svc, job_id, v)
+
+
+def _sse(state: dict) -> str:
+    return f"data: {json.dumps(state, separators=(',', ':'))}\n\n"
+
+
+@router.get("/status/{job_id}/events", summary="The status page's state as Server-Sent Events, on every change")
+async def status_events(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)):
+    first = await _checked_state(svc, job_id, v)
+
+    async def stream():
+        yield "retry: 2000\n" + _sse(first)  # the state at once; `retry`: how soon the browser reconnects
+        last, last_sent = first, time.monotonic()
+        deadline = last_sent + EVENTS_MAX_SECONDS
+        while not last["final"] and time.monotonic() < deadline:
+            await asyncio.sleep(EVENTS_POLL_SECONDS)
+            state = await run_in_threadpool(_read_state, svc, job_id)
+            if state is None:  # erased meanwhile
+                return
+            if state != last:
+                last, last_sent = state, time.monotonic()
+                yield _sse(state)
+            elif time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
