@@ -172,11 +172,13 @@ async def serve_until(stop: asyncio.Event, workers: WorkerGroup) -> None:
     """
     running = asyncio.ensure_future(workers.run())
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not running.done():
-        await workers.shutdown()
-    await running  # a worker's fatal error comes out here
+    try:
+        await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # stopped, or this task cancelled: either way no worker is left polling
+        stopping.cancel()
+        if not running.done():
+            await workers.shutdown()
+        await running  # a worker's fatal error comes out here
     log.info("worker stopped")
 
 

@@ -176,7 +176,7 @@ async def test_sigterm_mid_download_hands_the_rest_to_the_other_worker(dev_env, 
     handed_out = httpx.get(job["download_url"], timeout=60).content
     assert 0 < resumed_at < len(made)
     assert job["output"]["sha256"] == hashlib.sha256(made).hexdigest() == hashlib.sha256(handed_out).hexdigest()
-    await asyncio.sleep(0.5)
+    await handle.result()  # through the email and the clean-up
     assert len(stack.mailbox.messages) == 1
     assert [m.status for m in mail_rows(stack.settings.database_url, job_id)] == ["sent"]
     assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
@@ -206,6 +206,7 @@ async def test_sigterm_with_enough_grace_lets_the_download_finish_there(dev_env,
     assert await download_attempts(handle) == [(1, "")]
     counts = emulator_counts(stack.emulator.url)[1]
     assert counts["cdn"] == 1 and counts["cdn_range"] == 0
+    await handle.result()  # "completed" is set before the email is sent: wait for the workflow's end
     assert any(line.get("activity") == "send_email" for line in log_lines(workers, second)), workers.logs()
     assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
     print(f"\nSIGTERM with {grace:.0f} s grace: the download finished and the worker stopped in {took:.1f} s")
