@@ -54,6 +54,8 @@ async def test_worker_port_has_sdk_and_job_metrics(dev_env, stack_factory, fault
             stack.shop.publish(png_bytes(50, 30)), "metrics-2", scale_factor=2))).json()["job_id"]
         second = await wait_for_status(api, by_poll, {"completed", "failed", "manual_review"}, timeout=60)
         assert first["status"] == second["status"] == "completed", (first, second)
+        for job_id in (by_webhook, by_poll):  # "completed" comes before the email and the clean-up
+            await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()
 
         samples = await asyncio.to_thread(scrape, f"http://{address}/metrics")
 
