@@ -69,6 +69,7 @@ class Faults(BaseModel):
     max_input_bytes: int | None = Field(None, ge=1)  # larger inputs are refused at once, as "too large"
     faulty_jobs: int | None = Field(None, ge=0)  # job-level faults hit only the next N submissions
     rate_limit_per_minute: int | None = Field(None, ge=1)  # API requests over this in any 60 s answer 429
+    submit_reply_delay_seconds: float = Field(0, ge=0)  # the job runs (and its webhook goes) before the reply
 
 
 class _Input(BaseModel):
@@ -451,7 +452,9 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
             emu.spawn(emu.run_timed(job))
         else:
             emu.spawn(emu.produce(job))
-        return JSONResponse(emu.wire(job))
+        reply = emu.wire(job)
+        await asyncio.sleep(job.faults.submit_reply_delay_seconds)  # the reply travels slowly; the job goes on
+        return JSONResponse(reply)
 
     @app.get("/api/v1/status/{job_id}")
     async def status(job_id: str, request: Request):

@@ -48,6 +48,23 @@ async def test_webhook_ends_the_wait_without_polling(time_skipping_env, stack_fa
     assert len(stack.mailbox.wait_for(1)) == 1
 
 
+async def test_a_webhook_before_the_submit_reply_is_kept(time_skipping_env, stack_factory, faults):
+    """Upsampler finishes and calls the webhook while its reply to our submit is still on the way."""
+    faults(delay_seconds=0, submit_reply_delay_seconds=1.0)
+    stack = stack_factory(time_skipping_env)
+    async with create_worker(time_skipping_env.client, stack.settings):
+        client, job_id = await start(stack, "wf-early-webhook")
+        handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
+        job = await wait_for_status(client, job_id, {"completed", "failed", "manual_review"})
+        await let_time_skip(time_skipping_env)
+        state = await handle.result()
+
+    assert job["status"] == "completed" and state.webhooks >= 1
+    assert state.polls == 1  # the status call that confirms the webhook
+    # Kept, the webhook ended the wait at once: no poll timer fired (before, it waited 30 s for one).
+    assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 0
+
+
 async def test_without_webhook_polls_at_30s_then_backs_off(time_skipping_env, stack_factory, faults):
     faults(webhook="drop", polls_until_done=3)
     stack = stack_factory(time_skipping_env)

