@@ -12,6 +12,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import delete
 from sqlmodel import Session, func, select
@@ -83,9 +84,33 @@ def money(entries: list[LedgerEntry]) -> dict:
     }
 
 
+# The async handlers below use the database in the threadpool, through these small functions, each
+# with its own short session: none is held while Temporal is awaited (see deps.db).
+
+def _job(svc: deps.Services, job_id: str) -> Job:
+    with Session(svc.engine) as session:
+        return get_job(session, job_id)
+
+
+def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
+    """The job back to received for a new run, with its event; and how many submissions came before."""
+    with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
+        job = get_job(session, job_id)
+        if session.get(Refund, job_id) is not None:
+            raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
+        attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
+        job.runs += 1
+        job.status, job.updated_at = "received", utcnow()
+        job.error_code = job.error_message = None
+        session.add(job)
+        session.add(JobEvent(job_id=job_id, status="received", at=job.updated_at))
+        session.commit()
+        return job, attempts
+
+
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
-async def retry(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
-    job = get_job(session, job_id)
+async def retry(job_id: str, svc: deps.Services = Depends(deps.services)):
+    job = await run_in_threadpool(_job, svc, job_id)
     if job.customer_email == ERASED_EMAIL:
         raise ApiError(409, "customer_erased", "the customer's data was erased; this job cannot run again")
     handle, state = await _running_state(svc, job_id)
@@ -95,24 +120,21 @@ async def retry(job_id: str, svc: deps.Services = Depends(deps.services), sessio
                                                    "retry applies to jobs in manual review or finished")
         await handle.signal(UpscaleWorkflow.admin_decision, "retry")
         return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
-    if session.get(Refund, job_id) is not None:
-        raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
-    attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
-    job.runs += 1
-    job.status, job.updated_at = "received", utcnow()
-    job.error_code = job.error_message = None
-    session.add(job)
-    session.add(JobEvent(job_id=job_id, status="received", at=job.updated_at))
-    session.commit()
+    job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
     await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
                          id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
     return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
 
 
+def _refund_of(svc: deps.Services, job_id: str) -> Refund | None:
+    with Session(svc.engine) as session:
+        get_job(session, job_id)
+        return session.get(Refund, job_id)
+
+
 @router.post("/jobs/{job_id}/refund", status_code=202, summary="Refund now")
-async def refund(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
-    get_job(session, job_id)
-    done = session.get(Refund, job_id)
+async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
+    done = await run_in_threadpool(_refund_of, svc, job_id)
     if done is not None:
         return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
     handle, state = await _running_state(svc, job_id)
@@ -130,8 +152,8 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services), sessi
 
 
 @router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
-async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
-    job = get_job(session, job_id)
+async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)):
+    job = await run_in_threadpool(_job, svc, job_id)
     if job.status == "completed" and not job.result_path:
         raise ApiError(409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link")
     if job.status != "completed" or not job.result_path:
@@ -146,7 +168,6 @@ async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services),
         link = await asyncio.wait_for(handle.result(), timeout=30)
     except asyncio.TimeoutError:
         return {"job_id": job_id, "action": "resend-email", "how": f"workflow {handle.id} is still running"}
-    session.refresh(job)
     return {"job_id": job_id, "action": "resend-email", "download_expires_at": link.expires_at.isoformat(),
             "how": f"link generation {link.generation} sent"}
 
@@ -176,14 +197,20 @@ def usage_report(request: Request, period: Literal["day", "month"] = "day", star
     }
 
 
-@router.post("/budget/release", summary="Let jobs held by a crossed budget (hard stop) spend again this period")
-async def release_budget(svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+def _release_budget_periods(svc: deps.Services) -> list[str]:
     now = utcnow()
     periods = [f"{period}:{usage.period_key(now, period)}" for period in ("day", "month")]
-    for period in periods:
-        if session.get(BudgetRelease, period) is None:
-            session.add(BudgetRelease(period=period, created_at=now))
-    session.commit()
+    with Session(svc.engine) as session:
+        for period in periods:
+            if session.get(BudgetRelease, period) is None:
+                session.add(BudgetRelease(period=period, created_at=now))
+        session.commit()
+    return periods
+
+
+@router.post("/budget/release", summary="Let jobs held by a crossed budget (hard stop) spend again this period")
+async def release_budget(svc: deps.Services = Depends(deps.services)):
+    periods = await run_in_threadpool(_release_budget_periods, svc)
     client = await svc.temporal_client()
     woken = 0
     async for execution in client.list_workflows('UpscaleStatus="queued" AND ExecutionStatus="Running"'):
@@ -219,8 +246,33 @@ async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
     return sorted({job_id for (job_id, _), busy in zip(pairs, checks) if busy})
 
 
+def _jobs_of_customer(svc: deps.Services, address: str) -> list[Job]:
+    if address == ERASED_EMAIL:
+        return []
+    with Session(svc.engine) as session:
+        return list(session.exec(select(Job).where(func.lower(Job.customer_email) == address).order_by(Job.job_id)).all())
+
+
+def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
+    """The jobs' download tokens and sent-mail rows deleted, their personal data replaced, in one
+    transaction; returns how many tokens and sent-mail rows."""
+    now = utcnow()
+    with Session(svc.engine) as session:
+        tokens = session.execute(delete(DownloadToken).where(DownloadToken.job_id.in_(ids))).rowcount
+        emails = session.execute(delete(SentMail).where(SentMail.job_id.in_(ids))).rowcount
+        for job in session.exec(select(Job).where(Job.job_id.in_(ids))).all():
+            job.customer_email, job.customer_name = ERASED_EMAIL, None
+            job.payment_reference, job.image_url, job.result_path = None, ERASED_IMAGE_URL, None
+            # The idempotency fingerprint hashed the order with the address: replaced too (the same order again is a conflict).
+            job.request_sha256 = hashlib.sha256(f"erased:{job.job_id}".encode()).hexdigest()
+            job.updated_at = now
+            session.add(job)
+        session.commit()
+    return tokens, emails
+
+
 @router.delete("/customers/{email}", summary="Erase a customer's personal data and files (GDPR)")
-async def erase_customer(email: str, svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)):
     """Every job of the address (compared case-insensitively): its files (original, copies, result,
     upload) are deleted, its download tokens and sent-mail rows too, and the address, name,
     payment reference and image URL on the job are replaced by placeholders. Ledger and refund
@@ -231,8 +283,7 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     if len(address) > 254 or not EMAIL.match(address):
         raise ApiError(422, "invalid_request", "email: must be an e-mail address like name@example.com",
                        [{"field": "email", "problem": "not an e-mail address"}])
-    jobs = [] if address == ERASED_EMAIL else list(session.exec(
-        select(Job).where(func.lower(Job.customer_email) == address).order_by(Job.job_id)).all())
+    jobs = await run_in_threadpool(_jobs_of_customer, svc, address)
     counts = {"jobs": 0, "files": 0, "tokens": 0, "emails": 0}
     if not jobs:
         return counts
@@ -251,17 +302,7 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
         return sum(storage.erase_job_files(job_id) for job_id in ids) + sum(storage.erase_upload(u) for u in uploads)
 
     counts["files"] = await asyncio.to_thread(delete_files)
-    counts["tokens"] = session.execute(delete(DownloadToken).where(DownloadToken.job_id.in_(ids))).rowcount
-    counts["emails"] = session.execute(delete(SentMail).where(SentMail.job_id.in_(ids))).rowcount
-    now = utcnow()
-    for job in jobs:
-        job.customer_email, job.customer_name = ERASED_EMAIL, None
-        job.payment_reference, job.image_url, job.result_path = None, ERASED_IMAGE_URL, None
-        # The idempotency fingerprint hashed the order with the address: replaced too (the same order again is a conflict).
-        job.request_sha256 = hashlib.sha256(f"erased:{job.job_id}".encode()).hexdigest()
-        job.updated_at = now
-        session.add(job)
-    session.commit()
+    counts["tokens"], counts["emails"] = await run_in_threadpool(_erase_rows, svc, ids)
     counts["jobs"] = len(jobs)
     log.info("erased a customer's personal data: %d jobs (%s), %d files, %d tokens, %d sent-mail rows",
              len(ids), ", ".join(ids), counts["files"], counts["tokens"], counts["emails"])

@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, quote, unquote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlmodel import Session
 
 from api import admin, dashboard, deps
 from api.errors import ApiError
@@ -165,10 +164,10 @@ def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)
 
 @router.post("/jobs/{job_id}/{action}")
 async def act_on_job(job_id: str, action: Literal["retry", "refund"], request: Request,
-                     svc: deps.Services = Depends(deps.services), session: Session = Depends(deps.db)):
+                     svc: deps.Services = Depends(deps.services)):
     _require_session_and_csrf(request, await _form(request), svc.settings)
     try:
-        reply = await ACTIONS[action](job_id, svc=svc, session=session)
+        reply = await ACTIONS[action](job_id, svc=svc)
         notice = f"{action.capitalize()} of job {job_id}: {reply['how']}."
     except ApiError as exc:  # e.g. 409: the job is busy, or already refunded
         notice = f"{action.capitalize()} of job {job_id} refused: {exc.message}."

@@ -84,6 +84,10 @@ def settings(svc: Services = Depends(services)) -> Settings:
 
 
 def db(svc: Services = Depends(services)) -> Iterator[Session]:
+    """For sync (`def`) handlers only, which FastAPI runs in its threadpool. An async handler would hold
+    the pooled connection across its awaits (more such requests than the pool's connections and the
+    API stalls) and block the event loop on every query: it runs small functions with
+    `run_in_threadpool` instead, each opening `Session(svc.engine)` around its own reads and writes."""
     with Session(svc.engine) as session:
         yield session
 

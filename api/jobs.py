@@ -10,6 +10,7 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -174,21 +175,18 @@ def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pric
                          min_price_usd=cfg.min_price_usd)
 
 
-@router.post("/v1/jobs", status_code=202, summary="Start the job's workflow (after payment)")
-async def create_job(
-    body: JobRequest,
-    response: Response,
-    svc: deps.Services = Depends(deps.services),
-    session: Session = Depends(deps.db),
-):
-    cfg = svc.settings
-    fingerprint = body.fingerprint()
-    job = session.exec(select(Job).where(Job.order_id == body.order_id)).first()
-    if job is None:
-        await refuse_what_cannot_be_made(svc, body.image_url, body.scale_factor)
-        now = utcnow()
-        job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
-                  **body.model_dump())
+def _job_of_order(svc: deps.Services, order_id: str) -> Job | None:
+    with Session(svc.engine) as session:
+        return session.exec(select(Job).where(Job.order_id == order_id)).first()
+
+
+def _insert_job(svc: deps.Services, body: JobRequest, fingerprint: str) -> tuple[Job, bool]:
+    """The new job with its first event and the price paid, in one transaction: (job, True). When the
+    same order arrived twice at once and the other request won: (its job, False)."""
+    now = utcnow()
+    job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
+              **body.model_dump())
+    with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
         session.add(job)
         session.add(JobEvent(job_id=job.job_id, status=RECEIVED, at=now))
         # The price paid, booked with the job in one transaction.
@@ -196,9 +194,23 @@ async def create_job(
                                 created_at=now))
         try:
             session.commit()
-        except IntegrityError:  # the same order arrived twice at once: the other request won
+            return job, True
+        except IntegrityError:  # the order_id is unique
             session.rollback()
-            job = session.exec(select(Job).where(Job.order_id == body.order_id)).one()
+            return session.exec(select(Job).where(Job.order_id == body.order_id)).one(), False
+
+
+@router.post("/v1/jobs", status_code=202, summary="Start the job's workflow (after payment)")
+async def create_job(body: JobRequest, response: Response, svc: deps.Services = Depends(deps.services)):
+    # The database is used in the threadpool, a session only around each read or write: none is held
+    # while the image probe or Temporal is awaited (many requests at once would empty the pool).
+    cfg = svc.settings
+    fingerprint = body.fingerprint()
+    job = await run_in_threadpool(_job_of_order, svc, body.order_id)
+    if job is None:
+        await refuse_what_cannot_be_made(svc, body.image_url, body.scale_factor)
+        job, created = await run_in_threadpool(_insert_job, svc, body, fingerprint)
+        if not created:
             response.status_code = 200
     else:
         response.status_code = 200

@@ -5,12 +5,6 @@ workflow type name, so the API starts it), to measure a proposed change before a
 it in workflows/upscale.py. A real change there needs `workflow.patched(...)` so that the
 histories of running jobs still replay (README, Benchmarks).
 
-- EarlyWebhookUpscaleWorkflow (`bench/throughput.py --early-webhook-fix`): today
-  `upsampler_webhook` keeps a hint only when its Upsampler id is the submission's, and the
-  workflow learns that id only when the submit activity's result comes back. A webhook that
-  arrives sooner (a fast Upsampler job; a slow, retried or resumed activity completion) is
-  dropped and the job waits for its first poll (`SMI_POLL_INITIAL_DELAY_SECONDS`, 30 s). This
-  one keeps such hints by id and takes the submission's when its id becomes known.
 - BookkeepingAfterDownloadWorkflow (`bench/webhook_latency.py --book-after-download`):
   today, between the status check that confirms the result and the download, three local
   activities run one after the other (record_cost, check_budget, update_job "downloading"),
@@ -31,45 +25,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.types import (DOWNLOADING, DownloadRequest, JobState, StoredImage, StoreRequest, UpscaleInput,
                                  UpsamplerResult, ValidateRequest, WebhookHint)
     from workflows.upscale import TRANSFER_RETRY, UpscaleWorkflow
-
-
-@workflow.defn(name="UpscaleWorkflow")
-class EarlyWebhookUpscaleWorkflow(UpscaleWorkflow):
-    def __init__(self) -> None:
-        super().__init__()
-        self._early: dict[str, WebhookHint] = {}
-
-    @workflow.query
-    def state(self) -> JobState:
-        return super().state()
-
-    @workflow.signal
-    def upsampler_webhook(self, hint: WebhookHint) -> None:
-        self._state.webhooks += 1
-        if hint.upsampler_id == self._state.upsampler_id:
-            self._hint = hint
-        elif len(self._early) < 16:  # a hint for a submission whose id we do not know yet
-            self._early[hint.upsampler_id] = hint
-
-    @workflow.signal
-    def admin_decision(self, decision: str) -> None:
-        super().admin_decision(decision)
-
-    @workflow.signal
-    def budget_released(self) -> None:
-        super().budget_released()
-
-    @workflow.run
-    async def run(self, job: UpscaleInput) -> JobState:
-        return await super().run(job)
-
-    async def _submit(self, variant: str | None) -> UpsamplerResult:
-        submission = await super()._submit(variant)
-        early = self._early.pop(submission.upsampler_id, None)
-        if early is not None:
-            self._hint = early
-        self._early.clear()
-        return submission
 
 
 @workflow.defn(name="UpscaleWorkflow")

@@ -1,7 +1,7 @@
 """Jobs per second end to end vs a bare workflow of as many no-op activities and one signal.
 
     .venv/bin/python bench/throughput.py [--jobs 100] [--rounds 1] [--concurrency 50]
-                                         [--emulator-delay 0] [--early-webhook-fix]
+                                         [--emulator-delay 0]
 
 Ours: each job is a real order, POST /v1/jobs to the API (uvicorn on a loopback port, in this
 process), run by the real worker (worker.create_worker, in this process) against the emulator
@@ -20,10 +20,6 @@ The same number of jobs in flight for both (a new one starts as one finishes); t
 alternate (bare, ours, bare, ours, ...) so both see the same machine. Also printed: the CPU
 time per job of this process, of the Temporal dev server and of the emulator. Target: ours
 >= 0.77 of the bare floor's jobs per second.
-
-`--early-webhook-fix` adds a third contender, interleaved with the others: our stack again (its
-own API, emulator and task queue) with bench/_patched.py's EarlyWebhookUpscaleWorkflow, which
-keeps a webhook that arrives before the submit activity's result (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -128,10 +124,6 @@ async def main(args: argparse.Namespace) -> dict:
     _bare.CLIENT, _bare.SIGNAL_DELAY = client, args.emulator_delay
     bare_queue = f"bare-{uuid.uuid4().hex[:8]}"
     contenders = [Ours("ours")]
-    if args.early_webhook_fix:
-        from _patched import EarlyWebhookUpscaleWorkflow
-
-        contenders.append(Ours("ours + early-webhook fix", EarlyWebhookUpscaleWorkflow))
     bare_seconds: list[float] = []
     bare_cpu: collections.Counter = collections.Counter()
     try:
@@ -206,6 +198,4 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=10, help="untimed jobs of each contender first (default 10)")
     parser.add_argument("--emulator-delay", type=float, default=0.0,
                         help="the emulator's delay_seconds, and the bare job's delay before its signal (default 0)")
-    parser.add_argument("--early-webhook-fix", action="store_true",
-                        help="also run our stack with bench/_patched.py's EarlyWebhookUpscaleWorkflow (the proposed fix)")
     asyncio.run(main(parser.parse_args()))
