@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 from temporalio.client import Client
 
@@ -48,9 +49,13 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     @app.get("/readyz", tags=["operators"], summary="Readiness: Temporal and the database reachable")
     async def readyz(svc: deps.Services = Depends(deps.services)):
         checks = {}
-        try:
+
+        def ping_database() -> None:
             with svc.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
+
+        try:
+            await run_in_threadpool(ping_database)  # not on the event loop: a slow database stalls no request
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {type(exc).__name__}"
