@@ -12,11 +12,11 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import aiofiles
 import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -28,6 +28,7 @@ from workflows.types import CompressRequest, DownloadRequest, FetchRequest, Stor
 from workflows.types import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
 
 CHUNK = 1024 * 1024
+BATCH = 4 * CHUNK  # downloads: hashed and written at once, in a thread, while the next is read
 HEARTBEAT_EVERY_SECONDS = 2.0
 
 
@@ -56,6 +57,24 @@ def hash_file(path: Path, hasher, limit: int | None = None):
     return hasher
 
 
+def _open_at(path: Path, start: int):
+    """`path` for writing from byte `start` on (a resume keeps what is before), cut there."""
+    out = open(path, "r+b" if start else "wb")
+    out.seek(start)
+    out.truncate()
+    return out
+
+
+def _hash_and_write(hasher, out, batch: list[bytes]) -> int:
+    # Joined first: each call below gives up the GIL and must win it back from the event loop,
+    # which can take a switch interval (5 ms); twice per batch, not twice per piece.
+    data = b"".join(batch)
+    hasher.update(data)
+    out.write(data)
+    out.flush()  # in the OS's hands: survives the process being killed
+    return len(data)
+
+
 def file_sha256(path: Path) -> str:
     return hash_file(path, hashlib.sha256()).hexdigest()
 
@@ -73,9 +92,20 @@ class StorageActivities:
 
     async def _stream_to(self, url: str, part: Path, limit: int, what: str, policy: FetchPolicy,
                          start: int = 0) -> tuple[int, str]:
-        """Stream `url` into `part` (resuming at `start` when the server allows), hashing as it goes."""
+        """Stream `url` into `part` (resuming at `start` when the server allows), hashing as it goes.
+
+        A thread of its own hashes and writes one batch (~BATCH bytes) while the event loop reads
+        the next from the socket: hashlib and file writes release the GIL, so the two overlap. A
+        single thread runs its jobs in the order given, and it is handed a batch only once the
+        previous one is written, so the bytes land in order and memory stays at a few batches.
+        """
         hasher = hashlib.sha256()
         headers = {"Range": f"bytes={start}-"} if start else {}
+        disk = ThreadPoolExecutor(1, thread_name_prefix="smi-download")  # owns the file and the hasher
+
+        def on_disk(fn, *args) -> asyncio.Future:
+            return asyncio.wrap_future(disk.submit(fn, *args))
+
         try:
             async with guarded_stream(self.http, url, policy, headers) as response:
                 if response.status_code == 200:
@@ -86,28 +116,44 @@ class StorageActivities:
                 if declared and declared.isdigit() and start + int(declared) > limit:
                     raise _fail("too_large", f"the {what} is larger than {limit} bytes")
                 if start:
-                    await asyncio.to_thread(hash_file, part, hasher, start)
-                done = start
-                last_beat = time.monotonic()
-                async with aiofiles.open(part, "r+b" if start else "wb") as out:
-                    await out.seek(start)
-                    await out.truncate()
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        done += len(chunk)
-                        if done > limit:  # capped while streaming, not after
+                    await on_disk(hash_file, part, hasher, start)
+                out = await on_disk(_open_at, part, start)
+                try:
+                    received = written = start  # written: hashed, written and flushed, all a heartbeat may claim
+                    batch: list[bytes] = []
+                    size = 0
+                    writing: asyncio.Future | None = None  # the batch in the thread; gives its length when done
+                    heartbeats, last_beat = activity.in_activity(), time.monotonic()
+                    async for chunk in response.aiter_bytes():  # as they come: re-chunking would copy them
+                        received += len(chunk)
+                        if received > limit:  # capped while streaming, not after
                             raise _fail("too_large", f"the {what} is larger than {limit} bytes")
-                        hasher.update(chunk)
-                        await out.write(chunk)
-                        if activity.in_activity() and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS:
-                            await out.flush()
-                            activity.heartbeat(done)
+                        batch.append(chunk)
+                        size += len(chunk)
+                        beat = heartbeats and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS
+                        if size >= BATCH or beat:
+                            if writing is not None:
+                                written += await writing
+                            writing = on_disk(_hash_and_write, hasher, out, batch)
+                            batch, size = [], 0
+                        if beat:  # once this batch too is on disk: a resume from the heartbeat skips nothing
+                            written += await writing
+                            writing = None
+                            activity.heartbeat(written)
                             last_beat = time.monotonic()
+                    if writing is not None:
+                        written += await writing
+                    written += await on_disk(_hash_and_write, hasher, out, batch)
+                finally:
+                    await asyncio.shield(on_disk(out.close))  # runs after a batch still in the thread, if any
         except FetchRefused as exc:
             code = "result_url_refused" if what == "result" else "image_url_refused"
             raise _fail(code, f"the {what} URL was refused: {exc}") from None
         except httpx.TransportError as exc:
             raise _fail("transient", f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
-        return done, hasher.hexdigest()
+        finally:
+            disk.shutdown(wait=False)  # its queue, if any (an error), still runs: the close is last
+        return written, hasher.hexdigest()
 
     @activity.defn
     async def fetch_original(self, request: FetchRequest) -> StoredImage:

@@ -1,0 +1,191 @@
+"""A 200 MB result through our download activity vs a bare httpx streamed copy to a file.
+
+    .venv/bin/python bench/download_200mb.py [--megabytes 200] [--rounds 3]
+
+A small static server (its own process, `sendfile`) serves one file of random bytes on a
+loopback port. Ours: `StorageActivities.download_result` (activities/storage.py: the fetch
+guard, streaming to a temporary file, SHA-256 and writes in a thread while the next batch is
+read, heartbeats, the rename), called through temporalio.testing.ActivityEnvironment so
+heartbeats work, with settings allowing that one host as Upsampler's CDN. Baseline:
+`httpx.AsyncClient.stream` and `aiter_bytes()` written to a file, nothing else. Each run is a
+fresh subprocess, so its peak RSS (VmHWM) is its own; the growth is the peak minus the RSS after imports and set-up.
+The rounds alternate (bare, ours, bare, ours, ...); medians are compared. Targets: ours >= 0.8
+of the bare copy's throughput, peak RSS growth < 64 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, verdict, wait_for_port  # noqa: E402
+
+TARGET_RATIO = 0.8
+TARGET_GROWTH_MIB = 64
+
+SERVER = """
+import sys
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        self.connection.sendfile(source)  # the kernel copies; the server costs next to nothing
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(Handler, directory=sys.argv[1])).serve_forever()
+"""
+
+COMMON = """
+import asyncio, json, sys, time
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+URL, FOLDER = sys.argv[1], sys.argv[2]
+"""
+
+OURS = COMMON + """
+from pathlib import Path
+from temporalio.testing import ActivityEnvironment
+from activities.storage import StorageActivities
+from smi.settings import Settings
+from workflows.types import DownloadRequest
+
+host = URL.split("/")[2]
+settings = Settings(env="dev", storage_dir=Path(FOLDER), fetch_allow_hosts=host, upsampler_result_hosts=host)
+storage = StorageActivities(settings)
+env = ActivityEnvironment()
+beats = []
+env.on_heartbeat = lambda *details: beats.append(details)
+
+async def main():
+    base = hwm()
+    start = time.perf_counter()
+    done = await env.run(storage.download_result, DownloadRequest("0" * 32, URL, 1))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "bytes": done.bytes, "sha256": done.sha256, "peak_kib": hwm(),
+                      "base_kib": base, "heartbeats": len(beats)}))
+asyncio.run(main())
+"""
+
+BARE = COMMON + """
+import httpx
+
+async def main():
+    async with httpx.AsyncClient(timeout=60) as http:
+        base = hwm()
+        start = time.perf_counter()
+        size = 0
+        async with http.stream("GET", URL) as response:
+            response.raise_for_status()
+            with open(FOLDER + "/copy", "wb") as out:
+                async for chunk in response.aiter_bytes():
+                    out.write(chunk)
+                    size += len(chunk)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "bytes": size, "sha256": None, "peak_kib": hwm(), "base_kib": base,
+                      "heartbeats": 0}))
+asyncio.run(main())
+"""
+
+CONTENDERS = {"bare": BARE, "ours": OURS}  # name: the code run in a fresh subprocess
+LABELS = {
+    "bare": "bare httpx stream -> file (baseline)",
+    "ours": "ours: download_result (guard, hash, heartbeats)",
+}
+
+
+def make_file(path: Path, megabytes: int) -> str:
+    """Random bytes (nothing compresses or repeats), written a MiB at a time; returns the SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for _ in range(megabytes * 1_000_000 // (1 << 20)):
+            block = os.urandom(1 << 20)
+            digest.update(block)
+            out.write(block)
+        rest = os.urandom(megabytes * 1_000_000 % (1 << 20))
+        digest.update(rest)
+        out.write(rest)
+    return digest.hexdigest()
+
+
+def run(code: str, url: str, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, url, str(folder)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        for path in sorted(folder.rglob("*"), reverse=True):  # 200 MB each: do not keep them
+            path.unlink() if path.is_file() else path.rmdir()
+
+
+def main(args: argparse.Namespace) -> dict:
+    from smi.serve import free_port
+
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="smi-bench-download-") as tmp:
+        served = Path(tmp) / "served"
+        served.mkdir()
+        made = time.perf_counter()
+        expected = make_file(served / "result.png", args.megabytes)
+        print(f"test file: {args.megabytes} MB of random bytes (made in {time.perf_counter() - made:.1f} s)")
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(served), str(port)])
+        try:
+            wait_for_port(port, process=server)
+            url = f"http://127.0.0.1:{port}/result.png"
+            names = list(CONTENDERS)
+            results: dict[str, list[dict]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names:
+                    results[name].append(run(CONTENDERS[name], url, Path(tmp) / name))
+                line = [f"round {r + 1}:"]
+                for name in names:
+                    last = results[name][-1]
+                    line.append(f"{name} {last['bytes'] / 1e6 / last['seconds']:7.1f} MB/s "
+                                f"+{(last['peak_kib'] - last['base_kib']) / 1024:5.1f} MiB")
+                print("   ".join(line), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+    size = args.megabytes * 1_000_000
+    for name, runs in results.items():
+        for one in runs:
+            if one["bytes"] != size or (one["sha256"] is not None and one["sha256"] != expected):
+                raise RuntimeError(f"{name}: wrong bytes: {one}")
+    speed = {name: statistics.median(one["bytes"] / 1e6 / one["seconds"] for one in runs) for name, runs in results.items()}
+    growth = {name: max((one["peak_kib"] - one["base_kib"]) / 1024 for one in runs) for name, runs in results.items()}
+    peak = {name: max(one["peak_kib"] / 1024 for one in runs) for name, runs in results.items()}
+    ratio = speed["ours"] / speed["bare"]
+    beats = [one["heartbeats"] for one in results["ours"]]
+    print(f"\n{args.megabytes} MB over loopback, {args.rounds} alternating rounds, medians; the SHA-256 "
+          f"our activity returns checked against the file's each time; heartbeats per download: {beats}")
+    for name in results:
+        print(f"{LABELS[name]:47s} {speed[name]:7.1f} MB/s   peak RSS growth {growth[name]:5.1f} MiB "
+              f"(process peak {peak[name]:5.1f} MiB)")
+    print(f"throughput ratio ours / bare: {ratio:.2f}   (target >= {TARGET_RATIO})   {verdict(ratio >= TARGET_RATIO)}")
+    print(f"ours peak RSS growth: {growth['ours']:.1f} MiB   (target < {TARGET_GROWTH_MIB} MiB)   "
+          f"{verdict(growth['ours'] < TARGET_GROWTH_MIB)}")
+    print(f"run time {time.perf_counter() - began:.0f} s")
+    return {"ratio": ratio, "growth": growth["ours"], "speed": speed}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megabytes", type=int, default=200, help="size of the result in MB (default 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    main(parser.parse_args())
