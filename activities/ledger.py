@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from temporalio import activity
 
 from smi import pricing, signing, telemetry, usage
-from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, JobEvent, LedgerEntry, as_utc, utcnow
+from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, LedgerEntry, as_utc, set_status, utcnow
 from smi.settings import Settings
 from workflows.types import (
     BudgetAlertInfo,
@@ -41,10 +41,7 @@ class LedgerActivities:
             job = session.get(Job, update.job_id)
             if job is None:
                 raise ValueError(f"job {update.job_id} has no record")
-            if job.status != update.status:  # a retried activity finds the status already set
-                session.add(JobEvent(job_id=job.job_id, status=update.status, at=utcnow()))
-            job.status = update.status
-            job.updated_at = utcnow()
+            set_status(session, job, update.status)
             if update.estimated_completion is not None:
                 job.estimated_completion = update.estimated_completion
             if update.input is not None:

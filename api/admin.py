@@ -27,7 +27,7 @@ from activities.ledger import FINISHED_STATUSES
 from activities.storage import StorageActivities
 from api.jobs import EMAIL, get_job, job_view, start_workflow
 from smi import signing, usage
-from smi.db import BudgetRelease, DownloadToken, Job, JobEvent, LedgerEntry, Refund, SentMail, Submission, utcnow
+from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, set_status, utcnow
 from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
@@ -100,10 +100,8 @@ def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
             raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
         attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
         job.runs += 1
-        job.status, job.updated_at = "received", utcnow()
         job.error_code = job.error_message = None
-        session.add(job)
-        session.add(JobEvent(job_id=job_id, status="received", at=job.updated_at))
+        set_status(session, job, "received")
         session.commit()
         return job, attempts
 

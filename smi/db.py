@@ -81,6 +81,16 @@ class JobEvent(SQLModel, table=True):
     at: datetime = _timestamp(nullable=False, index=True)
 
 
+def set_status(session: Session, job: Job, status: str) -> None:
+    """A job's new status, with its job_events row when it changes (the same status again, as from
+    a retried activity, adds none)."""
+    now = utcnow()
+    if job.status != status:
+        session.add(JobEvent(job_id=job.job_id, status=status, at=now))
+    job.status, job.updated_at = status, now
+    session.add(job)
+
+
 class Submission(SQLModel, table=True):
     """One request to Upsampler: recorded before the activity reports it, found again on retry."""
 
@@ -226,6 +236,7 @@ __all__ = [
     "BudgetRelease",
     "DownloadToken",
     "Job",
+    "JobEvent",
     "LedgerEntry",
     "Refund",
     "SentMail",
@@ -234,5 +245,6 @@ __all__ = [
     "UpsamplerCall",
     "as_utc",
     "make_engine",
+    "set_status",
     "utcnow",
 ]
