@@ -19,18 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.conftest import STOREFRONT_KEY, UPSAMPLER_KEY, make_settings  # noqa: E402 (after the path)
+
 BIN = Path(sys.executable).parent
-STOREFRONT_KEY = "bench-storefront-key"
-ADMIN_KEY = "bench-admin-key"
-UPSAMPLER_KEY = "bench-upsampler-key"
-WEBHOOK_SECRET = "bench-webhook-secret"
 
 
 def quiet() -> None:
@@ -128,7 +125,6 @@ class Stack:
         from api.app import create_app
         from smi.mailsink import MailSink
         from smi.serve import ServerThread, free_port
-        from smi.settings import Settings
 
         self.folder = tempfile.TemporaryDirectory(prefix="smi-bench-")
         tmp = Path(self.folder.name)
@@ -136,30 +132,11 @@ class Stack:
         self.mailbox = MailSink(port=free_port()).start()
         port = free_port()
         emulator_host = self.emulator.url.split("//")[1]
-        values = dict(
-            env="test",
-            temporal_address=self.temporal_address,
-            task_queue=f"upscale-{uuid.uuid4().hex[:8]}",
-            database_url=f"sqlite:///{tmp}/smi.db",
-            storage_dir=tmp / "storage",
-            public_base_url=f"http://127.0.0.1:{port}",
-            api_port=port,
-            upsampler_base_url=f"{self.emulator.url}/api/v1",
-            upsampler_api_key=UPSAMPLER_KEY,
-            storefront_api_key=STOREFRONT_KEY,
-            admin_api_key=ADMIN_KEY,
-            webhook_secret=WEBHOOK_SECRET,
-            smtp_port=self.mailbox.port,
-            mail_from="Upscale <shop@127.0.0.1>",
-            support_email="help@shop.test",
-            upsampler_requests_per_minute=60_000,  # nothing in the benchmarks may wait on the quota
-            upsampler_requests_per_hour=1_000_000,
-            fetch_allow_hosts=f"{emulator_host},127.0.0.1:{port}",
-            upsampler_result_hosts=emulator_host,
-            public_rate_limit_per_minute=1_000_000,
-        )
-        values.update(self.overrides)
-        self.settings = Settings(**values)
+        self.settings = make_settings(  # as the tests assemble it, with nothing waiting on a quota or a limit
+            tmp, temporal_address=self.temporal_address, api_port=port, smtp_port=self.mailbox.port,
+            emulator_url=self.emulator.url, allow_hosts=(emulator_host, f"127.0.0.1:{port}"),
+            **{"upsampler_requests_per_minute": 60_000, "upsampler_requests_per_hour": 1_000_000,
+               "public_rate_limit_per_minute": 1_000_000, **self.overrides})
         self.api = ServerThread(create_app(self.settings), port=port).start()
         return self
 
