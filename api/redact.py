@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 
+from smi.logs import RewriteRecord
+
 SENSITIVE = [
     (re.compile(r"(/v1/admin/customers/)[^\s?\"]*"), r"\1<redacted>"),  # a customer's e-mail address
     (re.compile(r"(/downloads/)[^\s?\"]*"), r"\1<redacted>"),  # a download token is a bearer credential
@@ -20,13 +22,9 @@ def redact(text: str) -> str:
     return text
 
 
-class RedactSensitive(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        return True
+class RedactSensitive(RewriteRecord):
+    def __init__(self):
+        super().__init__(redact)
 
 
 def install() -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from urllib.parse import parse_qs
@@ -59,36 +59,46 @@ def context(record: logging.LogRecord) -> dict:
     return {k: v for k, v in found.items() if v is not None}
 
 
-class MaskEmails(logging.Filter):
-    """Replaces e-mail addresses in the message, its arguments and the traceback by `<email>`.
+class RewriteRecord(logging.Filter):
+    """Rewrites the text of a record (message, arguments, traceback) with `rewrite`.
 
-    Arguments keep their place and type unless they held an address, so other handlers (and
+    Arguments keep their place and type unless their text changed, so other handlers (and
     formatters that unpack `args`, like uvicorn's access formatter) still work."""
 
+    def __init__(self, rewrite: Callable[[str], str]):
+        super().__init__()
+        self.rewrite = rewrite
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = _masked(record.msg)
+        record.msg = self._rewritten(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(_masked(arg) for arg in record.args)
+            record.args = tuple(self._rewritten(arg) for arg in record.args)
         elif isinstance(record.args, dict):
-            record.args = {key: _masked(arg) for key, arg in record.args.items()}
+            record.args = {key: self._rewritten(arg) for key, arg in record.args.items()}
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = mask(record.exc_text)
+            record.exc_text = self.rewrite(record.exc_text)
         if record.stack_info:
-            record.stack_info = mask(record.stack_info)
+            record.stack_info = self.rewrite(record.stack_info)
         return True
 
+    def _rewritten(self, value):
+        if value is None or isinstance(value, (int, float)):
+            return value
+        try:
+            text = value if isinstance(value, str) else str(value)
+        except Exception:  # a broken __str__: the formatter reports it as it would have
+            return value
+        rewritten = self.rewrite(text)
+        return rewritten if rewritten != text or isinstance(value, str) else value
 
-def _masked(value):
-    if value is None or isinstance(value, (int, float)):
-        return value
-    try:
-        text = value if isinstance(value, str) else str(value)
-    except Exception:  # a broken __str__: the formatter reports it as it would have
-        return value
-    masked = mask(text)
-    return masked if masked != text or isinstance(value, str) else value
+
+class MaskEmails(RewriteRecord):
+    """Replaces e-mail addresses by `<email>`, whatever logger wrote them."""
+
+    def __init__(self):
+        super().__init__(mask)
 
 
 class JsonFormatter(logging.Formatter):
