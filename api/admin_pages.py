@@ -13,13 +13,11 @@ import hmac
 import secrets
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import parse_qs, quote, unquote
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 
 from api import admin, dashboard, deps
 from api.errors import ApiError
@@ -28,13 +26,12 @@ from smi.db import as_utc, utcnow
 from smi.settings import Settings
 
 router = APIRouter(prefix="/admin", tags=["admin dashboard"], include_in_schema=False)
-templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
 
 SESSION_COOKIE = "smi_admin_session"
 NOTICE_COOKIE = "smi_admin_notice"  # the outcome of the last Retry or Refund, shown once after the redirect
 SESSION_HOURS = 8
 MAX_FORM_BYTES = 16 * 1024
-STATUSES = ["received", "queued", "processing", "downloading", "completed", "manual_review", "failed"]
+STATUSES = list(get_args(admin.Status))  # the contract's statuses, in the order a job passes them
 ACTIONS = {"retry": admin.retry, "refund": admin.refund}
 
 
@@ -95,7 +92,7 @@ def _page(request: Request, name: str, context: dict, status_code: int = 200) ->
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
     }
-    return templates.TemplateResponse(request, name, {**context, "nonce": nonce}, status_code=status_code,
+    return deps.pages.TemplateResponse(request, name, {**context, "nonce": nonce}, status_code=status_code,
                                       headers=headers)
 
 

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 
 import httpx
 from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio.client import Client
 
 from api.errors import ApiError
 from smi.codec import data_converter
+from smi.mail import TEMPLATES
 from smi.settings import Settings
+
+pages = Jinja2Templates(directory=TEMPLATES)  # the HTML pages: status page and dashboard
 
 
 @dataclass

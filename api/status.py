@@ -10,12 +10,10 @@ import asyncio
 import json
 import secrets
 import time
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, select
 
 from api import deps
@@ -25,7 +23,6 @@ from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
 
 router = APIRouter(tags=["customer"], dependencies=[Depends(deps.public_rate_limit)])
-templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
 
 EVENTS_POLL_SECONDS = 0.5  # how often the event stream looks at the database
 EVENTS_MAX_SECONDS = 300  # then the stream ends and the browser's EventSource reconnects
@@ -140,7 +137,7 @@ async def status_page(request: Request, job_id: str, v: str | None = Query(None,
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
     }
-    return templates.TemplateResponse(request, "pages/status.html", {"state": state, "nonce": nonce}, headers=headers)
+    return deps.pages.TemplateResponse(request, "pages/status.html", {"state": state, "nonce": nonce}, headers=headers)
 
 
 @router.get("/status/{job_id}/state", summary="The status page's state as JSON (the page's polling fallback)")
