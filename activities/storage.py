@@ -149,7 +149,11 @@ class StorageActivities:
         except FetchRefused as exc:
             code = "result_url_refused" if what == "result" else "image_url_refused"
             raise _fail(code, f"the {what} URL was refused: {exc}") from None
-        except httpx.TransportError as exc:
+        except httpx.DecodingError:  # the server's Content-Encoding does not match its body: no retry mends that
+            code = "invalid_result" if what == "result" else "fetch_failed"
+            raise _fail(code, f"the {what} could not be decoded: its Content-Encoding does not match its body") \
+                from None
+        except httpx.HTTPError as exc:  # network trouble; FetchRefused covers what httpx cannot request
             raise _fail("transient", f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
         finally:
             disk.shutdown(wait=False)  # its queue, if any (an error), still runs: the close is last

@@ -27,13 +27,9 @@ class Probe:
 
 def read_header(data: bytes) -> Probe | None:
     """None when `data` is too short to tell."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = FORMATS.get(image.format or "")
-            if fmt is None:
-                return Probe(problem="unsupported_format", detail=f"{image.format} images are not accepted; "
-                                                                   "send PNG, JPEG or WebP")
-            return Probe(image.width, image.height, fmt)
+    try:  # only the plugins of the formats we take parse the header: other formats are unidentified
+        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
+            return Probe(image.width, image.height, FORMATS[image.format])
     except Image.DecompressionBombError:
         return Probe(problem="output_too_large", detail="the image's dimensions are absurdly large")
     except UnidentifiedImageError:
@@ -60,6 +56,9 @@ async def probe_url(http: httpx.AsyncClient, url: str, policy: FetchPolicy) -> P
                         return found or Probe()
     except FetchRefused as exc:
         return Probe(problem="url_refused", detail=f"this URL is not fetched: {exc}")
+    except httpx.DecodingError:
+        return Probe(problem="image_unreachable", detail="the image_url's response could not be decoded "
+                                                         "(its Content-Encoding does not match its body)")
     except httpx.HTTPError:
         return Probe()
     if not data:
