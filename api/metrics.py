@@ -1,47 +1,99 @@
-"""`GET /metrics`: Prometheus text. Totals come from the database at scrape time, so every API
-process reports the same ones however many there are; queue depth and backlog age come from
-Temporal. Stage-time histograms and the SDK's own metrics are on each worker's port
-(smi/telemetry.py)."""
+"""`GET /metrics`: Prometheus text, behind `Authorization: Bearer $SMI_METRICS_TOKEN`.
+
+Totals come from the database, so every API process reports the same ones however many there
+are (hence `smi_db_`: a worker's `smi_...` counters count that process only); queue depth and
+backlog age come from Temporal. Stage-time histograms and the SDK's own metrics are on each
+worker's port (smi/telemetry.py). A collection costs a few aggregates and four Temporal calls,
+so its figures answer every scrape for CACHE_SECONDS.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse
-from sqlalchemy.engine import Engine
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily as Counter, GaugeMetricFamily as Gauge, Metric
 from sqlmodel import Session, func, select
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 from api import deps
-from smi.db import Job, LedgerEntry, Refund, UpsamplerCall
+from api.errors import ApiError
+from smi import usage
+from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, utcnow
+from smi.settings import Settings
 from workflows.types import UPSAMPLER_QUEUE_SUFFIX
 
 log = logging.getLogger("smi.api")
 QUEUE_TYPES = {"workflow": TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, "activity": TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY}
+CACHE_SECONDS = 5.0  # well under any scrape interval; a flood of scrapes costs one collection per this
 
 router = APIRouter(tags=["operators"])
 
 
-def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        rendered = ",".join(f'{key}="{val}"' for key, val in sorted(labels.items()))
-        lines.append(f"{name}{{{rendered}}} {value:g}" if rendered else f"{name} {value:g}")
-    return lines
+def scraper(request: Request, cfg: Settings = Depends(deps.settings)) -> None:
+    """The figures include revenue and cost: a scraper shows SMI_METRICS_TOKEN. Without one
+    configured, only a development process (SMI_ENV=dev) answers; any other refuses, saying why."""
+    token = cfg.metrics_token.get_secret_value() if cfg.metrics_token else ""  # empty: as unset
+    if token:
+        deps._require(request, [token], "metrics")
+    elif cfg.env != "dev":
+        raise ApiError(401, "unauthorized", "/metrics is closed until SMI_METRICS_TOKEN is set; "
+                       "then scrape with 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
 
 
-@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(svc: deps.Services = Depends(deps.services)):
-    lines = await run_in_threadpool(_from_database, svc.engine) + await _from_task_queues(svc)
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(scraper)],
+            response_class=Response, responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}}})
+async def metrics(request: Request):
+    state = request.app.state
+    if getattr(state, "metrics", None) is None:  # no await since the check: one per app
+        state.metrics = Figures(state.services)
+    await state.metrics.refresh()
+    # The classic text format: every Prometheus version reads it, and our names need no escaping.
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
-def _from_database(engine: Engine) -> list[str]:
-    with Session(engine) as session:
+class Figures:
+    """The collector of one app, on a registry of its own: it yields the latest collection's families."""
+
+    def __init__(self, svc: deps.Services):
+        self.svc = svc
+        self.families: list[Metric] = []
+        self.collected_at = -math.inf
+        self.lock = asyncio.Lock()
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    async def refresh(self) -> None:
+        async with self.lock:  # one collection at a time; the scrapes that waited find it fresh
+            if time.monotonic() - self.collected_at < CACHE_SECONDS:
+                return
+            self.families = await run_in_threadpool(_from_database, self.svc) + await _from_task_queues(self.svc)
+            self.collected_at = time.monotonic()
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def _family(kind: type[Metric], name: str, help_text: str, labels: list[str], rows) -> Metric:
+    """A Gauge- or CounterMetricFamily of `rows`: (label values..., number)."""
+    family = kind(name, help_text, labels=labels)
+    for *values, number in rows:
+        family.add_metric([str(v) for v in values], number)
+    return family
+
+
+def _from_database(svc: deps.Services) -> list[Metric]:
+    """Money only ever adds rows to the ledger (a refund is a row of its own), so its sums are counters."""
+    booked = LedgerEntry.purpose != "estimate"
+    with Session(svc.engine) as session:
         jobs = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
         errors = session.exec(select(Job.status, Job.error_code, func.count()).where(Job.error_code.is_not(None))
                               .group_by(Job.status, Job.error_code)).all()
@@ -49,26 +101,42 @@ def _from_database(engine: Engine) -> list[str]:
                                .group_by(Refund.status, Refund.reason)).all()
         calls = session.exec(select(UpsamplerCall.kind, UpsamplerCall.outcome, func.count())
                              .group_by(UpsamplerCall.kind, UpsamplerCall.outcome)).all()
-        credits, cost, revenue = session.exec(select(
-            func.coalesce(func.sum(LedgerEntry.credits), 0), func.coalesce(func.sum(LedgerEntry.cost_usd), 0),
-            func.coalesce(func.sum(LedgerEntry.revenue_usd), 0)).where(LedgerEntry.purpose != "estimate")).one()
-    return (
-        _family("smi_jobs", "gauge", "Jobs by status.", [({"status": s}, n) for s, n in jobs])
-        + _family("smi_job_errors", "gauge", "Jobs carrying an error, by status and error code.",
-                  [({"status": s, "code": c}, n) for s, c, n in errors])
-        + _family("smi_refunds", "gauge", "Refunds by status and reason.",
-                  [({"status": s, "reason": r}, n) for s, r, n in refunds])
-        + _family("smi_upsampler_requests_total", "counter", "Requests to Upsampler by kind and outcome.",
-                  [({"kind": k, "outcome": o}, n) for k, o, n in calls])
-        + _family("smi_credits_spent_total", "counter", "Upsampler credits booked in the ledger.", [({}, credits)])
-        + _family("smi_cost_usd_total", "counter", "Upsampler cost booked in the ledger, USD.", [({}, cost)])
-        + _family("smi_revenue_usd_total", "counter", "Revenue less refunds booked in the ledger.", [({}, revenue)])
-    )
+        credits, cost = session.exec(select(func.coalesce(func.sum(LedgerEntry.credits), 0),
+                                            func.coalesce(func.sum(LedgerEntry.cost_usd), 0)).where(booked)).one()
+        money = dict(session.exec(select(LedgerEntry.purpose, func.sum(LedgerEntry.revenue_usd))
+                                  .where(LedgerEntry.purpose.in_(("revenue", "refund")))
+                                  .group_by(LedgerEntry.purpose)).all())  # a refund row is negative revenue
+    now, cfg = utcnow(), svc.settings
+    budgets = {"day": cfg.daily_budget_usd, "month": cfg.monthly_budget_usd}
+    spent = [(period, usage.spent_usd(svc.engine, *usage.period_bounds(now, period))) for period in budgets]
+    revenue, refunded = round(money.get("revenue") or 0, 2), round(-(money.get("refund") or 0), 2)
+    return [
+        _family(Gauge, "smi_db_jobs", "Jobs by status.", ["status"], jobs),
+        _family(Gauge, "smi_db_job_errors", "Jobs carrying an error, by status and error code.",
+                ["status", "code"], errors),
+        _family(Gauge, "smi_db_refunds", "Refunds by status and reason.", ["status", "reason"], refunds),
+        _family(Counter, "smi_db_upsampler_requests", "Requests to Upsampler by kind and outcome, all workers.",
+                ["kind", "outcome"], calls),
+        _family(Counter, "smi_db_credits_spent", "Upsampler credits booked in the ledger.", [], [(credits,)]),
+        _family(Counter, "smi_db_cost_usd", "Upsampler cost booked in the ledger, USD.", [], [(cost,)]),
+        _family(Counter, "smi_db_revenue_usd", "Prices paid, booked in the ledger (refunds not deducted).", [],
+                [(revenue,)]),
+        _family(Counter, "smi_db_refunded_usd", "Refunds booked in the ledger.", [], [(refunded,)]),
+        _family(Gauge, "smi_db_budget_spent_usd", "Upsampler cost booked in this UTC day or month, USD: what "
+                "the budgets are checked against.", ["period"], spent),
+        _family(Gauge, "smi_budget_usd", "The budget of each period, USD (SMI_DAILY_BUDGET_USD, "
+                "SMI_MONTHLY_BUDGET_USD); absent when unset.", ["period"],
+                [(period, budget) for period, budget in budgets.items() if budget]),
+    ]
 
 
-async def _from_task_queues(svc: deps.Services) -> list[str]:
+async def _from_task_queues(svc: deps.Services) -> list[Metric]:
     """Backlog of the jobs queue and of the Upsampler queue, as Temporal reports it."""
-    depth, age, pollers = [], [], []
+    labels = ["task_queue", "type"]
+    depth = Gauge("smi_task_queue_backlog", "Tasks waiting in the task queue (approximate).", labels=labels)
+    age = Gauge("smi_task_queue_backlog_age_seconds", "Age of the oldest waiting task.", labels=labels)
+    pollers = Gauge("smi_task_queue_pollers", "Worker pollers seen recently on the task queue.", labels=labels)
+    up = Gauge("smi_task_queue_up", "1 when Temporal answered for the task queues.")
     try:
         client = await svc.temporal_client()
         for queue in (svc.settings.task_queue, svc.settings.task_queue + UPSAMPLER_QUEUE_SUFFIX):
@@ -76,16 +144,12 @@ async def _from_task_queues(svc: deps.Services) -> list[str]:
                 described = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
                     namespace=svc.settings.temporal_namespace, task_queue=TaskQueue(name=queue),
                     task_queue_type=queue_type, report_stats=True))
-                labels = {"task_queue": queue, "type": kind}
-                depth.append((labels, described.stats.approximate_backlog_count))
-                age.append((labels, described.stats.approximate_backlog_age.ToTimedelta().total_seconds()))
-                pollers.append((labels, len(described.pollers)))
+                depth.add_metric([queue, kind], described.stats.approximate_backlog_count)
+                age.add_metric([queue, kind], described.stats.approximate_backlog_age.ToTimedelta().total_seconds())
+                pollers.add_metric([queue, kind], len(described.pollers))
     except Exception as exc:  # the database totals are still worth a scrape
         log.warning("task queue statistics unavailable: %s", type(exc).__name__)
-        return _family("smi_task_queue_up", "gauge", "1 when Temporal answered for the task queues.", [({}, 0)])
-    return (
-        _family("smi_task_queue_up", "gauge", "1 when Temporal answered for the task queues.", [({}, 1)])
-        + _family("smi_task_queue_backlog", "gauge", "Tasks waiting in the task queue (approximate).", depth)
-        + _family("smi_task_queue_backlog_age_seconds", "gauge", "Age of the oldest waiting task.", age)
-        + _family("smi_task_queue_pollers", "gauge", "Worker pollers seen recently on the task queue.", pollers)
-    )
+        up.add_metric([], 0)
+        return [up]
+    up.add_metric([], 1)
+    return [up, depth, age, pollers]

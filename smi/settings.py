@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     storefront_api_key: SecretStr | None = None
     storefront_api_keys: SecretStr | None = None  # comma-separated, valid beside the single key: rotation
     admin_api_key: SecretStr | None = None
+    metrics_token: SecretStr | None = None  # Bearer for GET /metrics (revenue, cost); unset, only SMI_ENV=dev answers
     webhook_secret: SecretStr | None = None
     webhook_secret_previous: SecretStr | None = None  # still accepted while webhooks and links signed with it live
 

@@ -4,7 +4,12 @@ Ours are recorded through Temporal's metric meter, so they leave by the same exp
 the SDK's: from workflow code (stage times, outcomes, webhook-vs-poll; the SDK drops them
 while a workflow replays, so a restarted worker counts nothing twice) and from activities
 (Upsampler requests, bytes downloaded, credits booked). The API's /metrics adds the
-database totals and the task queues' backlog (api/metrics.py).
+database totals (named `smi_db_...`: those are for all processes, ours here for this one) and
+the task queues' backlog (api/metrics.py).
+
+Names follow Prometheus' conventions: counters end in `_total`, durations are seconds and end
+in `_seconds` (the SDK's `temporal_activity_execution_latency_seconds`, our
+`smi_stage_duration_seconds`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ def worker_runtime(metrics_address: str) -> Runtime:
     prometheus = PrometheusConfig(
         bind_address=metrics_address,
         counters_total_suffix=True,
+        unit_suffix=True,
         durations_as_seconds=True,
+        # Keyed by the name as recorded: the exporter adds `_seconds` after choosing the buckets.
         histogram_bucket_overrides={"smi_stage_duration": STAGE_BUCKETS},
     )
     return Runtime(telemetry=TelemetryConfig(metrics=prometheus))

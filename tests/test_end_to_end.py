@@ -31,7 +31,7 @@ def jobs_in_db(database_url: str) -> list[Job]:
 
 async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
     faults(delay_seconds=0.3)
-    stack = stack_factory(dev_env)
+    stack = stack_factory(dev_env, metrics_token="e2e-metrics-token")
     image_url = stack.shop.publish(png_bytes(120, 80))
     body = order(image_url, "wc-1042", scale_factor=4)
     client = stack.client()
@@ -95,12 +95,12 @@ async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
     assert len(stack.mailbox.messages) == 1
 
     # Operators see it in the metrics.
-    scraped = httpx.get(f"{stack.api.url}/metrics")
+    scraped = httpx.get(f"{stack.api.url}/metrics", headers={"Authorization": "Bearer e2e-metrics-token"})
     assert scraped.headers["content-type"].startswith("text/plain")
     lines = scraped.text.splitlines()
-    assert 'smi_jobs{status="completed"} 1' in lines and "smi_credits_spent_total 1" in lines
-    assert 'smi_upsampler_requests_total{kind="submit",outcome="ok"} 1' in lines
-    assert "# TYPE smi_upsampler_requests_total counter" in lines
+    assert 'smi_db_jobs{status="completed"} 1.0' in lines and "smi_db_credits_spent_total 1.0" in lines
+    assert 'smi_db_upsampler_requests_total{kind="submit",outcome="ok"} 1.0' in lines
+    assert "# TYPE smi_db_upsampler_requests_total counter" in lines
 
     # The file is stored where the contract says.
     assert (stack.settings.storage_dir / "jobs" / job_id / "upscaled_480x320.png").is_file()

@@ -1,27 +1,36 @@
 """Metrics for operators: the worker's Prometheus port (the SDK's metrics and ours) and the
-API's /metrics (database totals, task queue backlog), scraped from real servers."""
+API's /metrics (database totals, task queue backlog, behind SMI_METRICS_TOKEN), scraped from
+real servers."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 from temporalio.client import Client
 
-from smi.serve import free_port
+from api import metrics
+from api.app import create_app
+from smi.serve import ServerThread, free_port
 from smi.telemetry import worker_runtime
-from tests.conftest import png_bytes
+from tests.conftest import make_settings, png_bytes
 from tests.helpers import order, wait_for_status
 from worker import create_worker
+
+METRICS_TOKEN = "metrics-token-for-tests"
+BEARER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}; the parser also proves the text is valid."""
-    text = httpx.get(url, timeout=10).text
+    reply = httpx.get(url, headers=BEARER, timeout=10)  # the worker's port ignores the header
+    assert reply.status_code == 200, reply.text
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -38,11 +47,17 @@ async def scrape_until(url: str, condition, timeout: float = 30) -> dict:
     return samples
 
 
+async def client_exporting_metrics(dev_env) -> tuple[Client, str]:
+    """A Temporal client whose runtime, and so its workers, export metrics on a free port: (client, host:port)."""
+    address = f"127.0.0.1:{free_port()}"
+    client = await Client.connect(dev_env.client.service_client.config.target_host, runtime=worker_runtime(address))
+    return client, address
+
+
 async def test_worker_port_has_sdk_and_job_metrics(dev_env, stack_factory, faults):
     faults(delay_seconds=0.2)
     stack = stack_factory(dev_env, poll_initial_delay_seconds=1)
-    address = f"127.0.0.1:{free_port()}"
-    client = await Client.connect(dev_env.client.service_client.config.target_host, runtime=worker_runtime(address))
+    client, address = await client_exporting_metrics(dev_env)
     api = stack.client()
 
     async with create_worker(client, stack.settings):
@@ -59,9 +74,13 @@ async def test_worker_port_has_sdk_and_job_metrics(dev_env, stack_factory, fault
 
         samples = await asyncio.to_thread(scrape, f"http://{address}/metrics")
 
-    # The SDK's own metrics, through the Runtime's exporter.
+    # The SDK's own metrics, through the Runtime's exporter; durations in seconds, named so.
     assert value(samples, "temporal_workflow_completed_total", task_queue=stack.settings.task_queue) >= 2
-    assert value(samples, "temporal_activity_execution_latency_count") > 0
+    assert value(samples, "temporal_activity_execution_latency_seconds_count") > 0
+    # Names Temporal's SDK dashboard (temporalio/dashboards, sdk/sdk-general.json) queries.
+    assert value(samples, "temporal_request_latency_seconds_count") > 0
+    assert value(samples, "temporal_workflow_endtoend_latency_seconds_count", task_queue=stack.settings.task_queue) >= 2
+    assert not any(name.endswith("_latency_count") for name, _ in samples), "a duration without its unit"
     # Ours, recorded in the workflow and in activities.
     assert value(samples, "smi_jobs_started_total", run="first") == 2
     assert value(samples, "smi_job_outcomes_total", outcome="completed", reason="none") == 2
@@ -73,14 +92,16 @@ async def test_worker_port_has_sdk_and_job_metrics(dev_env, stack_factory, fault
     assert value(samples, "smi_credits_spent_hundredths_total") == round(credits * 100)
     # Each job left each of these stages once (Upsampler finished before a poll saw "processing").
     for stage in ("received", "queued", "downloading"):
-        assert value(samples, "smi_stage_duration_count", stage=stage) == 2, stage
-    assert value(samples, "smi_stage_duration_bucket", stage="queued", le="+Inf") == 2
+        assert value(samples, "smi_stage_duration_seconds_count", stage=stage) == 2, stage
+    assert value(samples, "smi_stage_duration_seconds_bucket", stage="queued", le="+Inf") == 2
+    # Our buckets (up to a week), not the SDK's defaults: the override's key is the unsuffixed name.
+    assert value(samples, "smi_stage_duration_seconds_bucket", stage="queued", le="604800") == 2
     # The polled job waited its initial delay (1 s) in queued; a webhook ends the wait sooner.
-    assert value(samples, "smi_stage_duration_sum", stage="queued") >= 0.9
+    assert value(samples, "smi_stage_duration_seconds_sum", stage="queued") >= 0.9
 
 
 async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
-    stack = stack_factory(dev_env)
+    stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN, daily_budget_usd=0.01)
     api = stack.client()
     queue = stack.settings.task_queue
     job_id = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
@@ -91,7 +112,7 @@ async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
         found, "smi_task_queue_backlog", task_queue=queue, type="workflow") >= 1)
     assert value(samples, "smi_task_queue_up") == 1
     assert value(samples, "smi_task_queue_backlog_age_seconds", task_queue=queue, type="workflow") > 0
-    assert value(samples, "smi_jobs", status="received") == 1
+    assert value(samples, "smi_db_jobs", status="received") == 1
 
     async with create_worker(dev_env.client, stack.settings):
         job = await wait_for_status(api, job_id, {"completed", "failed", "manual_review"}, timeout=60)
@@ -101,22 +122,97 @@ async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
             found, "smi_task_queue_backlog", task_queue=queue, type="workflow") == 0)
     assert value(samples, "smi_task_queue_pollers", task_queue=queue, type="workflow") >= 1
     assert value(samples, "smi_task_queue_pollers", task_queue=queue + "-upsampler", type="activity") >= 1
-    assert value(samples, "smi_jobs", status="completed") == 1
+    assert value(samples, "smi_db_jobs", status="completed") == 1
+    # The day's spend against its budget (crossed: the job cost more than a cent); no monthly budget set.
+    cost = job["cost"]["usd"]
+    assert value(samples, "smi_db_budget_spent_usd", period="day") == cost > 0.01
+    assert value(samples, "smi_budget_usd", period="day") == 0.01
+    assert not any(name == "smi_budget_usd" and ("period", "month") in labels for name, labels in samples)
 
 
-async def test_api_metrics_without_temporal_still_answer(tmp_path, emulator, shop, mailbox):
-    """Temporal down: the database totals are still scraped, and the queue gauge says so."""
-    from api.app import create_app
-    from smi.serve import ServerThread
-    from tests.conftest import make_settings
-
+@contextmanager
+def api_alone(tmp_path, emulator, mailbox, **overrides):
+    """A real API whose Temporal is down (nothing listens at its address); yields its URL."""
     port = free_port()
     settings = make_settings(tmp_path, temporal_address=f"127.0.0.1:{free_port()}", api_port=port,
-                             smtp_port=mailbox.port, emulator_url=emulator.url)
+                             smtp_port=mailbox.port, emulator_url=emulator.url, **overrides)
     server = ServerThread(create_app(settings), port=port).start()
     try:
-        samples = await asyncio.to_thread(scrape, f"{server.url}/metrics")
+        yield server.url
     finally:
         server.stop()
+
+
+async def test_api_metrics_without_temporal_still_answer(tmp_path, emulator, mailbox):
+    """Temporal down: the database totals are still scraped, and the queue gauge says so."""
+    with api_alone(tmp_path, emulator, mailbox, metrics_token=METRICS_TOKEN) as url:
+        samples = await asyncio.to_thread(scrape, f"{url}/metrics")
     assert value(samples, "smi_task_queue_up") == 0
-    assert ("smi_credits_spent_total", ()) in samples
+    assert ("smi_db_credits_spent_total", ()) in samples
+
+
+def aggregates_run_by(app) -> list[str]:
+    """The aggregate queries (count, sum) the API process sends to its database from now on."""
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, *args):
+        if "count(" in statement.lower() or "sum(" in statement.lower():
+            seen.append(statement)
+
+    event.listen(app.state.services.engine, "before_cursor_execute", note)
+    return seen
+
+
+async def test_api_metrics_need_the_token_and_a_flood_costs_one_collection(dev_env, stack_factory):
+    stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN)
+    url = f"{stack.api.url}/metrics"
+    aggregates = aggregates_run_by(stack.api.server.config.app)
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {METRICS_TOKEN}"},
+                    {"Authorization": "Bearer \xe9t\xe9".encode("latin-1")}, {"Authorization": METRICS_TOKEN}):
+        refused = await asyncio.to_thread(httpx.get, url, headers=headers)
+        assert refused.status_code == 401, (headers, refused.text)
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert "smi_" not in refused.text
+    assert aggregates == [], "an unauthenticated scrape reached the database"
+
+    # Twenty scrapes at once: one collection answers them all, and the text is valid Prometheus.
+    flood = await asyncio.gather(*(asyncio.to_thread(scrape, url) for _ in range(20)))
+    one_collection = len(aggregates)
+    assert one_collection > 0 and all(samples == flood[0] for samples in flood)
+    assert value(flood[0], "smi_task_queue_up") == 1
+    # A scrape soon after is answered from the same figures.
+    await asyncio.to_thread(scrape, url)
+    assert len(aggregates) == one_collection
+    # Figures older than the cache's few seconds are collected again, once.
+    await asyncio.sleep(metrics.CACHE_SECONDS)
+    await asyncio.gather(*(asyncio.to_thread(scrape, url) for _ in range(5)))
+    assert len(aggregates) == 2 * one_collection
+
+
+async def test_metrics_are_refused_without_a_configured_token_outside_dev(tmp_path, emulator, mailbox):
+    with api_alone(tmp_path, emulator, mailbox, env="test") as url:  # no SMI_METRICS_TOKEN
+        reply = await asyncio.to_thread(httpx.get, f"{url}/metrics", headers=BEARER)
+    assert reply.status_code == 401 and "SMI_METRICS_TOKEN" in reply.json()["error"]["message"]
+    with api_alone(tmp_path, emulator, mailbox, env="dev") as url:  # `smi dev`: open, on loopback
+        reply = await asyncio.to_thread(httpx.get, f"{url}/metrics")
+    assert reply.status_code == 200 and "smi_db_jobs" in reply.text
+
+
+async def test_revenue_and_refunds_are_two_counters(dev_env, stack_factory, faults):
+    """A refund adds to the refunds counter; the revenue counter keeps what was paid (it never goes down)."""
+    faults(refuse_with="unsupported image format")  # Upsampler refuses the job: it fails and is refunded
+    stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN)
+    api = stack.client()
+    async with create_worker(dev_env.client, stack.settings):
+        job_id = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
+            stack.shop.publish(png_bytes(40, 30)), "refunded-1", amount_paid_cents=1299))).json()["job_id"]
+        await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()
+    job = (await asyncio.to_thread(api.get, f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["refund"]["amount_cents"] == 1299, job
+
+    samples = await asyncio.to_thread(scrape, f"{stack.api.url}/metrics")
+    assert value(samples, "smi_db_revenue_usd_total") == 12.99
+    assert value(samples, "smi_db_refunded_usd_total") == 12.99
+    assert value(samples, "smi_db_refunds", reason=job["refund"]["reason"]) == 1
