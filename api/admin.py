@@ -52,19 +52,19 @@ async def _running_state(svc: deps.Services, job_id: str):
 
 
 @router.get("/jobs", summary="Jobs by status, newest first")
-def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services),
-              session: Session = Depends(deps.db)):
+def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
     query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
     if status:
         query = query.where(Job.status == status)
-    jobs = session.exec(query).all()
-    ids = [j.job_id for j in jobs]
-    refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_(ids))).all()}
-    ledger: dict[str, list[LedgerEntry]] = {}
-    for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
-        ledger.setdefault(entry.job_id, []).append(entry)
-    return {"jobs": [{**job_view(job, svc.settings, session, refunds.get(job.job_id)), "money": money(ledger.get(job.job_id, []))}
-                     for job in jobs]}
+    with Session(svc.engine) as session:  # closed before the response is sent (see api/deps.py)
+        jobs = session.exec(query).all()
+        ids = [j.job_id for j in jobs]
+        refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_(ids))).all()}
+        ledger: dict[str, list[LedgerEntry]] = {}
+        for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
+            ledger.setdefault(entry.job_id, []).append(entry)
+        return {"jobs": [{**job_view(job, svc.settings, session, refunds.get(job.job_id)),
+                          "money": money(ledger.get(job.job_id, []))} for job in jobs]}
 
 
 def money(entries: list[LedgerEntry]) -> dict:
@@ -85,7 +85,7 @@ def money(entries: list[LedgerEntry]) -> dict:
 
 
 # The async handlers below use the database in the threadpool, through these small functions, each
-# with its own short session: none is held while Temporal is awaited (see deps.db).
+# with its own short session: none is held while Temporal is awaited (see api/deps.py).
 
 def _job(svc: deps.Services, job_id: str) -> Job:
     with Session(svc.engine) as session:

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, admin_pages, codec, deps, errors, files, jobs, metrics, redact, status, webhook
+from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, redact, status, webhook
 from smi.db import make_engine
 from smi.logs import JobIdFromRequest
 from smi.settings import Settings, get_settings
@@ -20,8 +20,11 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.services = deps.Services(settings, make_engine(settings.database_url), temporal)
+        svc = app.state.services = deps.Services(settings, make_engine(settings.database_url), temporal)
+        svc.status_hub = status.StatusHub(svc)
         yield
+        if svc.status_hub.task is not None:
+            svc.status_hub.task.cancel()
         await app.state.services.http.aclose()
         app.state.services.engine.dispose()
 
@@ -70,5 +73,6 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             return errors.error_response(503, "not_ready", "a dependency is unreachable", checks)
         return {"status": "ready", "checks": checks}
 
+    app.add_middleware(guard.RequestGuard, settings=settings)
     app.add_middleware(JobIdFromRequest)  # outermost: a request naming a job has its job_id on every log line
     return app

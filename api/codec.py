@@ -17,7 +17,6 @@ a preflight it fails.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 from typing import Literal
@@ -68,8 +67,7 @@ def _authorize(request: Request, cfg: Settings, cors: dict[str, str]) -> None:
     header = request.headers.get("Authorization")
     admin_key = cfg.admin_api_key.get_secret_value() if cfg.admin_api_key else ""
     if header is not None:
-        token = deps._bearer(request).encode()
-        if token and admin_key and hmac.compare_digest(token, admin_key.encode()):
+        if admin_key and deps.key_matches(header, [admin_key]):
             return
     elif cfg.env == "dev" and _is_loopback(request.client.host if request.client else None):
         return  # development only: the dev UI on this machine, which cannot send a key

@@ -20,6 +20,10 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status, headers=headers)
 
 
+def response_of(exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict]:
     # Echo where and what, never the submitted value: it may hold an e-mail address.
     return [{"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "problem": err["msg"]} for err in exc.errors()]
@@ -28,7 +32,7 @@ def _validation_details(exc: RequestValidationError) -> list[dict]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return response_of(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
@@ -38,5 +42,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -224,28 +224,27 @@ async def create_job(body: JobRequest, response: Response, svc: deps.Services = 
 
 
 @router.get("/v1/jobs/{job_id}", summary="The job as it stands")
-def read_job(job_id: str, cfg: Settings = Depends(deps.settings), session: Session = Depends(deps.db)):
-    return job_view(get_job(session, job_id), cfg, session, session.get(Refund, job_id))
+def read_job(job_id: str, svc: deps.Services = Depends(deps.services)):
+    with Session(svc.engine) as session:  # closed before the response is sent (see api/deps.py)
+        return job_view(get_job(session, job_id), svc.settings, session, session.get(Refund, job_id))
 
 
 @router.post("/v1/uploads", status_code=201, summary="Upload an image; returns an image_url for POST /v1/jobs")
 async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
-    declared = request.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > cfg.max_input_bytes:
-        raise ApiError(413, "too_large", f"uploads are limited to {cfg.max_input_bytes} bytes")
+    # The body is capped at SMI_MAX_INPUT_BYTES while it streams (api/guard.py).
     upload_id = uuid.uuid4().hex
     folder = cfg.storage_dir / "uploads"
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f"{upload_id}.part"
     size = 0
-    with open(part, "wb") as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_input_bytes:
-                out.close()
-                part.unlink()
-                raise ApiError(413, "too_large", f"uploads are limited to {cfg.max_input_bytes} bytes")
-            out.write(chunk)
+    try:
+        with open(part, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                out.write(chunk)
+    except BaseException:  # over the cap, or the client went away: nothing half-written stays
+        part.unlink(missing_ok=True)
+        raise
     if size == 0:
         part.unlink()
         raise ApiError(400, "empty_upload", "the request body must be the image's bytes")

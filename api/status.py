@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 
@@ -23,8 +24,9 @@ from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
 
 router = APIRouter(tags=["customer"], dependencies=[Depends(deps.public_rate_limit)])
+log = logging.getLogger("smi.api.status")
 
-EVENTS_POLL_SECONDS = 0.5  # how often the event stream looks at the database
+EVENTS_POLL_SECONDS = 0.5  # how often the streams' one poller (StatusHub) looks at the database
 EVENTS_MAX_SECONDS = 300  # then the stream ends and the browser's EventSource reconnects
 KEEPALIVE_SECONDS = 15  # a comment line, so proxies keep the connection and a gone client is noticed
 
@@ -110,8 +112,57 @@ def job_state(session: Session, svc: deps.Services, job_id: str) -> dict | None:
 
 
 def _read_state(svc: deps.Services, job_id: str) -> dict | None:
+    return _read_states(svc, [job_id])[job_id]
+
+
+def _read_states(svc: deps.Services, job_ids: list[str]) -> dict[str, dict | None]:
     with Session(svc.engine) as session:
-        return job_state(session, svc, job_id)
+        return {job_id: job_state(session, svc, job_id) for job_id in job_ids}
+
+
+class StatusHub:
+    """One poller for every open event stream of this API process: each EVENTS_POLL_SECONDS it reads
+    each watched job's state once (one session, in the threadpool), and hands changes to that job's
+    streams. 500 streams on one job cost one read a tick, not 500."""
+
+    def __init__(self, svc: deps.Services):
+        self.svc = svc
+        self.watchers: dict[str, set[asyncio.Queue]] = {}
+        self.task: asyncio.Task | None = None
+
+    def watch(self, job_id: str) -> asyncio.Queue:
+        """A queue that gets the job's state whenever it changes (None: erased). Only the newest counts."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.watchers.setdefault(job_id, set()).add(queue)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._poll())
+        return queue
+
+    def unwatch(self, job_id: str, queue: asyncio.Queue) -> None:
+        queues = self.watchers.get(job_id, set())
+        queues.discard(queue)
+        if not queues:
+            self.watchers.pop(job_id, None)
+
+    async def _poll(self) -> None:
+        unseen = object()
+        last: dict[str, object] = {}
+        while self.watchers:
+            await asyncio.sleep(EVENTS_POLL_SECONDS)
+            try:
+                states = await run_in_threadpool(_read_states, self.svc, list(self.watchers))
+            except Exception:  # the database is away: streams keep their last state and keep-alives
+                log.warning("status streams: reading job states failed", exc_info=True)
+                continue
+            last = {job_id: last.get(job_id, unseen) for job_id in self.watchers}  # forget jobs no one watches
+            for job_id, state in states.items():
+                if state == last[job_id]:
+                    continue
+                last[job_id] = state
+                for queue in self.watchers.get(job_id, ()):
+                    if queue.full():
+                        queue.get_nowait()
+                    queue.put_nowait(state)
 
 
 async def _checked_state(svc: deps.Services, job_id: str, token: str | None) -> dict:
@@ -149,25 +200,42 @@ def _sse(state: dict) -> str:
     return f"data: {json.dumps(state, separators=(',', ':'))}\n\n"
 
 
+class HeldStreamingResponse(deps.ReleasedWhenSent, StreamingResponse):
+    """Gives its stream slot back when the stream ends."""
+
+
 @router.get("/status/{job_id}/events", summary="The status page's state as Server-Sent Events, on every change")
-async def status_events(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)):
+async def status_events(request: Request, job_id: str, v: str | None = None,
+                        svc: deps.Services = Depends(deps.services)):
     first = await _checked_state(svc, job_id, v)
+    release = svc.event_streams.acquire(deps.client_host(request))  # over the cap: 429, the page polls instead
+    hub: StatusHub = svc.status_hub
 
     async def stream():
         yield "retry: 2000\n" + _sse(first)  # the state at once; `retry`: how soon the browser reconnects
-        last, last_sent = first, time.monotonic()
-        deadline = last_sent + EVENTS_MAX_SECONDS
-        while not last["final"] and time.monotonic() < deadline:
-            await asyncio.sleep(EVENTS_POLL_SECONDS)
-            state = await run_in_threadpool(_read_state, svc, job_id)
-            if state is None:  # erased meanwhile
-                return
-            if state != last:
-                last, last_sent = state, time.monotonic()
-                yield _sse(state)
-            elif time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
-                last_sent = time.monotonic()
-                yield ": keep-alive\n\n"
+        if first["final"]:
+            return
+        queue = hub.watch(job_id)
+        try:
+            last, deadline = first, time.monotonic() + EVENTS_MAX_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    state = await asyncio.wait_for(queue.get(), min(KEEPALIVE_SECONDS, left))
+                except asyncio.TimeoutError:
+                    if left > KEEPALIVE_SECONDS:
+                        yield ": keep-alive\n\n"
+                    continue
+                if state is None:  # erased meanwhile
+                    return
+                if state != last:
+                    last = state
+                    yield _sse(state)
+                if state["final"]:
+                    return
+        finally:
+            hub.unwatch(job_id, queue)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response = HeldStreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response.release = release
+    return response

@@ -489,7 +489,7 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
         path = emu.storage_dir / job_id / name
         if job_id not in emu.jobs or name not in RESULT_FILES or not path.is_file():
             return _error(404, "no such file")
-        if not exp.isdigit() or not hmac.compare_digest(sig, emu.sign(job_id, name, int(exp))):
+        if not exp.isdigit() or not hmac.compare_digest(sig.encode(), emu.sign(job_id, name, int(exp)).encode()):
             return _error(403, "bad signature")
         if time.time() > int(exp):
             return _error(403, "link expired")

@@ -21,7 +21,9 @@ DEV_ENV_FILE = Path("var/dev.env")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SMI_", extra="ignore")
 
-    env: str = "dev"  # "dev" generates missing keys; anything else requires them
+    # "dev" (an explicit opt-in: `smi dev` writes it to var/dev.env) lets keys be missing and opens the
+    # codec endpoint to loopback clients; anything else requires the keys. A forgotten SMI_ENV is production.
+    env: str = "production"
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
 
     download_max_count: int | None = Field(None, gt=0)  # downloads per link (a Range request counts from byte 0)
     public_rate_limit_per_minute: int = Field(600, gt=0)  # per client address, on the public endpoints
+    # Open long-lived connections per API process: per client address (an IPv6 client is its /64), and in all.
+    downloads_per_client: int = Field(8, gt=0)  # download managers open a few ranges at once
+    downloads_total: int = Field(256, gt=0)
+    status_streams_per_client: int = Field(10, gt=0)  # the status page's event stream; over it, the page polls
+    status_streams_total: int = Field(1000, gt=0)
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025

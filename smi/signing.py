@@ -1,7 +1,7 @@
 """HMAC signatures for the URLs the service hands out, and the download tokens.
 
-All derive from SMI_WEBHOOK_SECRET with a distinct message per purpose, so one kind of
-signature can never stand in for another.
+All derive from SMI_WEBHOOK_SECRET with a distinct message per purpose (`webhook:`, `view:`,
+`file:`, `download:`), so one kind of signature can never stand in for another.
 """
 
 from __future__ import annotations
@@ -9,7 +9,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from datetime import datetime, timezone
 from urllib.parse import urlencode
+
+HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+# Webhook URLs once signed the bare job id. Jobs created before this instant may still carry such
+# a URL at Upsampler; later ones never do. Delete with `legacy_webhook_signature` once none is open.
+LEGACY_WEBHOOK_SIGNATURES_BEFORE = datetime(2026, 12, 2, tzinfo=timezone.utc)
 
 
 def sign(secret: str, message: str) -> str:
@@ -17,18 +24,35 @@ def sign(secret: str, message: str) -> str:
 
 
 def verify(secrets: str | list[str], message: str, signature: str | None) -> bool:
-    """Constant-time check against each secret (a list during a rotation: current, previous)."""
-    if not signature:
+    """Constant-time check against each secret (a list during a rotation: current, previous).
+
+    Anything but 64 lowercase hex digits is refused before comparing: a non-ASCII string would
+    make `compare_digest` raise, which a caller would turn into a 500."""
+    if not isinstance(signature, str) or not HEX_SHA256.fullmatch(signature):
         return False
     candidates = [secrets] if isinstance(secrets, str) else secrets
-    matches = [hmac.compare_digest(sign(secret, message), signature) for secret in candidates]
+    matches = [hmac.compare_digest(sign(secret, message).encode(), signature.encode()) for secret in candidates]
     return any(matches)
 
 
+def _webhook_message(job_id: str) -> str:
+    return f"webhook:{job_id}"
+
+
 def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
-    """CONTRACT: `?job=<job_id>&sig=<hex HMAC-SHA256 of job_id>`."""
-    query = urlencode({"job": job_id, "sig": sign(secret, job_id)})
+    """CONTRACT: `?job=<job_id>&sig=<hex HMAC-SHA256 under SMI_WEBHOOK_SECRET>`, of `webhook:<job_id>`."""
+    query = urlencode({"job": job_id, "sig": sign(secret, _webhook_message(job_id))})
     return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
+
+
+def verify_webhook(secrets: str | list[str], job_id: str, signature: str | None) -> bool:
+    return verify(secrets, _webhook_message(job_id), signature)
+
+
+def legacy_webhook_signature(secrets: str | list[str], job_id: str, signature: str | None) -> bool:
+    """The bare-job-id signature of URLs handed out before LEGACY_WEBHOOK_SIGNATURES_BEFORE. Only for
+    ids of our own shape (32 hex digits, no prefix), so no other signature can pass for one."""
+    return bool(JOB_ID.fullmatch(job_id)) and verify(secrets, job_id, signature)
 
 
 def view_token(secret: str, job_id: str) -> str:

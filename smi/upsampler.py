@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
@@ -64,6 +65,8 @@ class UpsamplerJob:
     def from_wire(cls, body: dict) -> "UpsamplerJob":
         if not isinstance(body, dict) or not isinstance(body.get("id"), str) or body.get("status") not in STATUS_MAP:
             raise ValueError("not an Upsampler job: needs a string 'id' and a known 'status'")
+        if not UPSAMPLER_ID.fullmatch(body["id"]):
+            raise ValueError("'id' must be 1 to 128 printable ASCII characters")
         cost = body.get("creditCost")
         return cls(
             id=body["id"],
@@ -73,6 +76,9 @@ class UpsamplerJob:
             compressed_image_url=body.get("compressedImageUrl"),
             error=body.get("error"),
         )
+
+
+UPSAMPLER_ID = re.compile(r"[!-~]{1,128}")  # it travels into workflow histories: bounded
 
 
 def failure_kind(error: str | None) -> str:

@@ -22,6 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from emulator.app import create_app as create_emulator
+from smi.db import make_engine
 from smi.mailsink import MailSink
 from smi.serve import ServerThread, free_port
 from smi.settings import Settings
@@ -197,3 +198,33 @@ def stack_factory(tmp_path, emulator, shop, mailbox):
     yield build
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def site_factory(tmp_path):
+    """The real API on a loopback port with no Temporal behind it; tests write jobs straight into its
+    database (tests.helpers.Site)."""
+    from tests.helpers import Site  # here: tests.helpers imports this module
+
+    started: list[tuple[ServerThread, object]] = []
+
+    def build(**overrides) -> "Site":
+        port = free_port()
+        settings = make_settings(tmp_path, temporal_address="127.0.0.1:9", api_port=port, smtp_port=9,
+                                 emulator_url="http://127.0.0.1:9", **overrides)
+        app = create_app(settings)
+        server = ServerThread(app, port=port).start()
+        engine = make_engine(settings.database_url)
+        started.append((server, engine))
+        return Site(server.url, engine, settings, app)
+
+    yield build
+    for server, engine in started:
+        server.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def site(site_factory):
+    return site_factory(webhook_secret_previous="old-secret", temporal_namespace="shop-ns",
+                        temporal_ui_url="http://ui.test:8233")

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
 
 from sqlmodel import Session, create_engine, select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 
-from smi.db import LedgerEntry, SentMail
+from smi import signing
+from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, SentMail, utcnow
+from smi.settings import Settings
+from tests.conftest import WEBHOOK_SECRET
+
+CUSTOMER_EMAIL = "ana.secret@example.com"
+CUSTOMER_NAME = "Ana Secretname"
 
 
 def order(image_url: str, order_id: str, **overrides) -> dict:
@@ -69,3 +81,54 @@ def ledger_rows(database_url: str, job_id: str, purpose: str = "upscale:") -> li
 
 def mail_rows(database_url: str, job_id: str) -> list[SentMail]:
     return rows(database_url, SentMail, job_id)
+
+
+@dataclass
+class Site:
+    url: str
+    engine: Engine
+    settings: Settings
+    app: FastAPI
+
+    def page_url(self, job_id: str, secret: str = WEBHOOK_SECRET) -> str:
+        return signing.status_page_url(self.url, secret, job_id)
+
+    def add_job(self, status_now: str, *, events: list[tuple[str, datetime]] | None = None,
+                created_at: datetime | None = None, **fields) -> str:
+        job_id = uuid.uuid4().hex
+        created = created_at or utcnow()
+        values = dict(job_id=job_id, order_id=f"wc-{job_id[:8]}", request_sha256="0" * 64, status=status_now,
+                      created_at=created, updated_at=created, image_url="https://shop.test/a.png", scale_factor=4,
+                      format="auto", customer_email=CUSTOMER_EMAIL, customer_name=CUSTOMER_NAME,
+                      amount_paid_cents=1299, currency="USD")
+        values.update(fields)
+        with Session(self.engine) as session:
+            session.add(Job(**values))
+            for event_status, at in events or [("received", created), (status_now, created)]:
+                session.add(JobEvent(job_id=job_id, status=event_status, at=at))
+            session.commit()
+        return job_id
+
+    def set_status(self, job_id: str, new_status: str, **fields) -> None:
+        """What the worker's update_job activity does: the status, and an event row."""
+        with Session(self.engine) as session:
+            job = session.get(Job, job_id)
+            job.status, job.updated_at = new_status, utcnow()
+            for name, value in fields.items():
+                setattr(job, name, value)
+            session.add(job)
+            session.add(JobEvent(job_id=job_id, status=new_status, at=utcnow()))
+            session.commit()
+
+    def complete(self, job_id: str, result_path: str | None = None) -> str:
+        """Completed with a live link of generation 1 (to `result_path` if given); returns the link."""
+        token = signing.download_token(WEBHOOK_SECRET, job_id, 1)
+        expires = utcnow() + timedelta(hours=24)
+        with Session(self.engine) as session:
+            session.add(DownloadToken(token_sha256=signing.token_sha256(token), job_id=job_id, purpose="run:1",
+                                      generation=1, expires_at=expires, created_at=utcnow()))
+            session.commit()
+        self.set_status(job_id, "completed", download_generation=1, download_expires_at=expires, output_width=480,
+                        output_height=320, output_bytes=1234, output_format="png", output_sha256="ab" * 32,
+                        result_path=result_path)
+        return f"{self.url}/downloads/{token}"

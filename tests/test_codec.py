@@ -121,7 +121,7 @@ def test_settings_and_data_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("SMI_PAYLOAD_KEY", KEY)
     monkeypatch.setenv("SMI_PAYLOAD_KEY_ID", "k7")
     monkeypatch.setenv("SMI_PAYLOAD_KEYS_PREVIOUS", f"k6:{OLD_KEY}")
-    from_env = Settings()
+    from_env = Settings(env="dev")
     assert from_env.payload_key.get_secret_value() == KEY and from_env.payload_key_id == "k7"
     assert data_converter(from_env).payload_codec.key_ids == ["k7", "k6"]
 

@@ -6,86 +6,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import pytest
-from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from api import admin_pages, dashboard, status
 from smi import signing
-from smi.db import DownloadToken, Job, JobEvent, Refund, make_engine, utcnow
-from smi.serve import ServerThread, free_port
-from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, WEBHOOK_SECRET, make_settings
-
-CUSTOMER_EMAIL = "ana.secret@example.com"
-CUSTOMER_NAME = "Ana Secretname"
-
-
-@dataclass
-class Site:
-    url: str
-    engine: Engine
-    settings: object
-
-    def page_url(self, job_id: str, secret: str = WEBHOOK_SECRET) -> str:
-        return signing.status_page_url(self.url, secret, job_id)
-
-    def add_job(self, status_now: str, *, events: list[tuple[str, datetime]] | None = None,
-                created_at: datetime | None = None, **fields) -> str:
-        job_id = uuid.uuid4().hex
-        created = created_at or utcnow()
-        values = dict(job_id=job_id, order_id=f"wc-{job_id[:8]}", request_sha256="0" * 64, status=status_now,
-                      created_at=created, updated_at=created, image_url="https://shop.test/a.png", scale_factor=4,
-                      format="auto", customer_email=CUSTOMER_EMAIL, customer_name=CUSTOMER_NAME,
-                      amount_paid_cents=1299, currency="USD")
-        values.update(fields)
-        with Session(self.engine) as session:
-            session.add(Job(**values))
-            for event_status, at in events or [("received", created), (status_now, created)]:
-                session.add(JobEvent(job_id=job_id, status=event_status, at=at))
-            session.commit()
-        return job_id
-
-    def set_status(self, job_id: str, new_status: str, **fields) -> None:
-        """What the worker's update_job activity does: the status, and an event row."""
-        with Session(self.engine) as session:
-            job = session.get(Job, job_id)
-            job.status, job.updated_at = new_status, utcnow()
-            for name, value in fields.items():
-                setattr(job, name, value)
-            session.add(job)
-            session.add(JobEvent(job_id=job_id, status=new_status, at=utcnow()))
-            session.commit()
-
-    def complete(self, job_id: str) -> str:
-        """Completed with a live link of generation 1; returns the link."""
-        token = signing.download_token(WEBHOOK_SECRET, job_id, 1)
-        expires = utcnow() + timedelta(hours=24)
-        with Session(self.engine) as session:
-            session.add(DownloadToken(token_sha256=signing.token_sha256(token), job_id=job_id, purpose="run:1",
-                                      generation=1, expires_at=expires, created_at=utcnow()))
-            session.commit()
-        self.set_status(job_id, "completed", download_generation=1, download_expires_at=expires, output_width=480,
-                        output_height=320, output_bytes=1234, output_format="png", output_sha256="ab" * 32)
-        return f"{self.url}/downloads/{token}"
-
-
-@pytest.fixture
-def site(tmp_path):
-    port = free_port()
-    settings = make_settings(tmp_path, temporal_address="127.0.0.1:9", api_port=port, smtp_port=9,
-                             emulator_url="http://127.0.0.1:9", webhook_secret_previous="old-secret",
-                             temporal_namespace="shop-ns", temporal_ui_url="http://ui.test:8233")
-    from api.app import create_app
-
-    engine = make_engine(settings.database_url)
-    with ServerThread(create_app(settings), port=port) as server:
-        yield Site(server.url, engine, settings)
-    engine.dispose()
+from smi.db import Job, Refund, utcnow
+from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, WEBHOOK_SECRET
+from tests.helpers import CUSTOMER_EMAIL, CUSTOMER_NAME, Site
 
 
 def events_of(lines: list[str]) -> list[dict]:
