@@ -45,6 +45,7 @@ def _dev_keys() -> dict[str, str]:
                 values[name] = value
     for name in ("SMI_STOREFRONT_API_KEY", "SMI_ADMIN_API_KEY", "SMI_WEBHOOK_SECRET", "SMI_EMULATOR_API_KEY"):
         values.setdefault(name, secrets.token_urlsafe(24))
+    values["SMI_ENV"] = "dev"  # the only way a process becomes dev: running in the folder `smi dev` set up
     values.setdefault("SMI_PAYLOAD_KEY", secrets.token_urlsafe(32))  # base64url of 32 bytes: AES-256 (smi/codec.py)
     DEV_ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
     DEV_ENV_FILE.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

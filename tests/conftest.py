@@ -20,6 +20,7 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
+from api import webhook
 from api.app import create_app
 from emulator.app import create_app as create_emulator
 from smi.db import make_engine
@@ -228,3 +229,9 @@ def site_factory(tmp_path):
 def site(site_factory):
     return site_factory(webhook_secret_previous="old-secret", temporal_namespace="shop-ns",
                         temporal_ui_url="http://ui.test:8233")
+
+
+@pytest.fixture
+def quick_early_webhooks(monkeypatch):
+    """A webhook naming no submission waits this long for one to be recorded, not 10 s."""
+    monkeypatch.setattr(webhook, "EARLY_WEBHOOK_WAIT_SECONDS", 0.5)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import httpx
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-
 from sqlmodel import Session, create_engine, select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
@@ -20,6 +21,7 @@ from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, SentMail, utcnow
 from smi.settings import Settings
 from tests.conftest import WEBHOOK_SECRET
 
+RESULT_BYTES = 16 * 1024 * 1024  # far more than loopback socket buffers hold: a reader that stops stalls the sender
 CUSTOMER_EMAIL = "ana.secret@example.com"
 CUSTOMER_NAME = "Ana Secretname"
 
@@ -132,3 +134,23 @@ class Site:
                         output_height=320, output_bytes=1234, output_format="png", output_sha256="ab" * 32,
                         result_path=result_path)
         return f"{self.url}/downloads/{token}"
+
+
+def raw_request(url: str, request: bytes) -> socket.socket:
+    """A connection that sends `request` and then reads nothing (its receive buffer kept small)."""
+    parsed = httpx.URL(url)
+    host, port = parsed.host, parsed.port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.sendall(request)
+    return sock
+
+
+def stalled_download(link: str) -> socket.socket:
+    return raw_request(link, f"GET {httpx.URL(link).path} HTTP/1.1\r\nHost: shop\r\n\r\n".encode())
+
+
+def reply_status(sock: socket.socket, timeout: float = 5.0) -> int:
+    sock.settimeout(timeout)
+    return int(sock.recv(64).split(b" ")[1])

@@ -69,6 +69,7 @@ DOT_ENV = {
     "SMI_UPSAMPLER_API_KEY_TEST": "deploy-upsampler-test-key",
     "SMI_UPSAMPLER_API_KEY_LIVE": "deploy-upsampler-live-key",
     "SMI_PAYLOAD_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("="),
+    "SMI_METRICS_TOKEN": "deploy-metrics-token",
 }
 
 VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?)([-?])([^}]*))?\}|(\w+))")
@@ -460,6 +461,10 @@ def check_api(command, env, cwd, port, healthcheck, **_):
                 time.sleep(0.3)
         probe = subprocess.run(healthcheck, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, f"the compose healthcheck failed: {probe.stderr}"
+        metrics = f"http://127.0.0.1:{port}/metrics"  # Prometheus scrapes with the compose secret, nobody else
+        assert httpx.get(metrics, timeout=10).status_code == 401
+        scraped = httpx.get(metrics, headers={"Authorization": f"Bearer {DOT_ENV['SMI_METRICS_TOKEN']}"}, timeout=10)
+        assert scraped.status_code == 200 and "smi_db_jobs" in scraped.text
     finally:
         process.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
         code = process.wait(timeout=30)

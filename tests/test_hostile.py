@@ -5,7 +5,6 @@ malformed signatures, webhook floods, one key for two purposes."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from contextlib import ExitStack
@@ -17,35 +16,21 @@ from sqlalchemy import event
 from sqlmodel import Session, create_engine, select
 from temporalio.api.enums.v1 import EventType
 
-from api import deps, webhook
+from api import deps
 from api.status import EVENTS_POLL_SECONDS
 from smi import signing
 from smi.db import Submission
 from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, png_bytes
-from tests.helpers import event_count, order, wait_for_status
+from tests.helpers import (
+    RESULT_BYTES,
+    event_count,
+    order,
+    raw_request,
+    reply_status,
+    stalled_download,
+    wait_for_status,
+)
 from worker import create_worker
-
-RESULT_BYTES = 16 * 1024 * 1024  # far more than loopback socket buffers hold: a reader that stops stalls the sender
-
-
-def raw_request(url: str, request: bytes) -> socket.socket:
-    """A connection that sends `request` and then reads nothing (its receive buffer kept small)."""
-    parsed = httpx.URL(url)
-    host, port = parsed.host, parsed.port
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, port))
-    sock.sendall(request)
-    return sock
-
-
-def stalled_download(link: str) -> socket.socket:
-    return raw_request(link, f"GET {httpx.URL(link).path} HTTP/1.1\r\nHost: shop\r\n\r\n".encode())
-
-
-def reply_status(sock: socket.socket, timeout: float = 5.0) -> int:
-    sock.settimeout(timeout)
-    return int(sock.recv(64).split(b" ")[1])
 
 
 @pytest.fixture
@@ -184,12 +169,6 @@ def test_the_rate_limiter_forgets_in_constant_time_and_counts_an_ipv6_64_as_one(
     answers = [limiter.check(f"2001:db8:1:2::{i:x}", "downloads", 3) for i in range(5)]
     assert answers[:3] == [None] * 3 and all(wait is not None for wait in answers[3:])  # one /64, one window
     assert limiter.check("2001:db8:1:3::1", "downloads", 3) is None  # the next /64 is another client
-
-
-@pytest.fixture
-def quick_early_webhooks(monkeypatch):
-    """A webhook naming no submission waits this long for one to be recorded, not 10 s."""
-    monkeypatch.setattr(webhook, "EARLY_WEBHOOK_WAIT_SECONDS", 0.5)
 
 
 def test_a_view_token_is_not_a_webhook_signature(site, quick_early_webhooks):

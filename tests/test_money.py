@@ -173,7 +173,7 @@ async def test_usage_report_splits_days_and_months_in_utc(dev_env, stack_factory
 
     table = subprocess.run([str(Path(sys.executable).parent / "smi"), "usage", "--period", "month", "--from",
                             "2026-10-01", "--to", "2026-11-30"], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "SMI_DATABASE_URL": stack.settings.database_url}, cwd=tmp_path)
+                           env={**os.environ, "SMI_ENV": "dev", "SMI_DATABASE_URL": stack.settings.database_url}, cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["period", "jobs", "done", "failed", "refund", "credits", "cost", "$", "revenue", "$",
