@@ -24,9 +24,9 @@ from smi.db import make_engine
 from smi.settings import Settings, get_settings
 from smi.telemetry import worker_runtime
 from smi.upsampler import UpsamplerClient
+from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
 from workflows.retention import RetentionWorkflow, ensure_retention_schedule
-from workflows.types import UPSAMPLER_QUEUE_SUFFIX
 from workflows.upscale import UpscaleWorkflow
 
 log = logging.getLogger("smi.worker")

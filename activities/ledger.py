@@ -15,16 +15,18 @@ from temporalio import activity
 from smi import pricing, signing, telemetry, usage
 from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, LedgerEntry, as_utc, set_status, utcnow
 from smi.settings import Settings
-from workflows.types import (
+from smi.vocabulary import (
     BudgetAlertInfo,
     BudgetGate,
     CostRecord,
     DownloadLink,
     EstimateRecord,
     JobUpdate,
+    RetentionPlan,
+    RetentionPlanRequest,
+    RetentionRequest,
     TokenRequest,
 )
-from workflows.types import RetentionPlan, RetentionPlanRequest, RetentionRequest
 
 BUDGET_THRESHOLDS = (80, 100)
 FINISHED_STATUSES = ("completed", "failed")  # a refunded job ends failed (or stays completed)

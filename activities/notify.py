@@ -10,7 +10,7 @@ from temporalio import activity
 from smi import mail, signing
 from smi.db import Job, Refund, SentMail, as_utc, utcnow
 from smi.settings import Settings
-from workflows.types import BudgetAlertInfo, EmailRequest
+from smi.vocabulary import BudgetAlertInfo, EmailRequest
 
 # What the customer is told, by error kind; technical detail stays in the admin's notice.
 CUSTOMER_REASONS = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.engine import Engine
@@ -21,15 +20,9 @@ from temporalio.exceptions import ApplicationError
 
 from smi.db import Job, LedgerEntry, Refund, utcnow
 from smi.settings import Settings
-from workflows.types import RefundOutcome
+from smi.vocabulary import RefundOutcome, RefundRequest
 
 DONE = ("refunded", "owed")
-
-
-@dataclass
-class RefundRequest:
-    job_id: str
-    reason: str  # the error kind, or "admin"
 
 
 def idempotency_key(job_id: str) -> str:

@@ -24,8 +24,18 @@ from temporalio.exceptions import ApplicationError
 from smi import imaging, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
-from workflows.types import CompressRequest, DownloadRequest, FetchRequest, StoredImage, StoreRequest, ValidateRequest
-from workflows.types import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
+from smi.vocabulary import (
+    CompressRequest,
+    DownloadRequest,
+    FetchRequest,
+    InventoryRequest,
+    RetentionDeleted,
+    RetentionPlan,
+    StoredImage,
+    StoredNames,
+    StoreRequest,
+    ValidateRequest,
+)
 
 CHUNK = 1024 * 1024
 BATCH = 4 * CHUNK  # downloads: hashed and written at once, in a thread, while the next is read

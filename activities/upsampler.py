@@ -16,7 +16,7 @@ from smi import signing, telemetry
 from smi.db import Submission, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
-from workflows.types import FAILED, QUEUED, SubmitRequest, UpsamplerResult
+from smi.vocabulary import FAILED, QUEUED, SubmitRequest, UpsamplerResult
 
 
 def as_application_error(exc: UpsamplerError) -> ApplicationError:

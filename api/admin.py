@@ -6,10 +6,9 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from typing import Literal
-
 from dataclasses import asdict
 from datetime import timedelta
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,14 +20,15 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api import deps
-from api.errors import ApiError
 from activities.ledger import FINISHED_STATUSES
 from activities.storage import StorageActivities
+from api import deps
+from api.errors import ApiError
 from api.jobs import EMAIL, get_job, job_view, start_workflow
 from smi import signing, usage
 from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, set_status, utcnow
-from workflows.admin import RefundWorkflow, ResendInput, ResendLinkWorkflow
+from smi.vocabulary import ResendInput
+from workflows.admin import RefundWorkflow, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(deps.admin)])

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
-from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from sqlalchemy import update
 from sqlmodel import Session
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
+from activities.storage import compressed_name
 from api import deps
 from api.errors import ApiError
-from activities.storage import compressed_name
 from smi import signing
 from smi.db import DownloadToken, Job, as_utc, utcnow
 from smi.settings import Settings

@@ -15,16 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio.client import Client
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api import deps
 from api.errors import ApiError
-from smi import signing
-from smi import pricing, probe
+from smi import pricing, probe, signing
 from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, Refund, as_utc, utcnow
 from smi.settings import Settings
-from workflows.types import RECEIVED, JobPolicy, UpscaleInput
+from smi.vocabulary import RECEIVED, JobPolicy, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])

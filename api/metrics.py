@@ -18,7 +18,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily as Counter, GaugeMetricFamily as Gauge, Metric
+from prometheus_client.core import CounterMetricFamily as Counter
+from prometheus_client.core import GaugeMetricFamily as Gauge
+from prometheus_client.core import Metric
 from sqlmodel import Session, func, select
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -29,7 +31,7 @@ from api.errors import ApiError
 from smi import usage
 from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, utcnow
 from smi.settings import Settings
-from workflows.types import UPSAMPLER_QUEUE_SUFFIX
+from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 
 log = logging.getLogger("smi.api")
 QUEUE_TYPES = {"workflow": TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, "activity": TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY}

@@ -24,7 +24,7 @@ from api.errors import ApiError
 from smi import signing
 from smi.db import Job, Submission, as_utc
 from smi.upsampler import UpsamplerJob
-from workflows.types import COMPLETED, FAILED, WebhookHint
+from smi.vocabulary import COMPLETED, FAILED, WebhookHint
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(tags=["upsampler"])

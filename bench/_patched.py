@@ -22,8 +22,17 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.storage import StorageActivities
-    from workflows.types import (DOWNLOADING, DownloadRequest, JobState, StoredImage, StoreRequest, UpscaleInput,
-                                 UpsamplerResult, ValidateRequest, WebhookHint)
+    from smi.vocabulary import (
+        DOWNLOADING,
+        DownloadRequest,
+        JobState,
+        StoredImage,
+        StoreRequest,
+        UpsamplerResult,
+        UpscaleInput,
+        ValidateRequest,
+        WebhookHint,
+    )
     from workflows.upscale import TRANSFER_RETRY, UpscaleWorkflow
 
 

@@ -59,7 +59,7 @@ from pathlib import Path
 from temporalio.testing import ActivityEnvironment
 from activities.storage import StorageActivities
 from smi.settings import Settings
-from workflows.types import DownloadRequest
+from smi.vocabulary import DownloadRequest
 
 host = URL.split("/")[2]
 settings = Settings(env="dev", storage_dir=Path(FOLDER), fetch_allow_hosts=host, upsampler_result_hosts=host)

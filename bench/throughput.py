@@ -32,8 +32,19 @@ import time
 import uuid
 
 import _bare
-from _harness import (STOREFRONT_KEY, Stack, children_cpu, cpu_delta, describe_steps, job_steps, order, png_bytes, quiet,
-                      start_dev_server, verdict)
+from _harness import (
+    STOREFRONT_KEY,
+    Stack,
+    children_cpu,
+    cpu_delta,
+    describe_steps,
+    job_steps,
+    order,
+    png_bytes,
+    quiet,
+    start_dev_server,
+    verdict,
+)
 
 TARGET = 0.77
 # At most this many POST /v1/jobs at once. api/jobs.py create_job holds a pooled database

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import secrets
@@ -193,7 +192,7 @@ def cmd_healthcheck(_: argparse.Namespace) -> None:
     workers started and not stopped). Exit 0, or 1 saying why."""
     import re
 
-    from workflows.types import UPSAMPLER_QUEUE_SUFFIX
+    from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 
     settings = get_settings()
     if not settings.worker_metrics_address:

@@ -18,10 +18,10 @@ from temporalio.converter import DataConverter
 from api.app import create_app
 from smi.codec import EncryptionCodec, PayloadDecryptionError, data_converter, parse_key
 from smi.settings import Settings
+from smi.vocabulary import UpscaleInput
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, UPSAMPLER_KEY, WEBHOOK_SECRET, png_bytes
 from tests.helpers import order, wait_for_status
 from worker import create_worker
-from workflows.types import UpscaleInput
 
 KEY = secrets.token_urlsafe(32)
 OLD_KEY = secrets.token_urlsafe(32)

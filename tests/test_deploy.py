@@ -46,8 +46,8 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from smi.migrations import current, head
 from smi.serve import free_port
 from smi.settings import SECRET_FIELDS, Settings
+from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 from tests.conftest import database_url
-from workflows.types import UPSAMPLER_QUEUE_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -654,8 +654,8 @@ async def test_client_reads_retry_after(value, expected):
 
 
 async def test_client_reads_retry_after_as_a_future_date():
-    from email.utils import format_datetime
     from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
 
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
     client = mock_client(429, headers={"Retry-After": when})

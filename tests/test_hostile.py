@@ -21,15 +21,7 @@ from api.status import EVENTS_POLL_SECONDS
 from smi import signing
 from smi.db import Submission
 from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, png_bytes
-from tests.helpers import (
-    RESULT_BYTES,
-    event_count,
-    order,
-    raw_request,
-    reply_status,
-    stalled_download,
-    wait_for_status,
-)
+from tests.helpers import RESULT_BYTES, event_count, order, raw_request, reply_status, stalled_download, wait_for_status
 from worker import create_worker
 
 

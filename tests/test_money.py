@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from temporalio.client import Client
 import pytest
 from sqlmodel import Session, create_engine, select
+from temporalio.client import Client
 
 from smi import pricing
 from smi.db import BudgetAlert, Job, LedgerEntry, Refund

@@ -23,11 +23,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import worker
 from smi.db import DownloadToken, Job, LedgerEntry, Refund, SentMail, utcnow
+from smi.vocabulary import RetentionReport, RetentionRequest
 from tests.conftest import ADMIN_KEY, png_bytes
 from tests.helpers import order, wait_for_status
 from worker import create_worker
 from workflows.retention import RETENTION_SCHEDULE_ID, RetentionWorkflow, ensure_retention_schedule
-from workflows.types import RetentionReport, RetentionRequest
 
 FINAL = {"completed", "failed", "manual_review"}
 

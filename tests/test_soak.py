@@ -17,15 +17,7 @@ from sqlmodel import create_engine
 
 from smi import signing
 from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, png_bytes
-from tests.helpers import (
-    RESULT_BYTES,
-    Site,
-    order,
-    raw_request,
-    reply_status,
-    stalled_download,
-    wait_for_status,
-)
+from tests.helpers import RESULT_BYTES, Site, order, raw_request, reply_status, stalled_download, wait_for_status
 from worker import create_worker
 
 ORDERS = 6

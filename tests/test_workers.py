@@ -19,20 +19,13 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 
 from smi.settings import Settings
 from tests.conftest import png_bytes
 from tests.helpers import ledger_rows, mail_rows, order, wait_for_status
-from tests.test_crash_and_reset import (  # noqa: F401 (workers: the fixture of worker subprocesses)
-    Workers,
-    download_attempts,
-    emulator_counts,
-    pending_download,
-    workers,
-)
+from tests.test_crash_and_reset import Workers, download_attempts, emulator_counts, pending_download, workers  # noqa: F401 (workers: the fixture of worker subprocesses)
 from workflows.upscale import UpscaleWorkflow
 
 MB = 1024 * 1024

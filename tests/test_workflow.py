@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from temporalio.api.testservice.v1 import UnlockTimeSkippingRequest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.testservice.v1 import UnlockTimeSkippingRequest
 
 from tests.conftest import UPSAMPLER_KEY, png_bytes
 from tests.helpers import event_count, ledger_rows, mail_rows, order, timer_seconds, wait_for_status

@@ -5,7 +5,6 @@ They are workflows too, so they retry like the rest and show in the Temporal UI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
@@ -13,17 +12,17 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.notify import NotifyActivities
-    from activities.payments import PaymentsActivities, RefundRequest
-    from workflows.types import DownloadLink, EmailRequest, JobUpdate, RefundOutcome, TokenRequest
+    from activities.payments import PaymentsActivities
+    from smi.vocabulary import (
+        DownloadLink,
+        EmailRequest,
+        JobUpdate,
+        RefundOutcome,
+        RefundRequest,
+        ResendInput,
+        TokenRequest,
+    )
     from workflows.upscale import MAIL_RETRY, REFUND_RETRY
-
-
-@dataclass
-class ResendInput:
-    job_id: str
-    request_id: str
-    status: str  # the job's status, kept as it is
-    ttl_hours: float
 
 
 @workflow.defn

@@ -26,7 +26,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.storage import StorageActivities
-    from workflows.types import InventoryRequest, RetentionPlanRequest, RetentionReport, RetentionRequest
+    from smi.vocabulary import InventoryRequest, RetentionPlanRequest, RetentionReport, RetentionRequest
 
 if TYPE_CHECKING:
     from temporalio.client import Client

@@ -17,11 +17,11 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.notify import NotifyActivities
-    from activities.payments import PaymentsActivities, RefundRequest
+    from activities.payments import PaymentsActivities
     from activities.storage import StorageActivities
     from activities.upsampler import UpsamplerActivities
     from smi.pricing import MAX_OUTPUT_PIXELS
-    from workflows.types import (
+    from smi.vocabulary import (
         COMPLETED,
         DOWNLOADING,
         FAILED,
@@ -37,12 +37,13 @@ with workflow.unsafe.imports_passed_through():
         FetchRequest,
         JobState,
         JobUpdate,
+        RefundRequest,
         StoredImage,
         StoreRequest,
         SubmitRequest,
         TokenRequest,
-        UpscaleInput,
         UpsamplerResult,
+        UpscaleInput,
         ValidateRequest,
         WebhookHint,
     )

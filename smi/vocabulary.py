@@ -174,6 +174,20 @@ class JobUpdate:
 
 
 @dataclass
+class RefundRequest:
+    job_id: str
+    reason: str  # the error kind, or "admin"
+
+
+@dataclass
+class ResendInput:
+    job_id: str
+    request_id: str
+    status: str  # the job's status, kept as it is
+    ttl_hours: float
+
+
+@dataclass
 class RefundOutcome:
     status: str  # refunded | owed
     amount_cents: int
