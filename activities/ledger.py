@@ -16,6 +16,7 @@ from smi import pricing, signing, telemetry, usage
 from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, LedgerEntry, as_utc, set_status, utcnow
 from smi.settings import Settings
 from smi.vocabulary import (
+    FINISHED,
     BudgetAlertInfo,
     BudgetGate,
     CostRecord,
@@ -29,7 +30,6 @@ from smi.vocabulary import (
 )
 
 BUDGET_THRESHOLDS = (80, 100)
-FINISHED_STATUSES = ("completed", "failed")  # a refunded job ends failed (or stays completed)
 
 
 class LedgerActivities:
@@ -194,7 +194,7 @@ class LedgerActivities:
                     if token.job_id not in newest or token.generation > newest[token.job_id].generation:
                         newest[token.job_id] = token
                 for job in session.exec(select(Job).where(Job.job_id.in_(page.names)).order_by(Job.job_id)).all():
-                    if job.status not in FINISHED_STATUSES:
+                    if job.status not in FINISHED:
                         continue
                     plan.inputs.append(job.job_id)
                     token = newest.get(job.job_id)
@@ -211,7 +211,7 @@ class LedgerActivities:
                 unordered_cutoff = cutoff - timedelta(seconds=self.settings.original_url_ttl_seconds)
                 for upload_id, modified in zip(page.names, page.modified):
                     ordered = statuses.get(upload_id)
-                    if ordered and all(status in FINISHED_STATUSES for status in ordered):
+                    if ordered and all(status in FINISHED for status in ordered):
                         plan.uploads.append(upload_id)
                     elif not ordered and as_utc(modified) < unordered_cutoff:
                         plan.uploads.append(upload_id)
@@ -238,7 +238,7 @@ class LedgerActivities:
             tokens = session.exec(select(DownloadToken).where(DownloadToken.expires_at < cutoff)).all()
             ids = sorted({token.job_id for token in tokens})
             status = dict(session.exec(select(Job.job_id, Job.status).where(Job.job_id.in_(ids))).all()) if ids else {}
-            due = [t for t in tokens if t.job_id not in status or status[t.job_id] in FINISHED_STATUSES]
+            due = [t for t in tokens if t.job_id not in status or status[t.job_id] in FINISHED]
             for token in due:
                 session.delete(token)
             session.commit()

@@ -10,14 +10,14 @@ from temporalio import activity
 from smi import mail, signing
 from smi.db import Job, Refund, SentMail, as_utc, utcnow
 from smi.settings import Settings
-from smi.vocabulary import BudgetAlertInfo, EmailRequest
+from smi.vocabulary import BudgetAlertInfo, EmailRequest, ErrorCode
 
 # What the customer is told, by error kind; technical detail stays in the admin's notice.
 CUSTOMER_REASONS = {
-    "unsupported_format": "the file is not an image we can process (we take PNG, JPEG and WebP)",
-    "too_large": "the image is too large for the upscaler, even after compressing it",
-    "fetch_failed": "we could not download the image from the shop",
-    "admin_refund": "our team cancelled it",
+    ErrorCode.UNSUPPORTED_FORMAT: "the file is not an image we can process (we take PNG, JPEG and WebP)",
+    ErrorCode.TOO_LARGE: "the image is too large for the upscaler, even after compressing it",
+    ErrorCode.FETCH_FAILED: "we could not download the image from the shop",
+    ErrorCode.ADMIN_REFUND: "our team cancelled it",
 }
 DEFAULT_REASON = "the upscaler could not complete the job"
 

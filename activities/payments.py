@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from smi.db import Job, LedgerEntry, Refund, utcnow
 from smi.settings import Settings
-from smi.vocabulary import RefundOutcome, RefundRequest
+from smi.vocabulary import ErrorCode, RefundOutcome, RefundRequest
 
 DONE = ("refunded", "owed")
 
@@ -39,7 +39,7 @@ class PaymentsActivities:
         with Session(self.engine) as session:
             job = session.get(Job, request.job_id)
             if job is None:
-                raise ApplicationError(f"job {request.job_id} has no record", type="refund_failed", non_retryable=True)
+                raise ApplicationError(f"job {request.job_id} has no record", type=ErrorCode.REFUND_FAILED, non_retryable=True)
             row = session.get(Refund, job.job_id)
             if row is None:
                 row = Refund(job_id=job.job_id, status="pending", amount_cents=job.amount_paid_cents,
@@ -92,11 +92,11 @@ class PaymentsActivities:
         try:
             response = httpx.post(self.settings.refund_webhook_url, content=body, headers=headers, timeout=30)
         except httpx.TransportError as exc:
-            raise ApplicationError(f"refund webhook unreachable: {type(exc).__name__}", type="refund_pending") from None
+            raise ApplicationError(f"refund webhook unreachable: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING) from None
         if response.status_code in (408, 429) or response.status_code >= 500:
-            raise ApplicationError(f"refund webhook answered {response.status_code}", type="refund_pending")
+            raise ApplicationError(f"refund webhook answered {response.status_code}", type=ErrorCode.REFUND_PENDING)
         if not response.is_success:  # the storefront refuses for good: a human decides
-            raise ApplicationError(f"refund webhook refused the refund ({response.status_code})", type="refund_failed",
+            raise ApplicationError(f"refund webhook refused the refund ({response.status_code})", type=ErrorCode.REFUND_FAILED,
                                    non_retryable=True)
         try:
             reply = response.json()
@@ -108,7 +108,7 @@ class PaymentsActivities:
         import stripe
 
         if not job.payment_reference:
-            raise ApplicationError("the order has no payment_reference to refund", type="refund_failed",
+            raise ApplicationError("the order has no payment_reference to refund", type=ErrorCode.REFUND_FAILED,
                                    non_retryable=True)
         client = stripe.StripeClient(self.settings.secret("stripe_api_key"),
                                      base_addresses={"api": self.settings.stripe_api_base}, max_network_retries=0)
@@ -121,8 +121,8 @@ class PaymentsActivities:
         except stripe.InvalidRequestError as exc:
             if exc.code == "charge_already_refunded":
                 return "already_refunded"
-            raise ApplicationError(f"Stripe refused the refund: {exc.code or 'invalid request'}", type="refund_failed",
+            raise ApplicationError(f"Stripe refused the refund: {exc.code or 'invalid request'}", type=ErrorCode.REFUND_FAILED,
                                    non_retryable=True) from None
         except stripe.StripeError as exc:
-            raise ApplicationError(f"Stripe error: {type(exc).__name__}", type="refund_pending") from None
+            raise ApplicationError(f"Stripe error: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING) from None
         return refund.id

@@ -27,6 +27,7 @@ from smi.settings import Settings
 from smi.vocabulary import (
     CompressRequest,
     DownloadRequest,
+    ErrorCode,
     FetchRequest,
     InventoryRequest,
     RetentionDeleted,
@@ -124,7 +125,7 @@ class StorageActivities:
                     raise _http_failure(response.status_code, what)
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and start + int(declared) > limit:
-                    raise _fail("too_large", f"the {what} is larger than {limit} bytes")
+                    raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
                 if start:
                     await on_disk(hash_file, part, hasher, start)
                 out = await on_disk(_open_at, part, start)
@@ -137,7 +138,7 @@ class StorageActivities:
                     async for chunk in response.aiter_bytes():  # as they come: re-chunking would copy them
                         received += len(chunk)
                         if received > limit:  # capped while streaming, not after
-                            raise _fail("too_large", f"the {what} is larger than {limit} bytes")
+                            raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
                         batch.append(chunk)
                         size += len(chunk)
                         beat = heartbeats and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS
@@ -157,14 +158,14 @@ class StorageActivities:
                 finally:
                     await asyncio.shield(on_disk(out.close))  # runs after a batch still in the thread, if any
         except FetchRefused as exc:
-            code = "result_url_refused" if what == "result" else "image_url_refused"
+            code = ErrorCode.RESULT_URL_REFUSED if what == "result" else ErrorCode.IMAGE_URL_REFUSED
             raise _fail(code, f"the {what} URL was refused: {exc}") from None
         except httpx.DecodingError:  # the server's Content-Encoding does not match its body: no retry mends that
-            code = "invalid_result" if what == "result" else "fetch_failed"
+            code = ErrorCode.INVALID_RESULT if what == "result" else ErrorCode.FETCH_FAILED
             raise _fail(code, f"the {what} could not be decoded: its Content-Encoding does not match its body") \
                 from None
         except httpx.HTTPError as exc:  # network trouble; FetchRefused covers what httpx cannot request
-            raise _fail("transient", f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
+            raise _fail(ErrorCode.TRANSIENT, f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
         finally:
             disk.shutdown(wait=False)  # its queue, if any (an error), still runs: the close is last
         return written, hasher.hexdigest()
@@ -183,9 +184,9 @@ class StorageActivities:
         try:
             info = await asyncio.to_thread(imaging.probe, part)
             if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
-                raise imaging.ImageError("output_too_large", f"the image is {info.width}x{info.height}, too large "
+                raise imaging.ImageError(ErrorCode.OUTPUT_TOO_LARGE, f"the image is {info.width}x{info.height}, too large "
                                                              "to upscale within Upsampler's pixel limit")
-            await asyncio.to_thread(imaging.decode_fully, part, "unsupported_format")
+            await asyncio.to_thread(imaging.decode_fully, part, ErrorCode.UNSUPPORTED_FORMAT)
         except imaging.ImageError as exc:
             part.unlink(missing_ok=True)
             raise _fail(exc.code, str(exc)) from None
@@ -202,7 +203,7 @@ class StorageActivities:
         if not final.exists():
             original = next(iter(sorted(job_dir.glob("original.*"))), None)
             if original is None:
-                raise _fail("fetch_failed", "the original is gone")
+                raise _fail(ErrorCode.FETCH_FAILED, "the original is gone")
             part = final.with_suffix(".part")
             imaging.convert(original, part, "jpg", quality=request.quality)
             os.replace(part, final)
@@ -248,7 +249,7 @@ class StorageActivities:
         if info is None:  # a retry after the move: the result is already in place
             placed = sorted(job_dir.glob(f"upscaled_*.{fmt}" if fmt else "upscaled_*"))
             if not placed:
-                raise _fail("invalid_result", "the downloaded result is gone")
+                raise _fail(ErrorCode.INVALID_RESULT, "the downloaded result is gone")
             return _describe(placed[0], imaging.probe(placed[0]))
         final = job_dir / f"upscaled_{info.width}x{info.height}.{imaging.EXTENSIONS[fmt]}"
         if fmt == info.format:
@@ -279,7 +280,7 @@ class StorageActivities:
         """A page (by name, after `request.after`) of the job folders holding files, or of the uploads."""
         folder = self.settings.storage_dir / request.kind if request.kind in ("jobs", "uploads") else None
         if folder is None:
-            raise _fail("invalid_request", f"unknown kind of stored files: {request.kind}")
+            raise _fail(ErrorCode.INVALID_REQUEST, f"unknown kind of stored files: {request.kind}")
         found: dict[str, datetime] = {}
         if folder.is_dir():
             for entry in folder.iterdir():
@@ -347,10 +348,10 @@ def _describe(path: Path, info: imaging.ImageInfo) -> StoredImage:
 
 def _http_failure(status: int, what: str) -> ApplicationError:
     if status == 429 or status >= 500:
-        return _fail("transient", f"fetching the {what} answered {status}", retryable=True)
+        return _fail(ErrorCode.TRANSIENT, f"fetching the {what} answered {status}", retryable=True)
     if status in (403, 410) and what == "result":
-        return _fail("result_expired", f"the {what} link answered {status}: expired or refused")
-    return _fail("fetch_failed", f"fetching the {what} answered {status}")
+        return _fail(ErrorCode.RESULT_EXPIRED, f"the {what} link answered {status}: expired or refused")
+    return _fail(ErrorCode.FETCH_FAILED, f"fetching the {what} answered {status}")
 
 
 STORED_ID = re.compile(r"^[0-9a-f]{32}$")  # job ids and upload ids: nothing else under jobs/ and uploads/ is touched

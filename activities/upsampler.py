@@ -16,7 +16,7 @@ from smi import signing, telemetry
 from smi.db import Submission, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
-from smi.vocabulary import FAILED, QUEUED, SubmitRequest, UpsamplerResult
+from smi.vocabulary import ErrorCode, JobStatus, SubmitRequest, UpsamplerResult
 
 
 def as_application_error(exc: UpsamplerError) -> ApplicationError:
@@ -31,7 +31,7 @@ def original_name(request: SubmitRequest) -> str:
 
 
 def _result(job: UpsamplerJob) -> UpsamplerResult:
-    kind = failure_kind(job.error) if job.status == "failed" else None
+    kind = failure_kind(job.error) if job.status == JobStatus.FAILED else None
     return UpsamplerResult(job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind)
 
 
@@ -54,8 +54,8 @@ class UpsamplerActivities:
             ).first()
         if known is not None:  # a retry or a reset: the answer Upsampler gave the first time
             if known.error is not None:
-                return UpsamplerResult(known.upsampler_id, FAILED, error=known.error, error_kind=failure_kind(known.error))
-            return UpsamplerResult(known.upsampler_id, QUEUED, known.credit_cost)
+                return UpsamplerResult(known.upsampler_id, JobStatus.FAILED, error=known.error, error_kind=failure_kind(known.error))
+            return UpsamplerResult(known.upsampler_id, JobStatus.QUEUED, known.credit_cost)
 
         secret = self.settings.secret("webhook_secret")
         base = self.settings.public_base_url
@@ -68,7 +68,7 @@ class UpsamplerActivities:
         with Session(self.engine) as session:
             session.add(Submission(job_id=request.job_id, attempt=request.attempt, upsampler_id=job.id,
                                    credit_cost=job.credit_cost, created_at=utcnow(),
-                                   error=(job.error or "refused") if job.status == FAILED else None))
+                                   error=(job.error or "refused") if job.status == JobStatus.FAILED else None))
             try:
                 session.commit()
             except IntegrityError:  # a concurrent duplicate attempt recorded it first
@@ -106,7 +106,7 @@ class UpsamplerActivities:
                                  .order_by(UpsamplerCall.at).limit(self.settings.upsampler_requests_per_hour)).all()
         if len(calls) >= self.settings.upsampler_requests_per_hour:
             wait = as_utc(calls[0]) - hour_ago + timedelta(seconds=1)
-            raise ApplicationError("Upsampler's hourly quota is used up", type="rate_limited", next_retry_delay=wait)
+            raise ApplicationError("Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait)
 
     def _record_call(self, kind: str, outcome: str) -> None:
         with Session(self.engine) as session:

@@ -20,21 +20,20 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.ledger import FINISHED_STATUSES
+from activities.ledger import FINISHED
 from activities.storage import StorageActivities
 from api import deps
 from api.errors import ApiError
 from api.jobs import EMAIL, get_job, job_view, start_workflow
 from smi import signing, usage
 from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, set_status, utcnow
-from smi.vocabulary import ResendInput
+from smi.vocabulary import Decision, JobStatus, ResendInput
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(deps.admin)])
 log = logging.getLogger("smi.api.admin")
 
-Status = Literal["received", "queued", "processing", "downloading", "completed", "manual_review", "failed"]
 
 
 async def _running_state(svc: deps.Services, job_id: str):
@@ -52,7 +51,7 @@ async def _running_state(svc: deps.Services, job_id: str):
 
 
 @router.get("/jobs", summary="Jobs by status, newest first")
-def list_jobs(status: Status | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
+def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
     query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
     if status:
         query = query.where(Job.status == status)
@@ -101,7 +100,7 @@ def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
         attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
         job.runs += 1
         job.error_code = job.error_message = None
-        set_status(session, job, "received")
+        set_status(session, job, JobStatus.RECEIVED)
         session.commit()
         return job, attempts
 
@@ -116,7 +115,7 @@ async def retry(job_id: str, svc: deps.Services = Depends(deps.services)):
         if not state.awaiting_decision:
             raise ApiError(409, "job_in_progress", f"the job is {state.status} and not waiting for a decision; "
                                                    "retry applies to jobs in manual review or finished")
-        await handle.signal(UpscaleWorkflow.admin_decision, "retry")
+        await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
         return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
     job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
     await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
@@ -137,7 +136,7 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
         return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
     handle, state = await _running_state(svc, job_id)
     if state is not None:
-        await handle.signal(UpscaleWorkflow.admin_decision, "refund")
+        await handle.signal(UpscaleWorkflow.admin_decision, Decision.REFUND)
         return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
     client = await svc.temporal_client()
     try:
@@ -152,9 +151,9 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
 @router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
 async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)):
     job = await run_in_threadpool(_job, svc, job_id)
-    if job.status == "completed" and not job.result_path:
+    if job.status == JobStatus.COMPLETED and not job.result_path:
         raise ApiError(409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link")
-    if job.status != "completed" or not job.result_path:
+    if job.status != JobStatus.COMPLETED or not job.result_path:
         raise ApiError(409, "not_completed", f"the job is {job.status}; only completed jobs have a link to resend")
     request_id = uuid.uuid4().hex
     client = await svc.temporal_client()
@@ -211,7 +210,7 @@ async def release_budget(svc: deps.Services = Depends(deps.services)):
     periods = await run_in_threadpool(_release_budget_periods, svc)
     client = await svc.temporal_client()
     woken = 0
-    async for execution in client.list_workflows('UpscaleStatus="queued" AND ExecutionStatus="Running"'):
+    async for execution in client.list_workflows(f'UpscaleStatus="{JobStatus.QUEUED}" AND ExecutionStatus="Running"'):
         try:
             await client.get_workflow_handle(execution.id).signal(UpscaleWorkflow.budget_released)
             woken += 1
@@ -286,7 +285,7 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     if not jobs:
         return counts
     ids = [job.job_id for job in jobs]
-    busy = [job.job_id for job in jobs if job.status not in FINISHED_STATUSES] or await _open_workflows(svc, ids)
+    busy = [job.job_id for job in jobs if job.status not in FINISHED] or await _open_workflows(svc, ids)
     if busy:
         raise ApiError(409, "customer_jobs_busy", f"{len(busy)} of the customer's {len(jobs)} jobs are still running "
                        "or waiting in manual review; nothing was erased. Let them finish (or refund them), then "

@@ -13,7 +13,7 @@ import hmac
 import secrets
 import time
 from datetime import timedelta
-from typing import Literal, get_args
+from typing import Literal
 from urllib.parse import parse_qs, quote, unquote
 
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +24,7 @@ from api.errors import ApiError
 from smi import signing
 from smi.db import as_utc, utcnow
 from smi.settings import Settings
+from smi.vocabulary import JobStatus
 
 router = APIRouter(prefix="/admin", tags=["admin dashboard"], include_in_schema=False)
 
@@ -31,7 +32,7 @@ SESSION_COOKIE = "smi_admin_session"
 NOTICE_COOKIE = "smi_admin_notice"  # the outcome of the last Retry or Refund, shown once after the redirect
 SESSION_HOURS = 8
 MAX_FORM_BYTES = 16 * 1024
-STATUSES = list(get_args(admin.Status))  # the contract's statuses, in the order a job passes them
+STATUSES = list(JobStatus)  # the contract's statuses, in the order a job passes them
 ACTIONS = {"retry": admin.retry, "refund": admin.refund}
 
 

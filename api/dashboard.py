@@ -11,8 +11,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from smi.db import Job, JobEvent, as_utc
+from smi.vocabulary import JobStatus
 
-TROUBLE = ("failed", "manual_review")
+TROUBLE = (JobStatus.FAILED, JobStatus.MANUAL_REVIEW)
 
 
 @dataclass
@@ -33,11 +34,11 @@ def status_counts(engine: Engine) -> dict[str, int]:
 def manual_review_queue(engine: Engine) -> list[ReviewItem]:
     """Jobs waiting for an admin, longest waiting first."""
     entered = (select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
-               .where(JobEvent.status == "manual_review").group_by(JobEvent.job_id).subquery())
+               .where(JobEvent.status == JobStatus.MANUAL_REVIEW).group_by(JobEvent.job_id).subquery())
     query = (select(Job.job_id, Job.order_id, Job.error_code, Job.error_message,
                     func.coalesce(entered.c.at, Job.updated_at).label("since"))
              .outerjoin(entered, entered.c.job_id == Job.job_id)
-             .where(Job.status == "manual_review").order_by("since"))
+             .where(Job.status == JobStatus.MANUAL_REVIEW).order_by("since"))
     with Session(engine) as session:
         rows = session.execute(query).all()
     return [ReviewItem(r.job_id, r.order_id, r.error_code, r.error_message, as_utc(r.since)) for r in rows]

@@ -28,7 +28,7 @@ from api.errors import ApiError
 from smi import pricing, probe, signing
 from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, Refund, as_utc, utcnow
 from smi.settings import Settings
-from smi.vocabulary import RECEIVED, JobPolicy, UpscaleInput
+from smi.vocabulary import ErrorCode, JobPolicy, JobStatus, UpscaleInput
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
@@ -103,7 +103,7 @@ async def start_workflow(client: Client, cfg: Settings, job: Job, run: int = 1, 
             task_queue=cfg.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=id_reuse_policy,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, RECEIVED)]),
+            search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, JobStatus.RECEIVED)]),
         )
     except WorkflowAlreadyStartedError:
         pass
@@ -124,7 +124,7 @@ def live_download_url(session: Session, cfg: Settings, job: Job) -> str | None:
 
 
 def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> dict:
-    completed = job.status == "completed" and job.download_generation > 0
+    completed = job.status == JobStatus.COMPLETED and job.download_generation > 0
     return {
         "job_id": job.job_id,
         "order_id": job.order_id,
@@ -170,7 +170,7 @@ async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_f
     if found.width:
         verdict = quote_for(svc.settings, found.width, found.height, scale_factor)
         if not verdict.accepted:
-            raise ApiError(422, "output_too_large", verdict.reason, {"max_scale_factor": verdict.max_scale_factor})
+            raise ApiError(422, ErrorCode.OUTPUT_TOO_LARGE, verdict.reason, {"max_scale_factor": verdict.max_scale_factor})
 
 
 def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
@@ -188,11 +188,11 @@ def _insert_job(svc: deps.Services, body: JobRequest, fingerprint: str) -> tuple
     """The new job with its first event and the price paid, in one transaction: (job, True). When the
     same order arrived twice at once and the other request won: (its job, False)."""
     now = utcnow()
-    job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=RECEIVED, created_at=now, updated_at=now,
+    job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=JobStatus.RECEIVED, created_at=now, updated_at=now,
               **body.model_dump())
     with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
         session.add(job)
-        session.add(JobEvent(job_id=job.job_id, status=RECEIVED, at=now))
+        session.add(JobEvent(job_id=job.job_id, status=JobStatus.RECEIVED, at=now))
         # The price paid, booked with the job in one transaction.
         session.add(LedgerEntry(job_id=job.job_id, purpose="revenue", revenue_usd=body.amount_paid_cents / 100,
                                 created_at=now))
@@ -221,7 +221,7 @@ async def create_job(body: JobRequest, response: Response, svc: deps.Services = 
     if job.request_sha256 != fingerprint:
         raise ApiError(409, "order_conflict",
                        f"order {body.order_id} was already submitted with a different body; use a new order_id")
-    if job.status == RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
+    if job.status == JobStatus.RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
         await start_workflow(await svc.temporal_client(), cfg, job)
     return {"job_id": job.job_id, "status": job.status, "status_url": job_url(cfg, job.job_id),
             "status_page_url": status_page_url(cfg, job.job_id)}

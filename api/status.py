@@ -22,6 +22,7 @@ from api.errors import ApiError
 from api.jobs import live_download_url
 from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
+from smi.vocabulary import FINISHED, JobStatus
 
 router = APIRouter(tags=["customer"], dependencies=[Depends(deps.public_rate_limit)])
 log = logging.getLogger("smi.api.status")
@@ -30,7 +31,7 @@ EVENTS_POLL_SECONDS = 0.5  # how often the streams' one poller (StatusHub) looks
 EVENTS_MAX_SECONDS = 300  # then the stream ends and the browser's EventSource reconnects
 KEEPALIVE_SECONDS = 15  # a comment line, so proxies keep the connection and a gone client is noticed
 
-STAGES = ["received", "queued", "processing", "downloading", "completed"]
+STAGES = [JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.DOWNLOADING, JobStatus.COMPLETED]
 STAGE_LABELS = {"received": "Order received", "queued": "In line", "processing": "Upscaling",
                 "downloading": "Checking the result", "completed": "Ready"}
 # Progress on entering each stage, and how far it may grow while estimated_completion lies ahead.
@@ -45,7 +46,6 @@ HEADLINES = {
     "manual_review": ("We're looking into it", "Something needs a closer look. Our team has been told and will "
                                               "finish your order or refund it."),
 }
-FINAL = ("completed", "failed")
 
 
 def _iso(value) -> str | None:
@@ -54,8 +54,8 @@ def _iso(value) -> str | None:
 
 
 def _headline(job: Job, refund: Refund | None) -> tuple[str, str]:
-    if job.status != "failed":
-        return HEADLINES.get(job.status, HEADLINES["received"])
+    if job.status != JobStatus.FAILED:
+        return HEADLINES.get(job.status, HEADLINES[JobStatus.RECEIVED])
     if refund is not None and refund.status == "refunded":
         return "Refunded", "We could not upscale this image, so we refunded your payment."
     if refund is not None:
@@ -88,22 +88,22 @@ def job_state(session: Session, svc: deps.Services, job_id: str) -> dict | None:
     current = STAGES.index(job.status) if job.status in STAGES else -1
     download_url = None
     expires = as_utc(job.download_expires_at)
-    if job.status == "completed" and job.download_generation > 0 and expires and expires > utcnow():
+    if job.status == JobStatus.COMPLETED and job.download_generation > 0 and expires and expires > utcnow():
         download_url = live_download_url(session, svc.settings, job)
-    if job.status == "completed" and download_url is None:
+    if job.status == JobStatus.COMPLETED and download_url is None:
         message = f"The download link has expired. Write to {svc.settings.support_email} for a new one."
     return {
         "job_id": job.job_id,
         "order_id": job.order_id,
         "status": job.status,
-        "final": job.status in FINAL,
+        "final": job.status in FINISHED,
         "headline": headline,
         "message": message,
         "progress": _progress(job.status, entered.get(job.status, job.created_at), job.estimated_completion),
         "stages": [{"status": stage, "label": STAGE_LABELS[stage], "at": _iso(entered.get(stage)),
-                    "state": "done" if i < current or job.status == "completed" else "current" if i == current else "todo"}
+                    "state": "done" if i < current or job.status == JobStatus.COMPLETED else "current" if i == current else "todo"}
                    for i, stage in enumerate(STAGES)],
-        "estimated_completion": _iso(job.estimated_completion) if job.status not in FINAL else None,
+        "estimated_completion": _iso(job.estimated_completion) if job.status not in FINISHED else None,
         "download_url": download_url,
         "download_expires_at": _iso(expires) if download_url else None,
         "output": ({"width": job.output_width, "height": job.output_height, "format": job.output_format,

@@ -24,7 +24,7 @@ from api.errors import ApiError
 from smi import signing
 from smi.db import Job, Submission, as_utc
 from smi.upsampler import UpsamplerJob
-from smi.vocabulary import COMPLETED, FAILED, WebhookHint
+from smi.vocabulary import JobStatus, WebhookHint
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(tags=["upsampler"])
@@ -52,7 +52,7 @@ def _known(svc: deps.Services, job_id: str) -> Known | None:
         if job is None:
             return None
         ids = session.exec(select(Submission.upsampler_id).where(Submission.job_id == job_id)).all()
-        return Known(as_utc(job.created_at), job.status in (COMPLETED, FAILED), frozenset(ids))
+        return Known(as_utc(job.created_at), job.status in (JobStatus.COMPLETED, JobStatus.FAILED), frozenset(ids))
 
 
 def _authentic(svc: deps.Services, job: str, sig: str | None, known: Known | None) -> bool:

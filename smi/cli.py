@@ -17,10 +17,11 @@ from pathlib import Path
 import httpx
 
 from smi.settings import DEV_ENV_FILE, get_settings
+from smi.vocabulary import FINISHED, JobStatus
 
 log = logging.getLogger("smi")
 BIN = Path(sys.executable).parent
-TERMINAL = {"completed", "failed", "manual_review"}
+TERMINAL = FINISHED | {JobStatus.MANUAL_REVIEW}  # where `smi submit` stops following
 
 
 def _wait_for_port(host: str, port: int, timeout: float, what: str) -> None:
@@ -268,7 +269,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
             if last in TERMINAL:
                 break
             time.sleep(0.5)
-    if last == "completed":
+    if last == JobStatus.COMPLETED:
         out = job["output"]
         print(f"done: {out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes, {job['cost']['credits']} credits")
         print(f"download: {job['download_url']}  (until {job['download_expires_at']})")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyvips
 
 from smi.pricing import MAX_OUTPUT_PIXELS
+from smi.vocabulary import ErrorCode
 
 # Our format name -> the only libvips loader that format's files are handed to.
 LOADERS = {"png": "pngload", "jpg": "jpegload", "webp": "webpload"}
@@ -75,11 +76,11 @@ def _open(path: str | Path, code: str, **options) -> tuple[pyvips.Image, str]:
 
 def probe(path: str | Path) -> ImageInfo:
     """Read the header only: the real format by content, and the size."""
-    image, fmt = _open(path, "unsupported_format")
+    image, fmt = _open(path, ErrorCode.UNSUPPORTED_FORMAT)
     return ImageInfo(image.width, image.height, fmt)
 
 
-def decode_fully(path: str | Path, code: str = "invalid_result") -> None:
+def decode_fully(path: str | Path, code: str = ErrorCode.INVALID_RESULT) -> None:
     """Decode every pixel, streaming; truncation and corruption raise ImageError(code)."""
     image, _ = _open(path, code, fail_on="warning")
     try:
@@ -91,18 +92,18 @@ def decode_fully(path: str | Path, code: str = "invalid_result") -> None:
 def validate(path: str | Path, width: int, height: int, fmt: str | None = None) -> ImageInfo:
     info = probe(path)
     if info.width * info.height > MAX_OUTPUT_PIXELS:
-        raise ImageError("invalid_result", f"the image has {info.width}x{info.height} pixels, over the limit")
+        raise ImageError(ErrorCode.INVALID_RESULT, f"the image has {info.width}x{info.height} pixels, over the limit")
     if (info.width, info.height) != (width, height):
-        raise ImageError("invalid_result", f"expected {width}x{height}, got {info.width}x{info.height}")
+        raise ImageError(ErrorCode.INVALID_RESULT, f"expected {width}x{height}, got {info.width}x{info.height}")
     if fmt is not None and info.format != fmt:
-        raise ImageError("invalid_result", f"expected {fmt}, got {info.format}")
+        raise ImageError(ErrorCode.INVALID_RESULT, f"expected {fmt}, got {info.format}")
     decode_fully(path)
     return info
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str, quality: int | None = None) -> None:
     """Re-encode, same pixel size; `quality` overrides the lossy formats' default."""
-    image, _ = _open(src, "unsupported_format")
+    image, _ = _open(src, ErrorCode.UNSUPPORTED_FORMAT)
     if fmt == "jpg" and image.hasalpha():
         image = image.flatten(background=[255, 255, 255])
     saver, options = SAVERS[fmt]  # by name: `dst` is a temporary name without the extension

@@ -9,6 +9,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
+from smi.vocabulary import ErrorCode
 
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 STEPS = (64 * 1024, 1024 * 1024)  # most headers fit in the first; JPEGs with big EXIF need more
@@ -31,9 +32,9 @@ def read_header(data: bytes) -> Probe | None:
         with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
             return Probe(image.width, image.height, FORMATS[image.format])
     except Image.DecompressionBombError:
-        return Probe(problem="output_too_large", detail="the image's dimensions are absurdly large")
+        return Probe(problem=ErrorCode.OUTPUT_TOO_LARGE, detail="the image's dimensions are absurdly large")
     except UnidentifiedImageError:
-        return None if len(data) < STEPS[-1] else Probe(problem="unsupported_format",
+        return None if len(data) < STEPS[-1] else Probe(problem=ErrorCode.UNSUPPORTED_FORMAT,
                                                         detail="the file is not a PNG, JPEG or WebP image")
     except (OSError, SyntaxError, ValueError):
         return None
@@ -62,8 +63,8 @@ async def probe_url(http: httpx.AsyncClient, url: str, policy: FetchPolicy) -> P
     except httpx.HTTPError:
         return Probe()
     if not data:
-        return Probe(problem="unsupported_format", detail="the image_url gave an empty file")
+        return Probe(problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the image_url gave an empty file")
     found = read_header(data)
     if found is None:  # the whole file was read and it is not an image
-        return Probe(problem="unsupported_format", detail="the file is not a PNG, JPEG or WebP image")
+        return Probe(problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the file is not a PNG, JPEG or WebP image")
     return found

@@ -9,18 +9,20 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from smi.vocabulary import ErrorCode, JobStatus
+
 STATUS_MAP = {
-    "IN_QUEUE": "queued",
-    "IN_PROGRESS": "processing",
-    "SUCCESS": "completed",
-    "FAILED": "failed",
+    "IN_QUEUE": JobStatus.QUEUED,
+    "IN_PROGRESS": JobStatus.PROCESSING,
+    "SUCCESS": JobStatus.COMPLETED,
+    "FAILED": JobStatus.FAILED,
 }
 
 
 class UpsamplerError(Exception):
     """Base of the typed errors; `kind` is what the retry policies and the workflow tell apart."""
 
-    kind = "upsampler_error"
+    kind = ErrorCode.UPSAMPLER_ERROR
     retryable = False
 
     def __init__(self, message: str, *, retry_after: float | None = None):
@@ -29,26 +31,26 @@ class UpsamplerError(Exception):
 
 
 class UpsamplerUnauthorized(UpsamplerError):
-    kind = "upsampler_unauthorized"
+    kind = ErrorCode.UPSAMPLER_UNAUTHORIZED
 
 
 class UpsamplerInvalidInput(UpsamplerError):
-    kind = "upsampler_invalid_input"
+    kind = ErrorCode.UPSAMPLER_INVALID_INPUT
 
 
 class UpsamplerNotFound(UpsamplerError):
-    kind = "upsampler_not_found"
+    kind = ErrorCode.UPSAMPLER_NOT_FOUND
 
 
 class UpsamplerRateLimited(UpsamplerError):
-    kind = "rate_limited"
+    kind = ErrorCode.RATE_LIMITED
     retryable = True
 
 
 class UpsamplerUnavailable(UpsamplerError):
     """5xx, network errors and timeouts: worth retrying."""
 
-    kind = "transient"
+    kind = ErrorCode.TRANSIENT
     retryable = True
 
 
@@ -82,13 +84,13 @@ UPSAMPLER_ID = re.compile(r"[!-~]{1,128}")  # it travels into workflow histories
 
 
 def failure_kind(error: str | None) -> str:
-    """Upsampler states why a job FAILED only in words; sort them into the workflow's error kinds."""
+    """Upsampler states why a job JobStatus.FAILED only in words; sort them into the workflow's error kinds."""
     text = (error or "").lower()
     if any(word in text for word in ("too large", "too big", "exceed", "size limit", "megapixel")):
-        return "too_large"
+        return ErrorCode.TOO_LARGE
     if any(word in text for word in ("format", "unsupported", "not an image", "decode", "corrupt")):
-        return "unsupported_format"
-    return "upsampler_failed"
+        return ErrorCode.UNSUPPORTED_FORMAT
+    return ErrorCode.UPSAMPLER_FAILED
 
 
 def _retry_after(response: httpx.Response) -> float | None:

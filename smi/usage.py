@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
 from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, as_utc
+from smi.vocabulary import JobStatus
 
 COLUMNS = ["period", "jobs", "completed", "failed", "refunded", "credits", "cost_usd", "revenue_usd", "margin_usd"]
 
@@ -57,8 +58,8 @@ def report(engine: Engine, period: str, start: datetime, end: datetime) -> list[
         ):
             usage = bucket(created)
             usage.jobs += 1
-            usage.completed += status == "completed"
-            usage.failed += status == "failed"
+            usage.completed += status == JobStatus.COMPLETED
+            usage.failed += status == JobStatus.FAILED
         for completed_at in session.exec(
             select(Refund.completed_at).where(Refund.completed_at >= start, Refund.completed_at < end)
         ):

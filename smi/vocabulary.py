@@ -1,18 +1,107 @@
-"""The small typed payloads the workflow and its activities exchange. Files travel by path."""
+"""The job's vocabulary, one module that workflows, activities, API and CLI all import: its
+statuses, its error codes and what the workflow answers to each, and the small typed payloads
+the workflow and its activities exchange (files travel by path).
+
+Wire values (statuses, error codes, payload field names) are what running workflows and saved
+histories hold: change none of them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
-# Job statuses (CONTRACT section 2), also the values of the UpscaleStatus search attribute.
-RECEIVED = "received"
-QUEUED = "queued"
-PROCESSING = "processing"
-DOWNLOADING = "downloading"
-COMPLETED = "completed"
-MANUAL_REVIEW = "manual_review"
-FAILED = "failed"
+
+class JobStatus(StrEnum):
+    """CONTRACT section 2; also the values of the UpscaleStatus search attribute."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DOWNLOADING = "downloading"
+    COMPLETED = "completed"
+    MANUAL_REVIEW = "manual_review"
+    FAILED = "failed"
+
+
+# No workflow runs for a job in these; a refunded job ends failed (or stays completed).
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+
+
+class ErrorCode(StrEnum):
+    """Why a step failed: an activity's error type, the workflow's Problem code, a job's error.code."""
+
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_LARGE = "too_large"  # the original, for Upsampler's input limit
+    OUTPUT_TOO_LARGE = "output_too_large"  # input x scale over Upsampler's pixel limit
+    FETCH_FAILED = "fetch_failed"
+    IMAGE_URL_REFUSED = "image_url_refused"
+    RESULT_URL_REFUSED = "result_url_refused"
+    INVALID_RESULT = "invalid_result"
+    RESULT_EXPIRED = "result_expired"
+    UPSAMPLER_UNAUTHORIZED = "upsampler_unauthorized"
+    UPSAMPLER_INVALID_INPUT = "upsampler_invalid_input"
+    UPSAMPLER_NOT_FOUND = "upsampler_not_found"
+    UPSAMPLER_FAILED = "upsampler_failed"
+    UPSAMPLER_ERROR = "upsampler_error"
+    RATE_LIMITED = "rate_limited"
+    TRANSIENT = "transient"
+    TIMEOUT = "timeout"
+    REFUND_FAILED = "refund_failed"
+    REFUND_PENDING = "refund_pending"
+    ADMIN_REFUND = "admin_refund"
+    MAIL_FAILED = "mail_failed"
+    INVALID_REQUEST = "invalid_request"
+    INTERNAL = "internal"
+
+
+class Answer(StrEnum):
+    """What the workflow does about a step that failed for good."""
+
+    RESUBMIT = "resubmit"  # a new Upsampler job from the same input
+    COMPRESS = "compress"  # a JPEG copy one quality step lower, then resubmit
+    REFRESH = "refresh"  # ask the status endpoint for fresh result URLs, download again
+    REFUND = "refund"  # refund, tell the customer and the admin; the job ends failed
+    REVIEW = "review"  # manual review: tell the admin, wait (days if need be) for retry or refund
+
+
+@dataclass(frozen=True)
+class Rule:
+    answers: tuple[Answer, ...]  # the n-th failure of the kind gets the n-th answer; the last one repeats
+    final: bool = False  # an activity raising it is not retried: no retry can mend it
+
+
+# The failure table. Network errors, timeouts, 5xx and 429 (after Retry-After) never reach it as
+# long as the activities' RetryPolicies absorb them; only what outlasts those lands under
+# "transient" or "rate_limited". A code missing here gets DEFAULT_RULE.
+FAILURE_TABLE: dict[ErrorCode, Rule] = {
+    ErrorCode.UNSUPPORTED_FORMAT: Rule((Answer.REFUND,), final=True),
+    ErrorCode.TOO_LARGE: Rule((Answer.COMPRESS, Answer.COMPRESS, Answer.COMPRESS, Answer.REFUND), final=True),
+    ErrorCode.FETCH_FAILED: Rule((Answer.REFUND,), final=True),
+    ErrorCode.IMAGE_URL_REFUSED: Rule((Answer.REFUND,), final=True),
+    ErrorCode.RESULT_URL_REFUSED: Rule((Answer.REVIEW,), final=True),
+    ErrorCode.INVALID_RESULT: Rule((Answer.RESUBMIT, Answer.REVIEW), final=True),
+    ErrorCode.RESULT_EXPIRED: Rule((Answer.REFRESH, Answer.RESUBMIT, Answer.REVIEW), final=True),
+    ErrorCode.UPSAMPLER_UNAUTHORIZED: Rule((Answer.REVIEW,), final=True),
+    ErrorCode.UPSAMPLER_INVALID_INPUT: Rule((Answer.REFUND,), final=True),
+    ErrorCode.UPSAMPLER_NOT_FOUND: Rule((Answer.REVIEW,), final=True),
+    ErrorCode.REFUND_FAILED: Rule((Answer.REVIEW,), final=True),
+    ErrorCode.OUTPUT_TOO_LARGE: Rule((Answer.REFUND,)),
+    ErrorCode.UPSAMPLER_FAILED: Rule((Answer.RESUBMIT, Answer.REVIEW)),
+    ErrorCode.TIMEOUT: Rule((Answer.REVIEW,)),
+    ErrorCode.ADMIN_REFUND: Rule((Answer.REFUND,)),
+}
+DEFAULT_RULE = Rule((Answer.REVIEW,))
+# Errors no retry can mend: the activities' RetryPolicies do not retry them.
+FINAL_ERRORS = [str(code) for code, rule in FAILURE_TABLE.items() if rule.final]
+
+class Decision(StrEnum):
+    """An admin's word to a running UpscaleWorkflow (its `admin_decision` signal)."""
+
+    RETRY = "retry"  # only while the job waits in manual review
+    REFUND = "refund"  # any time; acted on at the next step
+
 
 # Upsampler calls run on "<task queue>-upsampler", rate-limited to Upsampler's quota.
 UPSAMPLER_QUEUE_SUFFIX = "-upsampler"
@@ -80,12 +169,12 @@ class UpsamplerResult:
     """Upsampler's view of a job, in our status words (queued/processing/completed/failed)."""
 
     upsampler_id: str
-    status: str
+    status: JobStatus  # queued, processing, completed or failed
     credit_cost: float | None = None
     image_url: str | None = None
     compressed_image_url: str | None = None
     error: str | None = None
-    error_kind: str | None = None  # for FAILED: too_large, unsupported_format or upsampler_failed
+    error_kind: str | None = None  # an ErrorCode, for FAILED: too_large, unsupported_format or upsampler_failed
 
 
 @dataclass
@@ -93,7 +182,7 @@ class WebhookHint:
     """What a webhook says. Only a hint: the status endpoint is asked before anything moves."""
 
     upsampler_id: str
-    status: str
+    status: JobStatus
 
 
 @dataclass
@@ -163,13 +252,13 @@ class JobUpdate:
     """A change to the job's business record; None fields are left as they are."""
 
     job_id: str
-    status: str
+    status: JobStatus
     estimated_completion: datetime | None = None
     input: StoredImage | None = None
     output: StoredImage | None = None
     upsampler_id: str | None = None
     download: DownloadLink | None = None
-    error_code: str | None = None
+    error_code: str | None = None  # an ErrorCode; "" clears it
     error_message: str | None = None
 
 
@@ -183,7 +272,7 @@ class RefundRequest:
 class ResendInput:
     job_id: str
     request_id: str
-    status: str  # the job's status, kept as it is
+    status: JobStatus  # the job's status, kept as it is
     ttl_hours: float
 
 
@@ -199,7 +288,7 @@ class RefundOutcome:
 class JobState:
     """What the workflow's `state` query answers."""
 
-    status: str = RECEIVED
+    status: JobStatus = JobStatus.RECEIVED
     upsampler_id: str | None = None
     attempt: int = 0
     polls: int = 0

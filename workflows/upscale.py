@@ -22,20 +22,21 @@ with workflow.unsafe.imports_passed_through():
     from activities.upsampler import UpsamplerActivities
     from smi.pricing import MAX_OUTPUT_PIXELS
     from smi.vocabulary import (
-        COMPLETED,
-        DOWNLOADING,
-        FAILED,
-        MANUAL_REVIEW,
-        PROCESSING,
-        QUEUED,
+        DEFAULT_RULE,
+        FAILURE_TABLE,
+        FINAL_ERRORS,
         UPSAMPLER_QUEUE_SUFFIX,
+        Answer,
+        Decision,
         CompressRequest,
         CostRecord,
         DownloadRequest,
         EmailRequest,
+        ErrorCode,
         EstimateRecord,
         FetchRequest,
         JobState,
+        JobStatus,
         JobUpdate,
         RefundRequest,
         StoredImage,
@@ -50,48 +51,9 @@ with workflow.unsafe.imports_passed_through():
 
 UPSCALE_STATUS = SearchAttributeKey.for_keyword("UpscaleStatus")
 
-# Answers to a failed step, once the activity's own retries are spent.
-RESUBMIT = "resubmit"  # a new Upsampler job from the same input
-COMPRESS = "compress"  # a JPEG copy one quality step lower, then resubmit
-REFRESH = "refresh"  # ask the status endpoint for fresh result URLs, download again
-REFUND = "refund"  # refund, tell the customer and the admin; the job ends failed
-REVIEW = "review"  # manual review: tell the admin, wait (days if need be) for retry or refund
-
-# The failure table. The n-th failure of a kind gets the n-th answer; the last one repeats.
-# Network errors, timeouts, 5xx and 429 (after Retry-After) never reach it: the activities'
-# RetryPolicies below absorb them, and only what outlasts those lands under "transient".
-FAILURE_TABLE: dict[str, list[str]] = {
-    "unsupported_format": [REFUND],
-    "fetch_failed": [REFUND],
-    "image_url_refused": [REFUND],
-    "output_too_large": [REFUND],
-    "upsampler_invalid_input": [REFUND],
-    "too_large": [COMPRESS, COMPRESS, COMPRESS, REFUND],
-    "upsampler_failed": [RESUBMIT, REVIEW],
-    "invalid_result": [RESUBMIT, REVIEW],
-    "result_expired": [REFRESH, RESUBMIT, REVIEW],
-    "timeout": [REVIEW],
-    "refund_failed": [REVIEW],
-    "admin_refund": [REFUND],
-}
-DEFAULT_ANSWER = [REVIEW]
 MAX_EARLY_HINTS = 8  # webhooks kept while a submission's id is not known yet
 COMPRESS_QUALITIES = [85, 70, 55]
 
-# Errors no retry can mend: activities raise them as non-retryable ApplicationErrors.
-FINAL_ERRORS = [
-    "unsupported_format",
-    "too_large",
-    "fetch_failed",
-    "image_url_refused",
-    "result_url_refused",
-    "invalid_result",
-    "result_expired",
-    "upsampler_unauthorized",
-    "upsampler_invalid_input",
-    "upsampler_not_found",
-    "refund_failed",
-]
 UPSAMPLER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -108,7 +70,7 @@ TRANSFER_RETRY = RetryPolicy(
 REFUND_RETRY = RetryPolicy(  # "retried until it answers 2xx": no attempt limit
     initial_interval=timedelta(seconds=5),
     maximum_interval=timedelta(minutes=10),
-    non_retryable_error_types=["refund_failed"],
+    non_retryable_error_types=[ErrorCode.REFUND_FAILED],
 )
 MAIL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10)
 LOCAL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -149,8 +111,8 @@ class UpscaleWorkflow:
 
     @workflow.signal
     def admin_decision(self, decision: str) -> None:
-        """"refund" (any time; acted on at the next step) or "retry" (only while in manual review)."""
-        if decision == "refund" or (decision == "retry" and self._state.awaiting_decision):
+        """A Decision: refund at any time, retry only while in manual review."""
+        if decision == Decision.REFUND or (decision == Decision.RETRY and self._state.awaiting_decision):
             self._decision = decision
 
     @workflow.signal
@@ -182,15 +144,15 @@ class UpscaleWorkflow:
         refresh = False
         while True:
             try:
-                if self._decision == "refund":
-                    raise Problem("admin_refund", "an admin asked for a refund")
+                if self._decision == Decision.REFUND:
+                    raise Problem(ErrorCode.ADMIN_REFUND, "an admin asked for a refund")
                 if original is None:
                     # 1. Fetch the original, check it is an image, keep it.
                     original = await self._fetch_original()
                     width, height = original.width * job.scale_factor, original.height * job.scale_factor
                     if width * height > MAX_OUTPUT_PIXELS:
-                        raise Problem("output_too_large", f"the output would be {width}x{height}, over Upsampler's limit")
-                    await self._set_status(QUEUED, input=original)
+                        raise Problem(ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit")
+                    await self._set_status(JobStatus.QUEUED, input=original)
                     await self._local(LedgerActivities.record_estimate, EstimateRecord(
                         job.job_id, original.width, original.height, job.scale_factor,
                         job.policy.credits_per_megapixel, job.policy.credit_price_usd))
@@ -207,27 +169,27 @@ class UpscaleWorkflow:
                 elif refresh:  # the result links expired: Upsampler's status reply carries fresh ones
                     refresh = False
                     result = await self._check_status(submission.upsampler_id)
-                    if result.status != COMPLETED:
-                        raise Problem("result_expired", f"no fresh result link: Upsampler says {result.status}")
+                    if result.status != JobStatus.COMPLETED:
+                        raise Problem(ErrorCode.RESULT_EXPIRED, f"no fresh result link: Upsampler says {result.status}")
                 # 4-5. Download, validate, put in place.
                 return await self._download_and_check(result, width, height)
             except Problem as problem:
                 answer = self._answer_to(problem)
-                if answer == REFRESH:
+                if answer == Answer.REFRESH:
                     refresh = True
                     continue
                 submission = None
-                if answer == COMPRESS:
+                if answer == Answer.COMPRESS:
                     variant = await self._compress()
-                elif answer == REVIEW:
+                elif answer == Answer.REVIEW:
                     await self._manual_review(problem)
-                elif answer == REFUND:
+                elif answer == Answer.REFUND:
                     raise
 
     def _answer_to(self, problem: Problem) -> str:
         count = self._failures.get(problem.code, 0)
         self._failures[problem.code] = count + 1
-        answers = FAILURE_TABLE.get(problem.code, DEFAULT_ANSWER)
+        answers = FAILURE_TABLE.get(problem.code, DEFAULT_RULE).answers
         return answers[min(count, len(answers) - 1)]
 
     async def _fetch_original(self) -> StoredImage:
@@ -250,7 +212,7 @@ class UpscaleWorkflow:
             )
             if copy.bytes <= self._job.policy.upsampler_max_input_bytes:
                 return f"q{quality}"
-        raise Problem("too_large", "the image is too large for Upsampler even compressed")
+        raise Problem(ErrorCode.TOO_LARGE, "the image is too large for Upsampler even compressed")
 
     async def _submit(self, variant: str | None) -> UpsamplerResult:
         job = self._job
@@ -264,8 +226,8 @@ class UpscaleWorkflow:
             schedule_to_close_timeout=timedelta(minutes=30),
             retry_policy=UPSAMPLER_RETRY,
         )
-        if submission.status == FAILED:
-            raise Problem(submission.error_kind or "upsampler_failed", f"Upsampler refused the job: {submission.error}")
+        if submission.status == JobStatus.FAILED:
+            raise Problem(submission.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler refused the job: {submission.error}")
         self._state.upsampler_id = submission.upsampler_id
         early = self._early_hints.pop(submission.upsampler_id, None)
         self._early_hints.clear()
@@ -273,7 +235,7 @@ class UpscaleWorkflow:
         if early is not None and workflow.patched("keep-early-webhook"):
             self._hint = early
         expected = workflow.now() + timedelta(seconds=job.policy.poll_initial_delay_seconds)
-        await self._set_status(QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
+        await self._set_status(JobStatus.QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
         return submission
 
     async def _wait_for_result(self, submission: UpsamplerResult) -> UpsamplerResult:
@@ -288,25 +250,25 @@ class UpscaleWorkflow:
         while True:
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
-                raise Problem("timeout", f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s")
+                raise Problem(ErrorCode.TIMEOUT, f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s")
             try:
-                await workflow.wait_condition(lambda: self._hint is not None or self._decision == "refund",
+                await workflow.wait_condition(lambda: self._hint is not None or self._decision == Decision.REFUND,
                                               timeout=min(delay, remaining))
             except asyncio.TimeoutError:
                 delay = min(delay * 2, policy.poll_max_interval_seconds)
-            if self._decision == "refund":
-                raise Problem("admin_refund", "an admin asked for a refund")
+            if self._decision == Decision.REFUND:
+                raise Problem(ErrorCode.ADMIN_REFUND, "an admin asked for a refund")
             woken_by_webhook = self._hint is not None
             self._hint = None
             status = await self._check_status(submission.upsampler_id)
-            if status.status == COMPLETED:
+            if status.status == JobStatus.COMPLETED:
                 _count("smi_results_learned", "Finished Upsampler jobs, by what told us: webhook or poll.",
                        via="webhook" if woken_by_webhook else "poll")
                 return status
-            if status.status == FAILED:
-                raise Problem(status.error_kind or "upsampler_failed", f"Upsampler failed the job: {status.error}")
-            if status.status == PROCESSING and self._state.status != PROCESSING:
-                await self._set_status(PROCESSING)
+            if status.status == JobStatus.FAILED:
+                raise Problem(status.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler failed the job: {status.error}")
+            if status.status == JobStatus.PROCESSING and self._state.status != JobStatus.PROCESSING:
+                await self._set_status(JobStatus.PROCESSING)
 
     async def _check_status(self, upsampler_id: str) -> UpsamplerResult:
         self._state.polls += 1
@@ -337,17 +299,17 @@ class UpscaleWorkflow:
         while not (gate := await self._local(LedgerActivities.budget_gate, self._job.job_id)).open:
             self._budget_released = False
             try:
-                await workflow.wait_condition(lambda: self._budget_released or self._decision == "refund",
+                await workflow.wait_condition(lambda: self._budget_released or self._decision == Decision.REFUND,
                                               timeout=gate.recheck_seconds)
             except asyncio.TimeoutError:
                 pass
-            if self._decision == "refund":
-                raise Problem("admin_refund", "an admin asked for a refund")
+            if self._decision == Decision.REFUND:
+                raise Problem(ErrorCode.ADMIN_REFUND, "an admin asked for a refund")
 
     async def _download_and_check(self, result: UpsamplerResult, width: int, height: int) -> StoredImage:
         job = self._job
         # 4. Download the result, streamed and hashed.
-        await self._set_status(DOWNLOADING)
+        await self._set_status(JobStatus.DOWNLOADING)
         downloaded = await self._activity(
             StorageActivities.download_result,
             DownloadRequest(job.job_id, result.image_url or "", self._state.attempt),
@@ -374,7 +336,7 @@ class UpscaleWorkflow:
         job = self._job
         link = await self._local(LedgerActivities.issue_download_token,
                                  TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours))
-        await self._set_status(COMPLETED, output=stored, download=link, error_code="", error_message="")
+        await self._set_status(JobStatus.COMPLETED, output=stored, download=link, error_code="", error_message="")
         try:
             await self._activity(
                 NotifyActivities.send_email,
@@ -383,23 +345,23 @@ class UpscaleWorkflow:
                 retry_policy=MAIL_RETRY,
             )
         except Problem as problem:
-            await self._set_status(COMPLETED, error_code="mail_failed", error_message=str(problem))
+            await self._set_status(JobStatus.COMPLETED, error_code=ErrorCode.MAIL_FAILED, error_message=str(problem))
             await self._tell_admin("The completion email could not be sent", f"mail:{job.run}")
 
     async def _manual_review(self, problem: Problem) -> None:
         """Tell the admin and wait, durably, for a decision. Returns on retry; raises on refund."""
         # Decisions are taken from here on, even while the admin's notice is still being sent.
         self._state.awaiting_decision = True
-        await self._set_status(MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
+        await self._set_status(JobStatus.MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
         await self._tell_admin(f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}")
         await workflow.wait_condition(lambda: self._decision is not None)
         self._state.awaiting_decision = False
         decision, self._decision = self._decision, None
-        if decision == "refund":
+        if decision == Decision.REFUND:
             raise Problem(problem.code, str(problem))
         self._failures.clear()  # an admin's retry starts the table afresh
         self._qualities = list(COMPRESS_QUALITIES)
-        await self._set_status(QUEUED, error_code="", error_message="")
+        await self._set_status(JobStatus.QUEUED, error_code="", error_message="")
 
     async def _refund_and_tell(self, problem: Problem) -> None:
         job = self._job
@@ -411,10 +373,10 @@ class UpscaleWorkflow:
                 retry_policy=REFUND_RETRY,
             )
         except Problem as refusal:
-            await self._set_status(MANUAL_REVIEW, error_code=refusal.code, error_message=str(refusal))
+            await self._set_status(JobStatus.MANUAL_REVIEW, error_code=refusal.code, error_message=str(refusal))
             await self._tell_admin("The refund failed; pay it back by hand", f"refund:{job.run}")
             return
-        await self._set_status(FAILED, error_code=problem.code, error_message=str(problem))
+        await self._set_status(JobStatus.FAILED, error_code=problem.code, error_message=str(problem))
         _count("smi_jobs_refunded", "Jobs refunded, by reason.", reason=problem.code)
         await self._activity(
             NotifyActivities.send_email,
@@ -445,7 +407,7 @@ class UpscaleWorkflow:
                 "smi_stage_duration", "Time a job spent in each stage.", "duration"
             ).record(now - self._stage_entered, {"stage": self._state.status})
             self._stage_entered = now
-            if status in (COMPLETED, FAILED, MANUAL_REVIEW):
+            if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.MANUAL_REVIEW):
                 _count("smi_job_outcomes", "Jobs reaching completed, failed or manual review, by error code.",
                        outcome=status, reason=fields.get("error_code") or "none")
             workflow.logger.info("status: %s -> %s", self._state.status, status)  # not repeated on replay
@@ -478,7 +440,7 @@ def _count(name: str, description: str, **attributes: str) -> None:
 def _failure_of(err: ActivityError) -> tuple[str, str]:
     cause = err.cause
     if isinstance(cause, ApplicationError):
-        return cause.type or "internal", cause.message
+        return cause.type or ErrorCode.INTERNAL, cause.message
     if isinstance(cause, TimeoutError):
-        return "timeout", "a step of the job timed out"
-    return "internal", str(cause or err)
+        return ErrorCode.TIMEOUT, "a step of the job timed out"
+    return ErrorCode.INTERNAL, str(cause or err)
