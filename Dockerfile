@@ -10,7 +10,7 @@ WORKDIR /app
 COPY requirements-build.lock requirements.lock ./
 RUN python -m pip install --require-hashes --no-deps -r requirements-build.lock \
  && pip install --require-hashes --no-build-isolation -r requirements.lock
-COPY pyproject.toml README.md worker.py ./
+COPY pyproject.toml README.md worker.py cli.py ./
 COPY smi smi
 COPY workflows workflows
 COPY activities activities

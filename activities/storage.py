@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -24,8 +21,10 @@ from temporalio.exceptions import ApplicationError
 from smi import imaging, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
+from smi.storage import LocalStorage, compressed_name
 from smi.vocabulary import (
     CompressRequest,
+    DownloadedFile,
     DownloadRequest,
     ErrorCode,
     FetchRequest,
@@ -41,13 +40,6 @@ from smi.vocabulary import (
 CHUNK = 1024 * 1024
 BATCH = 4 * CHUNK  # downloads: hashed and written at once, in a thread, while the next is read
 HEARTBEAT_EVERY_SECONDS = 2.0
-
-
-@dataclass
-class DownloadedFile:
-    path: str
-    bytes: int
-    sha256: str
 
 
 def _fail(code: str, message: str, retryable: bool = False) -> ApplicationError:
@@ -93,13 +85,9 @@ def file_sha256(path: Path) -> str:
 class StorageActivities:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None):
         self.settings = settings
+        self.storage = LocalStorage(settings.storage_dir)
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0))
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.settings.storage_dir / "jobs" / job_id
-
-    def tmp_dir(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "tmp"
 
     async def _stream_to(self, url: str, part: Path, limit: int, what: str, policy: FetchPolicy,
                          start: int = 0) -> tuple[int, str]:
@@ -173,10 +161,10 @@ class StorageActivities:
     @activity.defn
     async def fetch_original(self, request: FetchRequest) -> StoredImage:
         """1. Download the image the storefront named, check it is an image, keep it."""
-        job_dir = self.job_dir(request.job_id)
-        existing = sorted(job_dir.glob("original.*"))
+        job_dir = self.storage.job_dir(request.job_id)
+        existing = self.storage.original(request.job_id)
         if existing:  # a retry after the rename: the file is whole
-            return _describe(existing[0], imaging.probe(existing[0]))
+            return _describe(existing, imaging.probe(existing))
         job_dir.mkdir(parents=True, exist_ok=True)
         part = job_dir / "original.part"
         await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image",
@@ -198,10 +186,9 @@ class StorageActivities:
     @activity.defn
     def compress_original(self, request: CompressRequest) -> StoredImage:
         """A JPEG copy of the original at a lower quality, same pixel size, for Upsampler's input limit."""
-        job_dir = self.job_dir(request.job_id)
-        final = job_dir / compressed_name(request.quality)
+        final = self.storage.job_dir(request.job_id) / compressed_name(request.quality)
         if not final.exists():
-            original = next(iter(sorted(job_dir.glob("original.*"))), None)
+            original = self.storage.original(request.job_id)
             if original is None:
                 raise _fail(ErrorCode.FETCH_FAILED, "the original is gone")
             part = final.with_suffix(".part")
@@ -212,7 +199,7 @@ class StorageActivities:
     @activity.defn
     async def download_result(self, request: DownloadRequest) -> DownloadedFile:
         """4. Stream Upsampler's result to a temporary file; resume after a crash from the heartbeat."""
-        tmp = self.tmp_dir(request.job_id)
+        tmp = self.storage.tmp_dir(request.job_id)
         tmp.mkdir(parents=True, exist_ok=True)
         final = tmp / f"result-{request.attempt}"
         if final.exists():
@@ -243,7 +230,7 @@ class StorageActivities:
     def store_result(self, request: StoreRequest) -> StoredImage:
         """Put the checked result in place as jobs/{job_id}/upscaled_<W>x<H>.<ext>, converting if asked."""
         src = Path(request.path)
-        job_dir = self.job_dir(request.job_id)
+        job_dir = self.storage.job_dir(request.job_id)
         info = imaging.probe(src) if src.exists() else None
         fmt = request.format if request.format != "auto" else (info.format if info else None)
         if info is None:  # a retry after the move: the result is already in place
@@ -264,82 +251,24 @@ class StorageActivities:
     @activity.defn
     def cleanup(self, job_id: str) -> int:
         """Remove the job's temporary files; returns how many there were."""
-        tmp = self.tmp_dir(job_id)
+        tmp = self.storage.tmp_dir(job_id)
         count = sum(1 for _ in tmp.iterdir()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         return count
 
-    # Retention (workflows/retention.py) and erasure (DELETE /v1/admin/customers/{email}).
-    # Every deletion is of what is there: running one again deletes nothing more.
-
-    def uploads_dir(self) -> Path:
-        return self.settings.storage_dir / "uploads"
+    # Retention (workflows/retention.py): what is stored, and deleting what is due (smi/storage.py).
 
     @activity.defn
     def retention_inventory(self, request: InventoryRequest) -> StoredNames:
         """A page (by name, after `request.after`) of the job folders holding files, or of the uploads."""
-        folder = self.settings.storage_dir / request.kind if request.kind in ("jobs", "uploads") else None
-        if folder is None:
+        if request.kind not in ("jobs", "uploads"):
             raise _fail(ErrorCode.INVALID_REQUEST, f"unknown kind of stored files: {request.kind}")
-        found: dict[str, datetime] = {}
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                name = entry.name.removesuffix(".part") if request.kind == "uploads" else entry.name
-                if not STORED_ID.match(name) or name <= request.after:
-                    continue
-                times = [_mtime(p) for p in ([entry] if entry.is_file() else entry.rglob("*")) if p.is_file()]
-                if times:  # an empty folder holds nothing to delete
-                    found[name] = max(times + [found.get(name, times[0])])
-        names = sorted(found)
-        page = names[:request.limit]
-        return StoredNames(request.kind, page, [found[name] for name in page],
-                           page[-1] if len(names) > request.limit else None)
+        return self.storage.inventory(request)
 
     @activity.defn
     def delete_retained(self, plan: RetentionPlan) -> RetentionDeleted:
         """Delete what the plan makes due; returns how many files of each kind were there."""
-        deleted = RetentionDeleted()
-        for job_id in plan.inputs:
-            if not STORED_ID.match(job_id):
-                continue
-            job_dir = self.job_dir(job_id)
-            for path in sorted(job_dir.iterdir()) if job_dir.is_dir() else []:
-                if path.name == "tmp":
-                    deleted.temporary += _remove(path)
-                elif path.name.endswith(".part"):
-                    deleted.temporary += _remove(path)
-                elif path.name.startswith("original."):
-                    deleted.originals += _remove(path)
-                elif path.name.startswith("compressed_q"):
-                    deleted.compressed += _remove(path)
-        for job_id in plan.results:
-            if not STORED_ID.match(job_id):
-                continue
-            for path in sorted(self.job_dir(job_id).glob("upscaled_*")):
-                deleted.results += _remove(path)
-        for job_id in set(plan.inputs) | set(plan.results):
-            if STORED_ID.match(job_id):
-                _remove_if_empty(self.job_dir(job_id))
-        for upload_id in plan.uploads:
-            deleted.uploads += self.erase_upload(upload_id)
-        return deleted
-
-    def erase_job_files(self, job_id: str) -> int:
-        """Every file of the job (original, copies, result, leftovers) and its folder; returns how many files."""
-        if not STORED_ID.match(job_id):
-            return 0
-        return _remove(self.job_dir(job_id))
-
-    def erase_upload(self, upload_id: str) -> int:
-        """The upload (and a partial one); returns how many files there were."""
-        if not STORED_ID.match(upload_id):
-            return 0
-        folder = self.uploads_dir()
-        return _remove(folder / upload_id) + _remove(folder / f"{upload_id}.part")
-
-
-def compressed_name(quality: int) -> str:
-    return f"compressed_q{quality}.jpg"
+        return self.storage.delete_retained(plan)
 
 
 def _describe(path: Path, info: imaging.ImageInfo) -> StoredImage:
@@ -352,29 +281,3 @@ def _http_failure(status: int, what: str) -> ApplicationError:
     if status in (403, 410) and what == "result":
         return _fail(ErrorCode.RESULT_EXPIRED, f"the {what} link answered {status}: expired or refused")
     return _fail(ErrorCode.FETCH_FAILED, f"fetching the {what} answered {status}")
-
-
-STORED_ID = re.compile(r"^[0-9a-f]{32}$")  # job ids and upload ids: nothing else under jobs/ and uploads/ is touched
-
-
-def _mtime(path: Path) -> datetime:
-    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
-
-
-def _remove(path: Path) -> int:
-    """Delete a file or a folder tree; returns how many files were deleted (0 when already gone)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-        return 1
-    if not path.is_dir():
-        return 0
-    count = sum(1 for p in path.rglob("*") if p.is_file() or p.is_symlink())
-    shutil.rmtree(path, ignore_errors=True)
-    return count
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:  # not empty (a result kept), or already gone
-        pass

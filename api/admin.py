@@ -16,19 +16,16 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import delete
 from sqlmodel import Session, func, select
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.ledger import FINISHED
-from activities.storage import StorageActivities
-from api import deps
+from api import deps, service
 from api.errors import ApiError
-from api.jobs import EMAIL, get_job, job_view, start_workflow
+from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
-from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, Submission, set_status, utcnow
-from smi.vocabulary import Decision, JobStatus, ResendInput
-from workflows.admin import RefundWorkflow, ResendLinkWorkflow
+from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, utcnow
+from smi.storage import LocalStorage
+from smi.vocabulary import FINISHED, JobStatus, ResendInput
+from workflows.admin import ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(deps.admin)])
@@ -36,18 +33,6 @@ log = logging.getLogger("smi.api.admin")
 
 
 
-async def _running_state(svc: deps.Services, job_id: str):
-    """The workflow's state if its latest run is still open, else None."""
-    handle = (await svc.temporal_client()).get_workflow_handle(f"upscale-{job_id}")
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            return handle, None
-        raise
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        return handle, None
-    return handle, await handle.query(UpscaleWorkflow.state)
 
 
 @router.get("/jobs", summary="Jobs by status, newest first")
@@ -86,71 +71,29 @@ def money(entries: list[LedgerEntry]) -> dict:
 # The async handlers below use the database in the threadpool, through these small functions, each
 # with its own short session: none is held while Temporal is awaited (see api/deps.py).
 
-def _job(svc: deps.Services, job_id: str) -> Job:
-    with Session(svc.engine) as session:
-        return get_job(session, job_id)
 
 
-def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
-    """The job back to received for a new run, with its event; and how many submissions came before."""
-    with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
-        job = get_job(session, job_id)
-        if session.get(Refund, job_id) is not None:
-            raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
-        attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
-        job.runs += 1
-        job.error_code = job.error_message = None
-        set_status(session, job, JobStatus.RECEIVED)
-        session.commit()
-        return job, attempts
+
+
+
+
+
+
 
 
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
 async def retry(job_id: str, svc: deps.Services = Depends(deps.services)):
-    job = await run_in_threadpool(_job, svc, job_id)
-    if job.customer_email == ERASED_EMAIL:
-        raise ApiError(409, "customer_erased", "the customer's data was erased; this job cannot run again")
-    handle, state = await _running_state(svc, job_id)
-    if state is not None:
-        if not state.awaiting_decision:
-            raise ApiError(409, "job_in_progress", f"the job is {state.status} and not waiting for a decision; "
-                                                   "retry applies to jobs in manual review or finished")
-        await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
-        return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
-    job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
-    await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
-                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
-    return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
-
-
-def _refund_of(svc: deps.Services, job_id: str) -> Refund | None:
-    with Session(svc.engine) as session:
-        get_job(session, job_id)
-        return session.get(Refund, job_id)
+    return await service.retry(job_id, svc)
 
 
 @router.post("/jobs/{job_id}/refund", status_code=202, summary="Refund now")
 async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
-    done = await run_in_threadpool(_refund_of, svc, job_id)
-    if done is not None:
-        return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
-    handle, state = await _running_state(svc, job_id)
-    if state is not None:
-        await handle.signal(UpscaleWorkflow.admin_decision, Decision.REFUND)
-        return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
-    client = await svc.temporal_client()
-    try:
-        await client.start_workflow(RefundWorkflow.run, job_id, id=f"refund-{job_id}", task_queue=svc.settings.task_queue,
-                                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
-    except WorkflowAlreadyStartedError:
-        pass
-    return {"job_id": job_id, "action": "refund", "how": f"started workflow refund-{job_id}"}
+    return await service.refund(job_id, svc)
 
 
 @router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
 async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)):
-    job = await run_in_threadpool(_job, svc, job_id)
+    job = await run_in_threadpool(load_job, svc, job_id)
     if job.status == JobStatus.COMPLETED and not job.result_path:
         raise ApiError(409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link")
     if job.status != JobStatus.COMPLETED or not job.result_path:
@@ -219,9 +162,6 @@ async def release_budget(svc: deps.Services = Depends(deps.services)):
     return {"released": periods, "jobs_woken": woken}
 
 
-# GDPR erasure. The address comes in the path, so it is masked in the access log (api/redact.py) and
-# never written to a log, a workflow payload or an error message.
-ERASED_EMAIL = "erased@erased.invalid"  # the placeholder: reserved TLD, undeliverable, matches no customer
 ERASED_IMAGE_URL = "https://erased.invalid/"
 async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
     """Jobs whose upscale or refund workflow is still open (e.g. still sending the customer's email)."""
@@ -292,7 +232,7 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
                        "call this again", {"busy_job_ids": busy})
 
     # Files first: should anything fail after them, calling again finds the jobs and finishes the work.
-    storage = StorageActivities(svc.settings, http=svc.http)
+    storage = LocalStorage(svc.settings.storage_dir)
     uploads = {upload_id for job in jobs if (upload_id := signing.upload_id_of(job.image_url))}
 
     def delete_files() -> int:

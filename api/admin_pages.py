@@ -4,7 +4,7 @@ error rate and stage times of the last 24 h, recent jobs linked to their workflo
 Login is the admin API key pasted once into a form; the browser then holds an HttpOnly,
 SameSite=Strict cookie with an expiry signed under that key (changing the key logs every
 browser out). Forms carry a CSRF token derived from the session. Retry and Refund call the
-admin API's own functions (api/admin.py).
+admin API's own functions (api/service.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, quote, unquote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 
-from api import admin, dashboard, deps
+from api import dashboard, deps, service
 from api.errors import ApiError
 from smi import signing
 from smi.db import as_utc, utcnow
@@ -33,7 +33,7 @@ NOTICE_COOKIE = "smi_admin_notice"  # the outcome of the last Retry or Refund, s
 SESSION_HOURS = 8
 MAX_FORM_BYTES = 16 * 1024
 STATUSES = list(JobStatus)  # the contract's statuses, in the order a job passes them
-ACTIONS = {"retry": admin.retry, "refund": admin.refund}
+ACTIONS = {"retry": service.retry, "refund": service.refund}
 
 
 def new_session(admin_key: str) -> str:

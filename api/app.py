@@ -12,6 +12,7 @@ from temporalio.client import Client
 from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, redact, status, webhook
 from smi.db import make_engine
 from smi.logs import JobIdFromRequest
+from smi.migrations import migrate
 from smi.settings import Settings, get_settings
 
 
@@ -20,7 +21,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = app.state.services = deps.Services(settings, make_engine(settings.database_url), temporal)
+        engine = make_engine(settings.database_url)
+        migrate(engine)  # the process's start: bring the schema to head (a cheap query when it is there)
+        svc = app.state.services = deps.Services(settings, engine, temporal)
         svc.status_hub = status.StatusHub(svc)
         yield
         if svc.status_hub.task is not None:

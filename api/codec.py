@@ -28,7 +28,7 @@ from temporalio.api.common.v1 import Payload, Payloads
 
 from api import deps
 from api.errors import ApiError
-from smi.codec import ENCODING, EncryptionCodec, PayloadDecryptionError
+from smi.codec import ENCODING, PayloadDecryptionError
 from smi.settings import Settings
 
 router = APIRouter(prefix="/codec", tags=["admin"])
@@ -110,7 +110,7 @@ async def decode(request: Request, cfg: Settings = Depends(deps.settings)):
     cors = cors_headers(request, cfg)
     _authorize(request, cfg, cors)
     payloads = await _payloads(request, cors)
-    codec = EncryptionCodec.from_settings(cfg)
+    codec = cfg.payload_codec()
     if codec is None:
         if any(p.metadata.get("encoding") == ENCODING for p in payloads):
             raise ApiError(409, "encryption_off", "these payloads are encrypted but SMI_PAYLOAD_KEY is not set here",
@@ -127,5 +127,5 @@ async def encode(request: Request, cfg: Settings = Depends(deps.settings)):
     cors = cors_headers(request, cfg)
     _authorize(request, cfg, cors)
     payloads = await _payloads(request, cors)
-    codec = EncryptionCodec.from_settings(cfg)
+    codec = cfg.payload_codec()
     return _reply(await codec.encode(payloads) if codec else payloads, cors)

@@ -52,7 +52,7 @@ class Services:
                 try:
                     self.temporal = await Client.connect(
                         self.settings.temporal_address, namespace=self.settings.temporal_namespace,
-                        data_converter=data_converter(self.settings),  # the worker's: same payload encryption
+                        data_converter=data_converter(self.settings.payload_codec()),  # the worker's: same payload encryption
                     )
                 except Exception:
                     raise ApiError(503, "temporal_unavailable", "the workflow service is not reachable; try again") from None

@@ -12,12 +12,12 @@ from sqlalchemy import update
 from sqlmodel import Session
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
-from activities.storage import compressed_name
 from api import deps
 from api.errors import ApiError
 from smi import signing
 from smi.db import DownloadToken, Job, as_utc, utcnow
 from smi.settings import Settings
+from smi.storage import LocalStorage, compressed_name
 
 router = APIRouter(tags=["files"])
 
@@ -93,13 +93,13 @@ def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depend
         raise ApiError(404, "not_found", "no such file")
     if exp < time.time() or not signing.verify_file(cfg.webhook_secrets(), kind, name, exp, sig):
         raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
+    storage = LocalStorage(cfg.storage_dir)
     if kind == "uploads":
-        candidates = [cfg.storage_dir / "uploads" / name]
+        path = storage.uploads_dir() / name
     elif match["quality"]:
-        candidates = [cfg.storage_dir / "jobs" / match["id"] / compressed_name(int(match["quality"]))]
+        path = storage.job_dir(match["id"]) / compressed_name(int(match["quality"]))
     else:
-        candidates = sorted((cfg.storage_dir / "jobs" / match["id"]).glob("original.*"))
-    path = next((p for p in candidates if p.is_file() and p.suffix != ".part"), None)
-    if path is None:
+        path = storage.original(match["id"])
+    if path is None or not path.is_file() or path.suffix == ".part":
         raise ApiError(404, "not_found", "no such file")
     return FileResponse(path)

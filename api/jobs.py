@@ -14,28 +14,19 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
-from temporalio.client import Client
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api import deps
 from api.errors import ApiError
+from api.service import EMAIL, get_job, job_url, job_view, start_workflow, status_page_url
 from smi import pricing, probe, signing
-from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, Refund, as_utc, utcnow
+from smi.db import Job, JobEvent, LedgerEntry, Refund, utcnow
 from smi.settings import Settings
-from smi.vocabulary import ErrorCode, JobPolicy, JobStatus, UpscaleInput
-from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
+from smi.storage import LocalStorage
+from smi.vocabulary import ErrorCode, JobStatus
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
 
 HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch guard checks the rest
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
 
 
 class JobRequest(BaseModel):
@@ -69,97 +60,20 @@ class JobRequest(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
-def job_url(cfg: Settings, job_id: str) -> str:
-    return f"{cfg.public_base_url.rstrip('/')}/v1/jobs/{job_id}"
 
 
-def status_page_url(cfg: Settings, job_id: str) -> str:
-    """The customer's status page (no API key needed: the link carries a view token)."""
-    return signing.status_page_url(cfg.public_base_url, cfg.secret("webhook_secret"), job_id)
 
 
-def policy_of(cfg: Settings) -> JobPolicy:
-    return JobPolicy(
-        poll_initial_delay_seconds=cfg.poll_initial_delay_seconds,
-        poll_max_interval_seconds=cfg.poll_max_interval_seconds,
-        processing_timeout_seconds=cfg.processing_timeout_seconds,
-        download_ttl_hours=cfg.download_ttl_hours,
-        credit_price_usd=cfg.credit_price_usd,
-        credits_per_megapixel=cfg.credits_per_megapixel,
-        upsampler_max_input_bytes=cfg.upsampler_max_input_bytes,
-        budget_hard_stop=cfg.budget_hard_stop,
-    )
 
 
-async def start_workflow(client: Client, cfg: Settings, job: Job, run: int = 1, attempts_before: int = 0,
-                         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE) -> None:
-    """Idempotent: an open workflow of this job is reused; a finished one is left alone unless
-    `id_reuse_policy` allows a new run (an admin's retry)."""
-    try:
-        await client.start_workflow(
-            UpscaleWorkflow.run,
-            UpscaleInput(job.job_id, job.image_url, job.scale_factor, job.format, policy_of(cfg), run, attempts_before),
-            id=f"upscale-{job.job_id}",
-            task_queue=cfg.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=id_reuse_policy,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, JobStatus.RECEIVED)]),
-        )
-    except WorkflowAlreadyStartedError:
-        pass
 
 
-def _iso(value) -> str | None:
-    value = as_utc(value)
-    return value.isoformat() if value else None
 
 
-def live_download_url(session: Session, cfg: Settings, job: Job) -> str | None:
-    """The job's current link; after a secret rotation it may have been derived from the previous secret."""
-    for secret in cfg.webhook_secrets():
-        token = signing.download_token(secret, job.job_id, job.download_generation)
-        if session.get(DownloadToken, signing.token_sha256(token)) is not None:
-            return f"{cfg.public_base_url.rstrip('/')}/downloads/{token}"
-    return None
 
 
-def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> dict:
-    completed = job.status == JobStatus.COMPLETED and job.download_generation > 0
-    return {
-        "job_id": job.job_id,
-        "order_id": job.order_id,
-        "status": job.status,
-        "status_page_url": status_page_url(cfg, job.job_id),
-        "scale_factor": job.scale_factor,
-        "format": job.format,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "estimated_completion": _iso(job.estimated_completion),
-        "input": {"width": job.input_width, "height": job.input_height} if job.input_width else None,
-        "output": (
-            {
-                "width": job.output_width,
-                "height": job.output_height,
-                "bytes": job.output_bytes,
-                "format": job.output_format,
-                "sha256": job.output_sha256,
-            }
-            if job.output_sha256
-            else None
-        ),
-        "download_url": live_download_url(session, cfg, job) if completed else None,
-        "download_expires_at": _iso(job.download_expires_at) if completed else None,
-        "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
-        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason} if refund else None,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-    }
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id) if JOB_ID.match(job_id) else None
-    if job is None:
-        raise ApiError(404, "job_not_found", "no job has this job_id")
-    return job
 
 
 async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_factor: int) -> None:
@@ -237,7 +151,7 @@ def read_job(job_id: str, svc: deps.Services = Depends(deps.services)):
 async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
     # The body is capped at SMI_MAX_INPUT_BYTES while it streams (api/guard.py).
     upload_id = uuid.uuid4().hex
-    folder = cfg.storage_dir / "uploads"
+    folder = LocalStorage(cfg.storage_dir).uploads_dir()
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f"{upload_id}.part"
     size = 0

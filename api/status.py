@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from api import deps
 from api.errors import ApiError
-from api.jobs import live_download_url
+from api.service import live_download_url
 from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
 from smi.vocabulary import FINISHED, JobStatus

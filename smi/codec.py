@@ -24,15 +24,11 @@ import binascii
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import DataConverter, PayloadCodec
-
-if TYPE_CHECKING:
-    from smi.settings import Settings
 
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
@@ -94,14 +90,13 @@ class EncryptionCodec(PayloadCodec):
         self._ciphers = {self.key_id: AESGCM(key), **{i: AESGCM(k) for i, k in previous.items()}}
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "EncryptionCodec | None":
-        """The codec the settings describe; None when no key is set (encryption off)."""
-        if settings.payload_key is None:
-            if settings.payload_keys_previous is not None:
+    def from_keys(cls, key: str | None, key_id: str, previous: str | None) -> "EncryptionCodec | None":
+        """From SMI_PAYLOAD_KEY, _KEY_ID and _KEYS_PREVIOUS as text; None when no key is set (encryption off)."""
+        if key is None:
+            if previous is not None:
                 raise PayloadKeyError("SMI_PAYLOAD_KEYS_PREVIOUS is set but SMI_PAYLOAD_KEY is not")
             return None
-        previous = parse_previous(settings.payload_keys_previous.get_secret_value()) if settings.payload_keys_previous else {}
-        return cls(settings.payload_key_id, parse_key(settings.payload_key.get_secret_value()), previous)
+        return cls(key_id, parse_key(key), parse_previous(previous) if previous else {})
 
     @property
     def key_ids(self) -> list[str]:
@@ -136,10 +131,9 @@ class EncryptionCodec(PayloadCodec):
         return Payload.FromString(plain)
 
 
-def data_converter(settings: "Settings") -> DataConverter:
-    """Temporal's default converter, with the encryption codec when a payload key is set.
-    Every Client the service connects (worker, API) must use it."""
-    codec = EncryptionCodec.from_settings(settings)
+def data_converter(codec: EncryptionCodec | None) -> DataConverter:
+    """Temporal's default converter, with the encryption codec when there is one (a payload key is
+    set). Every Client the service connects (worker, API) must use it."""
     if codec is None:
         return DataConverter.default
     return dataclasses.replace(DataConverter.default, payload_codec=codec)

@@ -225,10 +225,7 @@ def make_engine(url: str) -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    from smi.migrations import migrate  # here: smi.migrations' env.py imports this module
-
-    migrate(engine)  # alembic upgrade to head; one cheap query when already there (smi/migrations)
-    return engine
+    return engine  # no schema change here: each process migrates explicitly at start (smi.migrations.migrate)
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from smi.codec import EncryptionCodec
 from smi.fetch import FetchPolicy
 
 REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
@@ -133,13 +134,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _payload_keys_usable(self) -> "Settings":
         """An empty key is no key (encryption off); a malformed one stops the process at start."""
-        from smi.codec import EncryptionCodec
-
         for name in ("payload_key", "payload_keys_previous"):
             value = getattr(self, name)
             if value is not None and not value.get_secret_value().strip():
                 setattr(self, name, None)
-        EncryptionCodec.from_settings(self)  # raises PayloadKeyError (a ValueError) naming the bad setting
+        self.payload_codec()  # raises PayloadKeyError (a ValueError) naming the bad setting
         return self
 
     @model_validator(mode="after")
@@ -166,6 +165,13 @@ class Settings(BaseSettings):
         if value is None:
             raise RuntimeError(f"SMI_{name.upper()} is not set; `smi dev` generates it in development")
         return value.get_secret_value()
+
+    def payload_codec(self) -> EncryptionCodec | None:
+        """The payload encryption these settings describe (smi/codec.py); None: off."""
+        def text(value: SecretStr | None) -> str | None:
+            return value.get_secret_value() if value is not None else None
+
+        return EncryptionCodec.from_keys(text(self.payload_key), self.payload_key_id, text(self.payload_keys_previous))
 
     def storefront_keys(self) -> list[str]:
         keys = [self.storefront_api_key.get_secret_value()] if self.storefront_api_key else []

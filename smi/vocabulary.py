@@ -193,6 +193,13 @@ class DownloadRequest:
 
 
 @dataclass
+class DownloadedFile:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
 class ValidateRequest:
     job_id: str
     path: str

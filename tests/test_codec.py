@@ -100,9 +100,9 @@ async def test_plain_payloads_pass_through():
 
 
 def test_settings_and_data_converter(tmp_path, monkeypatch):
-    assert data_converter(settings_for(tmp_path, payload_key=None)) is DataConverter.default
-    assert data_converter(settings_for(tmp_path, payload_key="")) is DataConverter.default  # empty: off
-    converter = data_converter(settings_for(tmp_path, payload_key_id="2025-01", payload_keys_previous=f"k1:{OLD_KEY}"))
+    assert data_converter(settings_for(tmp_path, payload_key=None).payload_codec()) is DataConverter.default
+    assert data_converter(settings_for(tmp_path, payload_key="").payload_codec()) is DataConverter.default  # empty: off
+    converter = data_converter(settings_for(tmp_path, payload_key_id="2025-01", payload_keys_previous=f"k1:{OLD_KEY}").payload_codec())
     assert isinstance(converter.payload_codec, EncryptionCodec)
     assert converter.payload_codec.key_ids == ["2025-01", "k1"]
     assert converter.payload_converter is not None
@@ -123,7 +123,7 @@ def test_settings_and_data_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("SMI_PAYLOAD_KEYS_PREVIOUS", f"k6:{OLD_KEY}")
     from_env = Settings(env="dev")
     assert from_env.payload_key.get_secret_value() == KEY and from_env.payload_key_id == "k7"
-    assert data_converter(from_env).payload_codec.key_ids == ["k7", "k6"]
+    assert data_converter(from_env.payload_codec()).payload_codec.key_ids == ["k7", "k6"]
 
 
 # The codec endpoint
@@ -264,7 +264,7 @@ async def test_job_payloads_are_encrypted_in_temporal_and_decoded_by_the_endpoin
     with pytest.raises(ValueError, match="SMI_PAYLOAD_KEY"):  # a worker that would write clear payloads refuses
         create_worker(dev_env.client, stack.settings)
     worker_client = await Client.connect(target, namespace=dev_env.client.namespace,
-                                         data_converter=data_converter(stack.settings))
+                                         data_converter=data_converter(stack.settings.payload_codec()))
     image_url = stack.shop.publish(png_bytes(60, 40))
     client = stack.client()
     admin = stack.client(ADMIN_KEY)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plain_engine(tmp_path: Path):
-    """An engine on a fresh database that nothing has migrated (make_engine would)."""
+    """An engine on a fresh database that nothing has migrated."""
     return create_engine(database_url(tmp_path))
 
 
@@ -50,6 +50,7 @@ def test_upgrade_from_empty_gives_exactly_the_models(tmp_path):
 def test_upgrade_twice_changes_nothing(tmp_path):
     url = database_url(tmp_path)
     engine = make_engine(url)
+    migrate(engine)
     with Session(engine) as session:
         session.add(LedgerEntry(job_id="j1", purpose="revenue", revenue_usd=5.0, created_at=utcnow()))
         session.commit()
@@ -59,11 +60,22 @@ def test_upgrade_twice_changes_nothing(tmp_path):
     assert migrate(engine) == head()
     assert statements and all(s.lstrip().upper().startswith(("SELECT", "PRAGMA")) for s in statements), statements
 
-    again = make_engine(url)  # what every process start does
+    again = make_engine(url)
+    migrate(again)  # what every process start does
     with Session(again) as session:
         assert [e.job_id for e in session.exec(select(LedgerEntry))] == ["j1"]
     with again.connect() as connection:
         assert current(connection) == head()
+
+
+def test_making_an_engine_changes_no_schema(tmp_path):
+    """Migrating is a step of its own at process start: a read-only command (`smi usage`) creates nothing."""
+    engine = make_engine(database_url(tmp_path))
+    with engine.connect() as connection:
+        assert inspect(connection).get_table_names() == [] and current(connection) is None
+    migrate(engine)
+    with engine.connect() as connection:
+        assert "jobs" in inspect(connection).get_table_names() and current(connection) == head()
 
 
 def test_database_made_by_create_all_is_stamped(tmp_path):
@@ -95,12 +107,14 @@ STARTER = """
 import sys, time
 from pathlib import Path
 from smi.db import make_engine
-from smi.migrations import current
+from smi.migrations import current, migrate
 url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 ready.touch()
 while not go.exists():  # everything imported: all starters now migrate at the same moment
     time.sleep(0.001)
-with make_engine(url).connect() as connection:
+engine = make_engine(url)
+migrate(engine)
+with engine.connect() as connection:
     print(current(connection))
 """
 

@@ -179,11 +179,10 @@ def cmd_api(_: argparse.Namespace) -> None:
 def cmd_migrate(_: argparse.Namespace) -> None:
     """Brings the database to the newest schema (every process also does at start; this runs it first, alone)."""
     from smi.db import make_engine
-    from smi.migrations import current
+    from smi.migrations import migrate
 
-    engine = make_engine(get_settings().database_url)  # applies the migrations (smi/migrations)
-    with engine.connect() as connection:
-        print(f"database at revision {current(connection)}", flush=True)
+    engine = make_engine(get_settings().database_url)
+    print(f"database at revision {migrate(engine)}", flush=True)
     engine.dispose()
 
 

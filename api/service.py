@@ -1,0 +1,204 @@
+"""What several routers share: the job as the API shows it, starting its workflow, and an admin's
+retry and refund (the admin API and the dashboard's buttons)."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, func, select
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api import deps
+from api.errors import ApiError
+from smi import signing
+from smi.db import DownloadToken, Job, Refund, Submission, as_utc, set_status
+from smi.settings import Settings
+from smi.vocabulary import Decision, JobPolicy, JobStatus, UpscaleInput
+from workflows.admin import RefundWorkflow
+from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
+
+EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
+
+
+def job_url(cfg: Settings, job_id: str) -> str:
+    return f"{cfg.public_base_url.rstrip('/')}/v1/jobs/{job_id}"
+
+
+def status_page_url(cfg: Settings, job_id: str) -> str:
+    """The customer's status page (no API key needed: the link carries a view token)."""
+    return signing.status_page_url(cfg.public_base_url, cfg.secret("webhook_secret"), job_id)
+
+
+def policy_of(cfg: Settings) -> JobPolicy:
+    return JobPolicy(
+        poll_initial_delay_seconds=cfg.poll_initial_delay_seconds,
+        poll_max_interval_seconds=cfg.poll_max_interval_seconds,
+        processing_timeout_seconds=cfg.processing_timeout_seconds,
+        download_ttl_hours=cfg.download_ttl_hours,
+        credit_price_usd=cfg.credit_price_usd,
+        credits_per_megapixel=cfg.credits_per_megapixel,
+        upsampler_max_input_bytes=cfg.upsampler_max_input_bytes,
+        budget_hard_stop=cfg.budget_hard_stop,
+    )
+
+
+async def start_workflow(client: Client, cfg: Settings, job: Job, run: int = 1, attempts_before: int = 0,
+                         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE) -> None:
+    """Idempotent: an open workflow of this job is reused; a finished one is left alone unless
+    `id_reuse_policy` allows a new run (an admin's retry)."""
+    try:
+        await client.start_workflow(
+            UpscaleWorkflow.run,
+            UpscaleInput(job.job_id, job.image_url, job.scale_factor, job.format, policy_of(cfg), run, attempts_before),
+            id=f"upscale-{job.job_id}",
+            task_queue=cfg.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=id_reuse_policy,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(UPSCALE_STATUS, JobStatus.RECEIVED)]),
+        )
+    except WorkflowAlreadyStartedError:
+        pass
+
+
+def _iso(value) -> str | None:
+    value = as_utc(value)
+    return value.isoformat() if value else None
+
+
+def live_download_url(session: Session, cfg: Settings, job: Job) -> str | None:
+    """The job's current link; after a secret rotation it may have been derived from the previous secret."""
+    for secret in cfg.webhook_secrets():
+        token = signing.download_token(secret, job.job_id, job.download_generation)
+        if session.get(DownloadToken, signing.token_sha256(token)) is not None:
+            return f"{cfg.public_base_url.rstrip('/')}/downloads/{token}"
+    return None
+
+
+def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> dict:
+    completed = job.status == JobStatus.COMPLETED and job.download_generation > 0
+    return {
+        "job_id": job.job_id,
+        "order_id": job.order_id,
+        "status": job.status,
+        "status_page_url": status_page_url(cfg, job.job_id),
+        "scale_factor": job.scale_factor,
+        "format": job.format,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "estimated_completion": _iso(job.estimated_completion),
+        "input": {"width": job.input_width, "height": job.input_height} if job.input_width else None,
+        "output": (
+            {
+                "width": job.output_width,
+                "height": job.output_height,
+                "bytes": job.output_bytes,
+                "format": job.output_format,
+                "sha256": job.output_sha256,
+            }
+            if job.output_sha256
+            else None
+        ),
+        "download_url": live_download_url(session, cfg, job) if completed else None,
+        "download_expires_at": _iso(job.download_expires_at) if completed else None,
+        "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
+        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason} if refund else None,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+    }
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if signing.JOB_ID.fullmatch(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", "no job has this job_id")
+    return job
+
+
+async def _running_state(svc: deps.Services, job_id: str):
+    """The workflow's state if its latest run is still open, else None."""
+    handle = (await svc.temporal_client()).get_workflow_handle(f"upscale-{job_id}")
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return handle, None
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return handle, None
+    return handle, await handle.query(UpscaleWorkflow.state)
+
+
+def load_job(svc: deps.Services, job_id: str) -> Job:
+    """The job, or 404; in its own short session (none is held while Temporal is awaited)."""
+    with Session(svc.engine) as session:
+        return get_job(session, job_id)
+
+
+def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
+    """The job back to received for a new run, with its event; and how many submissions came before."""
+    with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
+        job = get_job(session, job_id)
+        if session.get(Refund, job_id) is not None:
+            raise ApiError(409, "already_refunded", "the job was refunded; place a new order instead of retrying")
+        attempts = session.exec(select(func.max(Submission.attempt)).where(Submission.job_id == job_id)).one() or 0
+        job.runs += 1
+        job.error_code = job.error_message = None
+        set_status(session, job, JobStatus.RECEIVED)
+        session.commit()
+        return job, attempts
+
+
+async def retry(job_id: str, svc: deps.Services) -> dict:
+    """An admin's retry: a job waiting in manual review is signalled to go on; a finished one runs again."""
+    job = await run_in_threadpool(load_job, svc, job_id)
+    if job.customer_email == ERASED_EMAIL:
+        raise ApiError(409, "customer_erased", "the customer's data was erased; this job cannot run again")
+    handle, state = await _running_state(svc, job_id)
+    if state is not None:
+        if not state.awaiting_decision:
+            raise ApiError(409, "job_in_progress", f"the job is {state.status} and not waiting for a decision; "
+                                                   "retry applies to jobs in manual review or finished")
+        await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
+        return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
+    job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
+    await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
+                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
+
+
+def _refund_of(svc: deps.Services, job_id: str) -> Refund | None:
+    with Session(svc.engine) as session:
+        get_job(session, job_id)
+        return session.get(Refund, job_id)
+
+
+async def refund(job_id: str, svc: deps.Services) -> dict:
+    """An admin's refund: a running job is signalled to stop and refund; a finished one gets refund-<job_id>."""
+    done = await run_in_threadpool(_refund_of, svc, job_id)
+    if done is not None:
+        return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
+    handle, state = await _running_state(svc, job_id)
+    if state is not None:
+        await handle.signal(UpscaleWorkflow.admin_decision, Decision.REFUND)
+        return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
+    client = await svc.temporal_client()
+    try:
+        await client.start_workflow(RefundWorkflow.run, job_id, id=f"refund-{job_id}", task_queue=svc.settings.task_queue,
+                                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+    except WorkflowAlreadyStartedError:
+        pass
+    return {"job_id": job_id, "action": "refund", "how": f"started workflow refund-{job_id}"}
+
+
+# GDPR erasure. The address comes in the path, so it is masked in the access log (api/redact.py) and
+# never written to a log, a workflow payload or an error message.
+ERASED_EMAIL = "erased@erased.invalid"  # the placeholder: reserved TLD, undeliverable, matches no customer
