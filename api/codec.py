@@ -33,7 +33,6 @@ from smi.settings import Settings
 
 router = APIRouter(prefix="/codec", tags=["admin"])
 
-MAX_BODY = 8 * 1024 * 1024  # Temporal caps one payload at 2 MB; a batch of a few fits
 ALLOW_HEADERS = "Authorization, Content-Type, X-Namespace"
 
 
@@ -78,11 +77,7 @@ def _authorize(request: Request, cfg: Settings, cors: dict[str, str]) -> None:
 async def _payloads(request: Request, cors: dict[str, str]) -> list[Payload]:
     if request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)", headers=cors)
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, "too_large", "codec requests are limited to 8 MiB", headers=cors)
+    body = await request.body()  # capped while it streams (api/guard.py)
     try:
         return list(json_format.Parse(body or b"{}", Payloads(), ignore_unknown_fields=True).payloads)
     except (json_format.ParseError, UnicodeDecodeError) as exc:

@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import codec, deps, webhook
+from api import deps
 from api.errors import error_response, response_of
 from smi.settings import Settings
 
@@ -41,9 +41,9 @@ def body_cap(path: str, cfg: Settings) -> int:
     if path == "/v1/uploads":
         return cfg.max_input_bytes
     if path.startswith("/codec/"):
-        return codec.MAX_BODY
+        return 8 * 1024 * 1024  # Temporal caps one payload at 2 MB; the UI sends a few at once
     if path.startswith("/smi-webhook/"):
-        return webhook.MAX_BODY
+        return 1024 * 1024  # an Upsampler status is a few hundred bytes
     return DEFAULT_BODY_CAP
 
 

@@ -30,7 +30,6 @@ from workflows.upscale import UpscaleWorkflow
 router = APIRouter(tags=["upsampler"])
 log = logging.getLogger("smi.api.webhook")
 
-MAX_BODY = 1024 * 1024  # enforced while streaming by api/guard.py
 # Upsampler may call before our submit has recorded its reply: wait this long for the record.
 EARLY_WEBHOOK_WAIT_SECONDS = 10.0
 EARLY_WEBHOOK_CHECK_SECONDS = 0.25

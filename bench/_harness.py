@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, start_dev_server  # noqa: E402, F401 (after the path; shared with the benchmarks)
-
-BIN = Path(sys.executable).parent
+from devstack import BIN, STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, start_dev_server  # noqa: E402, F401 (after the path)
 
 
 def quiet() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
 import uuid
@@ -19,7 +20,7 @@ from temporalio.client import WorkflowHandle
 from smi import signing
 from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, SentMail, utcnow
 from smi.settings import Settings
-from tests.conftest import WEBHOOK_SECRET
+from devstack import WEBHOOK_SECRET
 
 RESULT_BYTES = 16 * 1024 * 1024  # far more than loopback socket buffers hold: a reader that stops stalls the sender
 CUSTOMER_EMAIL = "ana.secret@example.com"
@@ -52,6 +53,22 @@ async def wait_for_status(client, job_id: str, statuses: set[str], timeout: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"job stayed {job['status']}, wanted one of {statuses}")
         await asyncio.sleep(0.1)
+
+
+async def eventually(check, timeout: float = 10.0, interval: float = 0.05, what: str = "the condition"):
+    """Wait in real time until `check()` (a plain or an async function) gives something true, and return
+    it; fail naming `what` if it is still false after `timeout` seconds. The check, not a fixed sleep,
+    decides when a test goes on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {timeout} s (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 async def timer_seconds(handle: WorkflowHandle) -> list[float]:
