@@ -1,4 +1,4 @@
-"""An emulator of Upsampler's Precise Upscale API (CONTRACT section 1), with switchable faults.
+"""An emulator of Upsampler's Precise Upscale API (its real wire format, as smi/upsampler.py speaks it), with switchable faults.
 
 It speaks the real wire format under `/api/v1`, really upscales with Pillow, serves the results
 from signed, expiring `/cdn/...` links and POSTs webhooks. `/_emulator/*` (no auth) reads and

@@ -40,7 +40,7 @@ def _webhook_message(job_id: str) -> str:
 
 
 def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
-    """CONTRACT: `?job=<job_id>&sig=<hex HMAC-SHA256 under SMI_WEBHOOK_SECRET>`, of `webhook:<job_id>`."""
+    """`?job=<job_id>&sig=<hex HMAC-SHA256 of webhook:<job_id> under SMI_WEBHOOK_SECRET>` (README "Security")."""
     query = urlencode({"job": job_id, "sig": sign(secret, _webhook_message(job_id))})
     return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
 

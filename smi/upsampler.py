@@ -1,4 +1,4 @@
-"""The only module that speaks to Upsampler, in its real wire format (CONTRACT section 1)."""
+"""The only module that speaks to Upsampler, in its real wire format (README "Architecture")."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 
 class JobStatus(StrEnum):
-    """CONTRACT section 2; also the values of the UpscaleStatus search attribute."""
+    """The job JSON's `status`; also the values of the UpscaleStatus search attribute."""
 
     RECEIVED = "received"
     QUEUED = "queued"

@@ -1,8 +1,8 @@
 """UpscaleWorkflow: one paid order, from the storefront's image to the customer's email.
 
 The workflow only decides; every effect on the world is an activity. `run` reads as the
-numbered process of DESIGN.md; what happens when a step fails is declared once, in
-FAILURE_TABLE.
+numbered process (the README's "Architecture" lists the same steps); what happens when a
+step fails is declared once, in smi.vocabulary.FAILURE_TABLE.
 """
 
 from __future__ import annotations
