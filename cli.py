@@ -69,8 +69,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # The UI decodes the encrypted payloads through our API's codec endpoint, from the browser.
     api_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
     codec_endpoint = f"http://{api_host}:{settings.api_port}/codec"
-    env.setdefault("SMI_CODEC_CORS_ORIGINS", ",".join(dict.fromkeys(
-        f"http://{host}:{ui_port}" for host in (temporal_host, "127.0.0.1", "localhost"))))
+    env.setdefault(
+        "SMI_CODEC_CORS_ORIGINS",
+        ",".join(dict.fromkeys(f"http://{host}:{ui_port}" for host in (temporal_host, "127.0.0.1", "localhost"))),
+    )
     children: list[subprocess.Popen] = []
     threads: list = []
 
@@ -79,26 +81,48 @@ def cmd_dev(args: argparse.Namespace) -> None:
         children.append(subprocess.Popen(command, env=env, start_new_session=False))
 
     try:
-        start("Temporal dev server", [
-            str(BIN / "temporal"), "server", "start-dev",
-            "--ip", temporal_host, "--port", temporal_port, "--ui-port", str(ui_port),
-            "--db-filename", str(var / "temporal.db"),
-            "--search-attribute", "UpscaleStatus=Keyword",
-            "--ui-codec-endpoint", codec_endpoint,
-            "--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL",
-            "--log-level", "warn",
-        ])
+        start(
+            "Temporal dev server",
+            [
+                str(BIN / "temporal"),
+                "server",
+                "start-dev",
+                "--ip",
+                temporal_host,
+                "--port",
+                temporal_port,
+                "--ui-port",
+                str(ui_port),
+                "--db-filename",
+                str(var / "temporal.db"),
+                "--search-attribute",
+                "UpscaleStatus=Keyword",
+                "--ui-codec-endpoint",
+                codec_endpoint,
+                "--sqlite-pragma",
+                "journal_mode=WAL",
+                "--sqlite-pragma",
+                "synchronous=NORMAL",
+                "--log-level",
+                "warn",
+            ],
+        )
         _wait_for_port(temporal_host, int(temporal_port), 60, "Temporal")
 
         emulated = settings.upsampler_api_key is None
         if emulated:
             from emulator.app import create_app as create_emulator
 
-            emulator = ServerThread(create_emulator(keys["SMI_EMULATOR_API_KEY"], storage_dir=var / "emulator"),
-                                    port=args.emulator_port, log_level="warning").start()
+            emulator = ServerThread(
+                create_emulator(keys["SMI_EMULATOR_API_KEY"], storage_dir=var / "emulator"),
+                port=args.emulator_port,
+                log_level="warning",
+            ).start()
             threads.append(emulator)
             emulator_host = emulator.url.split("//")[1]
-            env.update(SMI_UPSAMPLER_BASE_URL=f"{emulator.url}/api/v1", SMI_UPSAMPLER_API_KEY=keys["SMI_EMULATOR_API_KEY"])
+            env.update(
+                SMI_UPSAMPLER_BASE_URL=f"{emulator.url}/api/v1", SMI_UPSAMPLER_API_KEY=keys["SMI_EMULATOR_API_KEY"]
+            )
             env.setdefault("SMI_UPSAMPLER_RESULT_HOSTS", emulator_host)
             # The fetch guard lets through exactly the local services dev runs: the emulator and our API.
             env.setdefault("SMI_FETCH_ALLOW_HOSTS", f"{emulator_host},{settings.public_host}")
@@ -116,12 +140,15 @@ def cmd_dev(args: argparse.Namespace) -> None:
             "The upscale service is running. Ctrl-C stops everything.",
             f"  API            {api}   (docs: {api}/docs)",
             f"  Dashboard      {api}/admin   (log in with the admin key below)",
-            f"  Temporal UI    http://{temporal_host}:{ui_port}   (filter: UpscaleStatus=\"manual_review\")",
+            f'  Temporal UI    http://{temporal_host}:{ui_port}   (filter: UpscaleStatus="manual_review")',
             f"  Temporal gRPC  {settings.temporal_address}",
             f"  Metrics        {api}/metrics (API), http://{env['SMI_WORKER_METRICS_ADDRESS']}/metrics (worker)",
-            f"  Payload codec  {codec_endpoint}   " + (
+            f"  Payload codec  {codec_endpoint}   "
+            + (
                 f"(payloads encrypted in Temporal, key id {settings.payload_key_id}; the UI decodes through it)"
-                if settings.payload_key else "(encryption off: SMI_PAYLOAD_KEY is empty)"),
+                if settings.payload_key
+                else "(encryption off: SMI_PAYLOAD_KEY is empty)"
+            ),
         ]
         if emulated:
             lines += [
@@ -172,8 +199,7 @@ def cmd_api(_: argparse.Namespace) -> None:
 
     settings = get_settings()
     # log_config=None: uvicorn's loggers (the redacted access log too) write through ours.
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info",
-                log_config=None)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info", log_config=None)
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
@@ -226,8 +252,13 @@ def cmd_emulator(args: argparse.Namespace) -> None:
     key = args.api_key or secrets.token_urlsafe(24)
     if not args.api_key:
         print(f"emulator API key: {key}", flush=True)
-    uvicorn.run(create_app(key, storage_dir=Path("var/emulator")), host=args.host, port=args.port, log_level="info",
-                log_config=None)
+    uvicorn.run(
+        create_app(key, storage_dir=Path("var/emulator")),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=None,
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -270,7 +301,9 @@ def cmd_submit(args: argparse.Namespace) -> None:
             time.sleep(0.5)
     if last == JobStatus.COMPLETED:
         out = job["output"]
-        print(f"done: {out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes, {job['cost']['credits']} credits")
+        print(
+            f"done: {out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes, {job['cost']['credits']} credits"
+        )
         print(f"download: {job['download_url']}  (until {job['download_expires_at']})")
     else:
         error = job.get("error") or {}
@@ -315,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("worker", help="one worker").set_defaults(run=cmd_worker)
     commands.add_parser("api", help="the API server").set_defaults(run=cmd_api)
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(run=cmd_migrate)
-    commands.add_parser("healthcheck", help="the worker container's healthcheck: exit 0 when its worker runs"
-                        ).set_defaults(run=cmd_healthcheck)
+    commands.add_parser(
+        "healthcheck", help="the worker container's healthcheck: exit 0 when its worker runs"
+    ).set_defaults(run=cmd_healthcheck)
 
     emulator = commands.add_parser("emulator", help="the Upsampler emulator alone")
     emulator.add_argument("--host", default="127.0.0.1")

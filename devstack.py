@@ -53,8 +53,16 @@ def database_url(tmp_path: Path) -> str:
     return server.rsplit("/", 1)[0] + f"/{name}"
 
 
-def make_settings(tmp_path: Path, *, temporal_address: str, api_port: int, smtp_port: int, emulator_url: str,
-                  allow_hosts: tuple[str, ...] = (), **overrides) -> Settings:
+def make_settings(
+    tmp_path: Path,
+    *,
+    temporal_address: str,
+    api_port: int,
+    smtp_port: int,
+    emulator_url: str,
+    allow_hosts: tuple[str, ...] = (),
+    **overrides,
+) -> Settings:
     values = dict(
         env="test",
         temporal_address=temporal_address,

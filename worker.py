@@ -59,14 +59,17 @@ class WorkerGroup:
         await asyncio.gather(*(worker.shutdown() for worker in self.workers))
 
 
-def create_worker(client: Client, settings: Settings, task_queue: str | None = None,
-                  shutdown_grace: float = 0.0) -> WorkerGroup:
+def create_worker(
+    client: Client, settings: Settings, task_queue: str | None = None, shutdown_grace: float = 0.0
+) -> WorkerGroup:
     """The process's workers. `shutdown_grace`: seconds running activities get to finish at shutdown
     before they are cancelled; `run()` passes SMI_WORKER_SHUTDOWN_SECONDS, in-process users stop at once."""
     task_queue = task_queue or settings.task_queue
     if settings.payload_key is not None and client.data_converter.payload_codec is None:
-        raise ValueError("SMI_PAYLOAD_KEY is set but the Temporal client does not encrypt: "
-                         "connect it with data_converter=smi.codec.data_converter(settings.payload_codec())")
+        raise ValueError(
+            "SMI_PAYLOAD_KEY is set but the Temporal client does not encrypt: "
+            "connect it with data_converter=smi.codec.data_converter(settings.payload_codec())"
+        )
     engine = make_engine(settings.database_url)
     upsampler = UpsamplerClient(settings.upsampler_base_url, settings.secret("upsampler_api_key"))
     storage = StorageActivities(settings)
@@ -125,17 +128,25 @@ async def run(settings: Settings | None = None) -> None:
     grace = settings.worker_shutdown_seconds
     with stop_on_signals(grace) as stop:  # first: a signal during start-up is a graceful stop too
         runtime = worker_runtime(settings.worker_metrics_address) if settings.worker_metrics_address else None
-        client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace,
-                                      data_converter=data_converter(settings.payload_codec()),  # encrypts payloads when a key is set
-                                      runtime=runtime)
+        client = await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=data_converter(settings.payload_codec()),  # encrypts payloads when a key is set
+            runtime=runtime,
+        )
         if runtime:
             log.info("worker metrics on http://%s/metrics", settings.worker_metrics_address)
         engine = make_engine(settings.database_url)
         migrate(engine)  # the process's start: bring the schema to head (a cheap query when it is there)
         engine.dispose()
         workers = create_worker(client, settings, shutdown_grace=grace)
-        log.info("worker polling task queues %s and %s%s on %s", settings.task_queue, settings.task_queue,
-                 UPSAMPLER_QUEUE_SUFFIX, settings.temporal_address)
+        log.info(
+            "worker polling task queues %s and %s%s on %s",
+            settings.task_queue,
+            settings.task_queue,
+            UPSAMPLER_QUEUE_SUFFIX,
+            settings.temporal_address,
+        )
         try:
             if await ensure_retention_schedule(client, settings):
                 log.info("created the retention schedule (daily, 03:00 UTC)")

@@ -76,26 +76,47 @@ class LedgerActivities:
     @activity.defn
     def record_estimate(self, record: EstimateRecord) -> float:
         """Book the credits foreseen from the original's size, for comparison with what Upsampler charges."""
-        credits = pricing.credits_for(record.width * record.scale_factor * record.height * record.scale_factor,
-                                      record.credits_per_megapixel)
+        credits = pricing.credits_for(
+            record.width * record.scale_factor * record.height * record.scale_factor, record.credits_per_megapixel
+        )
         with Session(self.engine) as session:
-            self._book(session, LedgerEntry(job_id=record.job_id, purpose="estimate", credits=credits,
-                                            cost_usd=round(credits * record.credit_price_usd, 6), created_at=utcnow()))
+            self._book(
+                session,
+                LedgerEntry(
+                    job_id=record.job_id,
+                    purpose="estimate",
+                    credits=credits,
+                    cost_usd=round(credits * record.credit_price_usd, 6),
+                    created_at=utcnow(),
+                ),
+            )
         return credits
 
     @activity.defn
     def record_cost(self, record: CostRecord) -> float:
         """Book what Upsampler charged for one submission, once; the job's cost becomes the sum of its rows."""
         with Session(self.engine) as session:
-            booked = self._book(session, LedgerEntry(job_id=record.job_id, purpose=f"upscale:{record.upsampler_id}",
-                                                     credits=record.credits,
-                                                     cost_usd=round(record.credits * record.credit_price_usd, 6),
-                                                     created_at=utcnow()))
+            booked = self._book(
+                session,
+                LedgerEntry(
+                    job_id=record.job_id,
+                    purpose=f"upscale:{record.upsampler_id}",
+                    credits=record.credits,
+                    cost_usd=round(record.credits * record.credit_price_usd, 6),
+                    created_at=utcnow(),
+                ),
+            )
             if booked:  # counters take integers; credits come in hundredths
-                telemetry.count("smi_credits_spent_hundredths", round(record.credits * 100),
-                                "Upsampler credits booked, in hundredths of a credit.")
-            entries = session.exec(select(LedgerEntry).where(LedgerEntry.job_id == record.job_id,
-                                                             LedgerEntry.purpose.startswith("upscale:"))).all()
+                telemetry.count(
+                    "smi_credits_spent_hundredths",
+                    round(record.credits * 100),
+                    "Upsampler credits booked, in hundredths of a credit.",
+                )
+            entries = session.exec(
+                select(LedgerEntry).where(
+                    LedgerEntry.job_id == record.job_id, LedgerEntry.purpose.startswith("upscale:")
+                )
+            ).all()
             job = session.get(Job, record.job_id)
             job.cost_credits = round(sum(entry.credits for entry in entries), 6)
             job.cost_usd = round(sum(entry.cost_usd for entry in entries), 6)
@@ -107,20 +128,32 @@ class LedgerActivities:
     def issue_download_token(self, request: TokenRequest) -> DownloadLink:
         """The download link for this purpose, made once; every older link of the job stops working."""
         with Session(self.engine) as session:
-            row = session.exec(select(DownloadToken).where(
-                DownloadToken.job_id == request.job_id, DownloadToken.purpose == request.purpose)).first()
+            row = session.exec(
+                select(DownloadToken).where(
+                    DownloadToken.job_id == request.job_id, DownloadToken.purpose == request.purpose
+                )
+            ).first()
             if row is None:
-                generations = session.exec(select(DownloadToken.generation).where(
-                    DownloadToken.job_id == request.job_id)).all()
+                generations = session.exec(
+                    select(DownloadToken.generation).where(DownloadToken.job_id == request.job_id)
+                ).all()
                 generation = max(generations, default=0) + 1
                 token = signing.download_token(self.settings.secret("webhook_secret"), request.job_id, generation)
                 now = utcnow()
-                row = DownloadToken(token_sha256=signing.token_sha256(token), job_id=request.job_id,
-                                    purpose=request.purpose, generation=generation,
-                                    expires_at=now + timedelta(hours=request.ttl_hours), created_at=now)
+                row = DownloadToken(
+                    token_sha256=signing.token_sha256(token),
+                    job_id=request.job_id,
+                    purpose=request.purpose,
+                    generation=generation,
+                    expires_at=now + timedelta(hours=request.ttl_hours),
+                    created_at=now,
+                )
                 session.add(row)
-            for old in session.exec(select(DownloadToken).where(
-                    DownloadToken.job_id == request.job_id, DownloadToken.generation < row.generation)).all():
+            for old in session.exec(
+                select(DownloadToken).where(
+                    DownloadToken.job_id == request.job_id, DownloadToken.generation < row.generation
+                )
+            ).all():
                 old.revoked = True
                 session.add(old)
             session.commit()
@@ -152,7 +185,9 @@ class LedgerActivities:
                     if spent < budget * threshold / 100:
                         continue
                     key = f"{period}:{threshold}"
-                    session.add(BudgetAlert(key=key, owner=owner, spent_usd=spent, budget_usd=budget, created_at=utcnow()))
+                    session.add(
+                        BudgetAlert(key=key, owner=owner, spent_usd=spent, budget_usd=budget, created_at=utcnow())
+                    )
                     try:
                         session.commit()
                     except IntegrityError:
@@ -203,8 +238,9 @@ class LedgerActivities:
                         plan.results.append(job.job_id)
             elif page.kind == "uploads":
                 statuses: dict[str, list[str]] = {}
-                for image_url, status in session.exec(select(Job.image_url, Job.status).where(
-                        Job.image_url.contains("/files/uploads/"))).all():
+                for image_url, status in session.exec(
+                    select(Job.image_url, Job.status).where(Job.image_url.contains("/files/uploads/"))
+                ).all():
                     upload_id = signing.upload_id_of(image_url)
                     if upload_id:
                         statuses.setdefault(upload_id, []).append(status)

@@ -71,9 +71,16 @@ class NotifyActivities:
     @activity.defn
     async def send_budget_alert(self, alert: BudgetAlertInfo) -> bool:
         """The admin's budget email, once per period and threshold."""
-        return await self._send_once("budget", alert.key, self.settings.admin_email, "budget_alert",
-                                     period=alert.period, threshold=alert.threshold,
-                                     spent=f"{alert.spent_usd:.2f}", budget=f"{alert.budget_usd:.2f}")
+        return await self._send_once(
+            "budget",
+            alert.key,
+            self.settings.admin_email,
+            "budget_alert",
+            period=alert.period,
+            threshold=alert.threshold,
+            spent=f"{alert.spent_usd:.2f}",
+            budget=f"{alert.budget_usd:.2f}",
+        )
 
     async def _send_once(self, job_id: str, purpose: str, to: str, kind: str, /, **context) -> bool:
         """Send unless a SentMail row says it went; the row is `sending` before and `sent` after."""

@@ -39,12 +39,20 @@ class PaymentsActivities:
         with Session(self.engine) as session:
             job = session.get(Job, request.job_id)
             if job is None:
-                raise ApplicationError(f"job {request.job_id} has no record", type=ErrorCode.REFUND_FAILED, non_retryable=True)
+                raise ApplicationError(
+                    f"job {request.job_id} has no record", type=ErrorCode.REFUND_FAILED, non_retryable=True
+                )
             row = session.get(Refund, job.job_id)
             if row is None:
-                row = Refund(job_id=job.job_id, status="pending", amount_cents=job.amount_paid_cents,
-                             currency=job.currency, reason=request.reason, adapter=self.settings.refund_adapter,
-                             created_at=utcnow())
+                row = Refund(
+                    job_id=job.job_id,
+                    status="pending",
+                    amount_cents=job.amount_paid_cents,
+                    currency=job.currency,
+                    reason=request.reason,
+                    adapter=self.settings.refund_adapter,
+                    created_at=utcnow(),
+                )
                 session.add(row)
                 try:
                     session.commit()
@@ -56,10 +64,20 @@ class PaymentsActivities:
                 row.completed_at = utcnow()
                 session.add(row)
                 # The money going back, as negative revenue, in the same transaction as the refund's status.
-                if session.exec(select(LedgerEntry).where(LedgerEntry.job_id == job.job_id,
-                                                          LedgerEntry.purpose == "refund")).first() is None:
-                    session.add(LedgerEntry(job_id=job.job_id, purpose="refund", created_at=row.completed_at,
-                                            revenue_usd=-row.amount_cents / 100))
+                if (
+                    session.exec(
+                        select(LedgerEntry).where(LedgerEntry.job_id == job.job_id, LedgerEntry.purpose == "refund")
+                    ).first()
+                    is None
+                ):
+                    session.add(
+                        LedgerEntry(
+                            job_id=job.job_id,
+                            purpose="refund",
+                            created_at=row.completed_at,
+                            revenue_usd=-row.amount_cents / 100,
+                        )
+                    )
                 session.commit()
             return RefundOutcome(row.status, row.amount_cents, row.currency, row.adapter)
 
@@ -74,15 +92,18 @@ class PaymentsActivities:
 
     def _via_webhook(self, row: Refund, job: Job) -> str | None:
         """POST a signed refund request to the storefront; retried (by policy) until it answers 2xx."""
-        body = json.dumps({
-            "job_id": job.job_id,
-            "order_id": job.order_id,
-            "payment_reference": job.payment_reference,
-            "amount_cents": row.amount_cents,
-            "currency": row.currency,
-            "reason": row.reason,
-            "idempotency_key": idempotency_key(job.job_id),
-        }, sort_keys=True).encode()
+        body = json.dumps(
+            {
+                "job_id": job.job_id,
+                "order_id": job.order_id,
+                "payment_reference": job.payment_reference,
+                "amount_cents": row.amount_cents,
+                "currency": row.currency,
+                "reason": row.reason,
+                "idempotency_key": idempotency_key(job.job_id),
+            },
+            sort_keys=True,
+        ).encode()
         secret = self.settings.secret("webhook_secret").encode()
         headers = {
             "Content-Type": "application/json",
@@ -92,12 +113,17 @@ class PaymentsActivities:
         try:
             response = httpx.post(self.settings.refund_webhook_url, content=body, headers=headers, timeout=30)
         except httpx.TransportError as exc:
-            raise ApplicationError(f"refund webhook unreachable: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING) from None
+            raise ApplicationError(
+                f"refund webhook unreachable: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING
+            ) from None
         if response.status_code in (408, 429) or response.status_code >= 500:
             raise ApplicationError(f"refund webhook answered {response.status_code}", type=ErrorCode.REFUND_PENDING)
         if not response.is_success:  # the storefront refuses for good: a human decides
-            raise ApplicationError(f"refund webhook refused the refund ({response.status_code})", type=ErrorCode.REFUND_FAILED,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"refund webhook refused the refund ({response.status_code})",
+                type=ErrorCode.REFUND_FAILED,
+                non_retryable=True,
+            )
         try:
             reply = response.json()
         except ValueError:
@@ -108,21 +134,31 @@ class PaymentsActivities:
         import stripe
 
         if not job.payment_reference:
-            raise ApplicationError("the order has no payment_reference to refund", type=ErrorCode.REFUND_FAILED,
-                                   non_retryable=True)
-        client = stripe.StripeClient(self.settings.secret("stripe_api_key"),
-                                     base_addresses={"api": self.settings.stripe_api_base}, max_network_retries=0)
+            raise ApplicationError(
+                "the order has no payment_reference to refund", type=ErrorCode.REFUND_FAILED, non_retryable=True
+            )
+        client = stripe.StripeClient(
+            self.settings.secret("stripe_api_key"),
+            base_addresses={"api": self.settings.stripe_api_base},
+            max_network_retries=0,
+        )
         try:
             refund = client.v1.refunds.create(
-                params={"payment_intent": job.payment_reference, "amount": row.amount_cents,
-                        "metadata": {"job_id": job.job_id, "reason": row.reason}},
+                params={
+                    "payment_intent": job.payment_reference,
+                    "amount": row.amount_cents,
+                    "metadata": {"job_id": job.job_id, "reason": row.reason},
+                },
                 options={"idempotency_key": idempotency_key(job.job_id)},
             )
         except stripe.InvalidRequestError as exc:
             if exc.code == "charge_already_refunded":
                 return "already_refunded"
-            raise ApplicationError(f"Stripe refused the refund: {exc.code or 'invalid request'}", type=ErrorCode.REFUND_FAILED,
-                                   non_retryable=True) from None
+            raise ApplicationError(
+                f"Stripe refused the refund: {exc.code or 'invalid request'}",
+                type=ErrorCode.REFUND_FAILED,
+                non_retryable=True,
+            ) from None
         except stripe.StripeError as exc:
             raise ApplicationError(f"Stripe error: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING) from None
         return refund.id

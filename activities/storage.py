@@ -88,9 +88,9 @@ class StorageActivities:
         self.storage = LocalStorage(settings.storage_dir)
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0))
 
-
-    async def _stream_to(self, url: str, part: Path, limit: int, what: str, policy: FetchPolicy,
-                         start: int = 0) -> tuple[int, str]:
+    async def _stream_to(
+        self, url: str, part: Path, limit: int, what: str, policy: FetchPolicy, start: int = 0
+    ) -> tuple[int, str]:
         """Stream `url` into `part` (resuming at `start` when the server allows), hashing as it goes.
 
         A thread of its own hashes and writes one batch (~BATCH bytes) while the event loop reads
@@ -150,10 +150,13 @@ class StorageActivities:
             raise _fail(code, f"the {what} URL was refused: {exc}") from None
         except httpx.DecodingError:  # the server's Content-Encoding does not match its body: no retry mends that
             code = ErrorCode.INVALID_RESULT if what == "result" else ErrorCode.FETCH_FAILED
-            raise _fail(code, f"the {what} could not be decoded: its Content-Encoding does not match its body") \
-                from None
+            raise _fail(
+                code, f"the {what} could not be decoded: its Content-Encoding does not match its body"
+            ) from None
         except httpx.HTTPError as exc:  # network trouble; FetchRefused covers what httpx cannot request
-            raise _fail(ErrorCode.TRANSIENT, f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
+            raise _fail(
+                ErrorCode.TRANSIENT, f"fetching the {what} failed: {type(exc).__name__}", retryable=True
+            ) from None
         finally:
             disk.shutdown(wait=False)  # its queue, if any (an error), still runs: the close is last
         return written, hasher.hexdigest()
@@ -167,13 +170,16 @@ class StorageActivities:
             return _describe(existing, imaging.probe(existing))
         job_dir.mkdir(parents=True, exist_ok=True)
         part = job_dir / "original.part"
-        await self._stream_to(request.image_url, part, self.settings.max_input_bytes, "original image",
-                              self.settings.image_fetch_policy)
+        await self._stream_to(
+            request.image_url, part, self.settings.max_input_bytes, "original image", self.settings.image_fetch_policy
+        )
         try:
             info = await asyncio.to_thread(imaging.probe, part)
             if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
-                raise imaging.ImageError(ErrorCode.OUTPUT_TOO_LARGE, f"the image is {info.width}x{info.height}, too large "
-                                                             "to upscale within Upsampler's pixel limit")
+                raise imaging.ImageError(
+                    ErrorCode.OUTPUT_TOO_LARGE,
+                    f"the image is {info.width}x{info.height}, too large to upscale within Upsampler's pixel limit",
+                )
             await asyncio.to_thread(imaging.decode_fully, part, ErrorCode.UNSUPPORTED_FORMAT)
         except imaging.ImageError as exc:
             part.unlink(missing_ok=True)
@@ -211,8 +217,9 @@ class StorageActivities:
             activity.logger.info("resuming the result download at byte %d", start)
         else:
             activity.logger.info("downloading the result")
-        size, digest = await self._stream_to(request.url, part, self.settings.max_result_bytes, "result",
-                                             self.settings.result_fetch_policy, start)
+        size, digest = await self._stream_to(
+            request.url, part, self.settings.max_result_bytes, "result", self.settings.result_fetch_policy, start
+        )
         os.replace(part, final)
         activity.logger.info("result downloaded: %d bytes", size)
         telemetry.count("smi_result_download_bytes", size - start, "Bytes of results downloaded from Upsampler.")

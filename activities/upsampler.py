@@ -32,7 +32,9 @@ def original_name(request: SubmitRequest) -> str:
 
 def _result(job: UpsamplerJob) -> UpsamplerResult:
     kind = failure_kind(job.error) if job.status == JobStatus.FAILED else None
-    return UpsamplerResult(job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind)
+    return UpsamplerResult(
+        job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind
+    )
 
 
 class UpsamplerActivities:
@@ -54,21 +56,33 @@ class UpsamplerActivities:
             ).first()
         if known is not None:  # a retry or a reset: the answer Upsampler gave the first time
             if known.error is not None:
-                return UpsamplerResult(known.upsampler_id, JobStatus.FAILED, error=known.error, error_kind=failure_kind(known.error))
+                return UpsamplerResult(
+                    known.upsampler_id, JobStatus.FAILED, error=known.error, error_kind=failure_kind(known.error)
+                )
             return UpsamplerResult(known.upsampler_id, JobStatus.QUEUED, known.credit_cost)
 
         secret = self.settings.secret("webhook_secret")
         base = self.settings.public_base_url
         expires = int(time.time()) + self.settings.original_url_ttl_seconds
-        job = await self._call("submit", lambda: self.client.submit(
-            signing.signed_file_url(base, secret, "originals", original_name(request), expires),
-            request.scale_factor,
-            signing.webhook_url(base, secret, request.job_id),
-        ))
+        job = await self._call(
+            "submit",
+            lambda: self.client.submit(
+                signing.signed_file_url(base, secret, "originals", original_name(request), expires),
+                request.scale_factor,
+                signing.webhook_url(base, secret, request.job_id),
+            ),
+        )
         with Session(self.engine) as session:
-            session.add(Submission(job_id=request.job_id, attempt=request.attempt, upsampler_id=job.id,
-                                   credit_cost=job.credit_cost, created_at=utcnow(),
-                                   error=(job.error or "refused") if job.status == JobStatus.FAILED else None))
+            session.add(
+                Submission(
+                    job_id=request.job_id,
+                    attempt=request.attempt,
+                    upsampler_id=job.id,
+                    credit_cost=job.credit_cost,
+                    created_at=utcnow(),
+                    error=(job.error or "refused") if job.status == JobStatus.FAILED else None,
+                )
+            )
             try:
                 session.commit()
             except IntegrityError:  # a concurrent duplicate attempt recorded it first
@@ -96,17 +110,24 @@ class UpsamplerActivities:
             raise as_application_error(exc) from None
         finally:
             await asyncio.to_thread(self._record_call, kind, outcome)
-            telemetry.count("smi_upsampler_requests", 1, "Requests to Upsampler by kind and outcome.",
-                            kind=kind, outcome=outcome)
+            telemetry.count(
+                "smi_upsampler_requests", 1, "Requests to Upsampler by kind and outcome.", kind=kind, outcome=outcome
+            )
 
     def _check_hourly_quota(self) -> None:
         hour_ago = utcnow() - timedelta(hours=1)
         with Session(self.engine) as session:
-            calls = session.exec(select(UpsamplerCall.at).where(UpsamplerCall.at >= hour_ago)
-                                 .order_by(UpsamplerCall.at).limit(self.settings.upsampler_requests_per_hour)).all()
+            calls = session.exec(
+                select(UpsamplerCall.at)
+                .where(UpsamplerCall.at >= hour_ago)
+                .order_by(UpsamplerCall.at)
+                .limit(self.settings.upsampler_requests_per_hour)
+            ).all()
         if len(calls) >= self.settings.upsampler_requests_per_hour:
             wait = as_utc(calls[0]) - hour_ago + timedelta(seconds=1)
-            raise ApplicationError("Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait)
+            raise ApplicationError(
+                "Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait
+            )
 
     def _record_call(self, kind: str, outcome: str) -> None:
         with Session(self.engine) as session:

@@ -32,9 +32,6 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(dep
 log = logging.getLogger("smi.api.admin")
 
 
-
-
-
 @router.get("/jobs", summary="Jobs by status, newest first")
 def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
     query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
@@ -47,8 +44,15 @@ def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Servi
         ledger: dict[str, list[LedgerEntry]] = {}
         for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
             ledger.setdefault(entry.job_id, []).append(entry)
-        return {"jobs": [{**job_view(job, svc.settings, session, refunds.get(job.job_id)),
-                          "money": money(ledger.get(job.job_id, []))} for job in jobs]}
+        return {
+            "jobs": [
+                {
+                    **job_view(job, svc.settings, session, refunds.get(job.job_id)),
+                    "money": money(ledger.get(job.job_id, [])),
+                }
+                for job in jobs
+            ]
+        }
 
 
 def money(entries: list[LedgerEntry]) -> dict:
@@ -72,15 +76,6 @@ def money(entries: list[LedgerEntry]) -> dict:
 # with its own short session: none is held while Temporal is awaited (see api/deps.py).
 
 
-
-
-
-
-
-
-
-
-
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
 async def retry(job_id: str, svc: deps.Services = Depends(deps.services)):
     return await service.retry(job_id, svc)
@@ -95,26 +90,39 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
 async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)):
     job = await run_in_threadpool(load_job, svc, job_id)
     if job.status == JobStatus.COMPLETED and not job.result_path:
-        raise ApiError(409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link")
+        raise ApiError(
+            409, "result_deleted", "the job's result was deleted (retention or erasure); there is no file to link"
+        )
     if job.status != JobStatus.COMPLETED or not job.result_path:
         raise ApiError(409, "not_completed", f"the job is {job.status}; only completed jobs have a link to resend")
     request_id = uuid.uuid4().hex
     client = await svc.temporal_client()
     handle = await client.start_workflow(
-        ResendLinkWorkflow.run, ResendInput(job_id, request_id, job.status, svc.settings.download_ttl_hours),
-        id=f"resend-{job_id}-{request_id}", task_queue=svc.settings.task_queue,
+        ResendLinkWorkflow.run,
+        ResendInput(job_id, request_id, job.status, svc.settings.download_ttl_hours),
+        id=f"resend-{job_id}-{request_id}",
+        task_queue=svc.settings.task_queue,
     )
     try:
         link = await asyncio.wait_for(handle.result(), timeout=30)
     except asyncio.TimeoutError:
         return {"job_id": job_id, "action": "resend-email", "how": f"workflow {handle.id} is still running"}
-    return {"job_id": job_id, "action": "resend-email", "download_expires_at": link.expires_at.isoformat(),
-            "how": f"link generation {link.generation} sent"}
+    return {
+        "job_id": job_id,
+        "action": "resend-email",
+        "download_expires_at": link.expires_at.isoformat(),
+        "how": f"link generation {link.generation} sent",
+    }
 
 
 @router.get("/usage", summary="Jobs, credits, cost, revenue and margin per UTC day or month; Upsampler quota")
-def usage_report(request: Request, period: Literal["day", "month"] = "day", start: str | None = Query(None, alias="from"),
-                 end: str | None = Query(None, alias="to"), svc: deps.Services = Depends(deps.services)):
+def usage_report(
+    request: Request,
+    period: Literal["day", "month"] = "day",
+    start: str | None = Query(None, alias="from"),
+    end: str | None = Query(None, alias="to"),
+    svc: deps.Services = Depends(deps.services),
+):
     today = utcnow().date()
     try:
         first = usage.parse_day(start, today - timedelta(days=30) if period == "day" else today.replace(day=1, month=1))
@@ -132,8 +140,9 @@ def usage_report(request: Request, period: Literal["day", "month"] = "day", star
         "from": first.date().isoformat(),
         "to": (last - timedelta(days=1)).date().isoformat(),
         "rows": [asdict(row) for row in rows],
-        "upsampler_requests": usage.quota(svc.engine, utcnow(), cfg.upsampler_requests_per_minute,
-                                          cfg.upsampler_requests_per_hour),
+        "upsampler_requests": usage.quota(
+            svc.engine, utcnow(), cfg.upsampler_requests_per_minute, cfg.upsampler_requests_per_hour
+        ),
     }
 
 
@@ -163,6 +172,8 @@ async def release_budget(svc: deps.Services = Depends(deps.services)):
 
 
 ERASED_IMAGE_URL = "https://erased.invalid/"
+
+
 async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
     """Jobs whose upscale or refund workflow is still open (e.g. still sending the customer's email)."""
     client = await svc.temporal_client()
@@ -187,7 +198,9 @@ def _jobs_of_customer(svc: deps.Services, address: str) -> list[Job]:
     if address == ERASED_EMAIL:
         return []
     with Session(svc.engine) as session:
-        return list(session.exec(select(Job).where(func.lower(Job.customer_email) == address).order_by(Job.job_id)).all())
+        return list(
+            session.exec(select(Job).where(func.lower(Job.customer_email) == address).order_by(Job.job_id)).all()
+        )
 
 
 def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
@@ -218,8 +231,12 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     (or one already erased) is `200` with zero counts."""
     address = email.strip().lower()
     if len(address) > 254 or not EMAIL.match(address):
-        raise ApiError(422, "invalid_request", "email: must be an e-mail address like name@example.com",
-                       [{"field": "email", "problem": "not an e-mail address"}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            "email: must be an e-mail address like name@example.com",
+            [{"field": "email", "problem": "not an e-mail address"}],
+        )
     jobs = await run_in_threadpool(_jobs_of_customer, svc, address)
     counts = {"jobs": 0, "files": 0, "tokens": 0, "emails": 0}
     if not jobs:
@@ -227,9 +244,14 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     ids = [job.job_id for job in jobs]
     busy = [job.job_id for job in jobs if job.status not in FINISHED] or await _open_workflows(svc, ids)
     if busy:
-        raise ApiError(409, "customer_jobs_busy", f"{len(busy)} of the customer's {len(jobs)} jobs are still running "
-                       "or waiting in manual review; nothing was erased. Let them finish (or refund them), then "
-                       "call this again", {"busy_job_ids": busy})
+        raise ApiError(
+            409,
+            "customer_jobs_busy",
+            f"{len(busy)} of the customer's {len(jobs)} jobs are still running "
+            "or waiting in manual review; nothing was erased. Let them finish (or refund them), then "
+            "call this again",
+            {"busy_job_ids": busy},
+        )
 
     # Files first: should anything fail after them, calling again finds the jobs and finishes the work.
     storage = LocalStorage(svc.settings.storage_dir)
@@ -241,6 +263,12 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     counts["files"] = await asyncio.to_thread(delete_files)
     counts["tokens"], counts["emails"] = await run_in_threadpool(_erase_rows, svc, ids)
     counts["jobs"] = len(jobs)
-    log.info("erased a customer's personal data: %d jobs (%s), %d files, %d tokens, %d sent-mail rows",
-             len(ids), ", ".join(ids), counts["files"], counts["tokens"], counts["emails"])
+    log.info(
+        "erased a customer's personal data: %d jobs (%s), %d files, %d tokens, %d sent-mail rows",
+        len(ids),
+        ", ".join(ids),
+        counts["files"],
+        counts["tokens"],
+        counts["emails"],
+    )
     return counts

@@ -75,26 +75,36 @@ def _require_session_and_csrf(request: Request, form: dict[str, str], cfg: Setti
         raise ApiError(401, "login_required", "log in to the dashboard at /admin/login first")
     expected = csrf_token(cfg.secret("admin_api_key"), session)
     if not hmac.compare_digest(form.get("csrf", "").encode(), expected.encode()):
-        raise ApiError(403, "csrf_failed", "the form is stale or came from another page; reload the dashboard and try again")
+        raise ApiError(
+            403, "csrf_failed", "the form is stale or came from another page; reload the dashboard and try again"
+        )
 
 
 def _cookie(response: Response, cfg: Settings, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(name, value, max_age=max_age, path="/admin", httponly=True, samesite="strict",
-                        secure=cfg.public_base_url.startswith("https://"))
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/admin",
+        httponly=True,
+        samesite="strict",
+        secure=cfg.public_base_url.startswith("https://"),
+    )
 
 
 def _page(request: Request, name: str, context: dict, status_code: int = 200) -> Response:
     nonce = secrets.token_urlsafe(16)
     headers = {
         "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; form-action 'self'; "
-                                   "frame-ancestors 'none'; base-uri 'none'",
+        "frame-ancestors 'none'; base-uri 'none'",
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "no-referrer",
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
     }
-    return deps.pages.TemplateResponse(request, name, {**context, "nonce": nonce}, status_code=status_code,
-                                      headers=headers)
+    return deps.pages.TemplateResponse(
+        request, name, {**context, "nonce": nonce}, status_code=status_code, headers=headers
+    )
 
 
 def duration(seconds: float) -> str:
@@ -145,11 +155,15 @@ def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)
     ui = cfg.temporal_ui_url.rstrip("/")
     context = {
         "counts": [(status, counts.get(status, 0)) for status in STATUSES],
-        "review": [(item, duration((now - item.since).total_seconds())) for item in dashboard.manual_review_queue(svc.engine)],
+        "review": [
+            (item, duration((now - item.since).total_seconds())) for item in dashboard.manual_review_queue(svc.engine)
+        ],
         "troubled": troubled,
         "created": created,
         "medians": [(status, duration(medians[status])) for status in STATUSES if status in medians],
-        "recent": [(job, duration((now - as_utc(job.created_at)).total_seconds())) for job in dashboard.recent_jobs(svc.engine)],
+        "recent": [
+            (job, duration((now - as_utc(job.created_at)).total_seconds())) for job in dashboard.recent_jobs(svc.engine)
+        ],
         "workflow_url": f"{ui}/namespaces/{quote(cfg.temporal_namespace)}/workflows/upscale-",
         "csrf": csrf_token(cfg.secret("admin_api_key"), session),
         "notice": unquote(request.cookies.get(NOTICE_COOKIE, "")),
@@ -161,8 +175,9 @@ def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)
 
 
 @router.post("/jobs/{job_id}/{action}")
-async def act_on_job(job_id: str, action: Literal["retry", "refund"], request: Request,
-                     svc: deps.Services = Depends(deps.services)):
+async def act_on_job(
+    job_id: str, action: Literal["retry", "refund"], request: Request, svc: deps.Services = Depends(deps.services)
+):
     _require_session_and_csrf(request, await _form(request), svc.settings)
     try:
         reply = await ACTIONS[action](job_id, svc=svc)

@@ -39,7 +39,9 @@ ALLOW_HEADERS = "Authorization, Content-Type, X-Namespace"
 def _origins(cfg: Settings) -> set[str]:
     """The Temporal UI's origins, and our own public one (the /docs page)."""
     own = urlsplit(cfg.public_base_url)
-    return {o.strip().rstrip("/") for o in cfg.codec_cors_origins.split(",") if o.strip()} | {f"{own.scheme}://{own.netloc}"}
+    return {o.strip().rstrip("/") for o in cfg.codec_cors_origins.split(",") if o.strip()} | {
+        f"{own.scheme}://{own.netloc}"
+    }
 
 
 def cors_headers(request: Request, cfg: Settings) -> dict[str, str]:
@@ -48,8 +50,12 @@ def cors_headers(request: Request, cfg: Settings) -> dict[str, str]:
     if origin is None:  # not from a browser page (the CLI, a script): CORS does not apply
         return {}
     if origin not in _origins(cfg):
-        raise ApiError(403, "origin_not_allowed", "this origin may not use the codec endpoint; see SMI_CODEC_CORS_ORIGINS",
-                       headers={"Vary": "Origin"})
+        raise ApiError(
+            403,
+            "origin_not_allowed",
+            "this origin may not use the codec endpoint; see SMI_CODEC_CORS_ORIGINS",
+            headers={"Vary": "Origin"},
+        )
     return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true", "Vary": "Origin"}
 
 
@@ -70,19 +76,26 @@ def _authorize(request: Request, cfg: Settings, cors: dict[str, str]) -> None:
             return
     elif cfg.env == "dev" and _is_loopback(request.client.host if request.client else None):
         return  # development only: the dev UI on this machine, which cannot send a key
-    raise ApiError(401, "unauthorized", "a valid admin API key is required as 'Authorization: Bearer <key>'",
-                   headers={**cors, "WWW-Authenticate": "Bearer"})
+    raise ApiError(
+        401,
+        "unauthorized",
+        "a valid admin API key is required as 'Authorization: Bearer <key>'",
+        headers={**cors, "WWW-Authenticate": "Bearer"},
+    )
 
 
 async def _payloads(request: Request, cors: dict[str, str]) -> list[Payload]:
     if request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)", headers=cors)
+        raise ApiError(
+            415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)", headers=cors
+        )
     body = await request.body()  # capped while it streams (api/guard.py)
     try:
         return list(json_format.Parse(body or b"{}", Payloads(), ignore_unknown_fields=True).payloads)
     except (json_format.ParseError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_request", f"the body is not {{\"payloads\": [...]}} in protobuf JSON: {exc}",
-                       headers=cors) from None
+        raise ApiError(
+            400, "invalid_request", f'the body is not {{"payloads": [...]}} in protobuf JSON: {exc}', headers=cors
+        ) from None
 
 
 def _reply(payloads: list[Payload], cors: dict[str, str]) -> Response:
@@ -93,8 +106,13 @@ def _reply(payloads: list[Payload], cors: dict[str, str]) -> Response:
 @router.options("/{operation}", include_in_schema=False)
 def preflight(operation: Literal["encode", "decode"], request: Request, cfg: Settings = Depends(deps.settings)):
     headers = cors_headers(request, cfg)
-    headers.update({"Access-Control-Allow-Methods": "POST", "Access-Control-Allow-Headers": ALLOW_HEADERS,
-                    "Access-Control-Max-Age": "600"})
+    headers.update(
+        {
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+        }
+    )
     if request.headers.get("Access-Control-Request-Private-Network") == "true":
         headers["Access-Control-Allow-Private-Network"] = "true"
     return Response(status_code=204, headers=headers)
@@ -108,8 +126,9 @@ async def decode(request: Request, cfg: Settings = Depends(deps.settings)):
     codec = cfg.payload_codec()
     if codec is None:
         if any(p.metadata.get("encoding") == ENCODING for p in payloads):
-            raise ApiError(409, "encryption_off", "these payloads are encrypted but SMI_PAYLOAD_KEY is not set here",
-                           headers=cors)
+            raise ApiError(
+                409, "encryption_off", "these payloads are encrypted but SMI_PAYLOAD_KEY is not set here", headers=cors
+            )
         return _reply(payloads, cors)
     try:
         return _reply(await codec.decode(payloads), cors)

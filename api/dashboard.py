@@ -33,12 +33,24 @@ def status_counts(engine: Engine) -> dict[str, int]:
 
 def manual_review_queue(engine: Engine) -> list[ReviewItem]:
     """Jobs waiting for an admin, longest waiting first."""
-    entered = (select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
-               .where(JobEvent.status == JobStatus.MANUAL_REVIEW).group_by(JobEvent.job_id).subquery())
-    query = (select(Job.job_id, Job.order_id, Job.error_code, Job.error_message,
-                    func.coalesce(entered.c.at, Job.updated_at).label("since"))
-             .outerjoin(entered, entered.c.job_id == Job.job_id)
-             .where(Job.status == JobStatus.MANUAL_REVIEW).order_by("since"))
+    entered = (
+        select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
+        .where(JobEvent.status == JobStatus.MANUAL_REVIEW)
+        .group_by(JobEvent.job_id)
+        .subquery()
+    )
+    query = (
+        select(
+            Job.job_id,
+            Job.order_id,
+            Job.error_code,
+            Job.error_message,
+            func.coalesce(entered.c.at, Job.updated_at).label("since"),
+        )
+        .outerjoin(entered, entered.c.job_id == Job.job_id)
+        .where(Job.status == JobStatus.MANUAL_REVIEW)
+        .order_by("since")
+    )
     with Session(engine) as session:
         rows = session.execute(query).all()
     return [ReviewItem(r.job_id, r.order_id, r.error_code, r.error_message, as_utc(r.since)) for r in rows]
@@ -59,7 +71,8 @@ def median_stage_seconds(engine: Engine, since: datetime) -> dict[str, float]:
     taken here because SQLite has no percentile function.
     """
     next_at = func.lead(JobEvent.at, type_=DateTime(timezone=True)).over(
-        partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id))
+        partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id)
+    )
     query = select(JobEvent.status, JobEvent.at, next_at.label("next_at")).where(JobEvent.at >= since)
     durations: dict[str, list[float]] = {}
     with Session(engine) as session:
@@ -71,7 +84,10 @@ def median_stage_seconds(engine: Engine, since: datetime) -> dict[str, float]:
 
 def recent_jobs(engine: Engine, limit: int = 20) -> list:
     """The newest jobs, without the customer's address or name."""
-    query = (select(Job.job_id, Job.order_id, Job.status, Job.created_at, Job.updated_at, Job.error_code)
-             .order_by(Job.created_at.desc()).limit(limit))
+    query = (
+        select(Job.job_id, Job.order_id, Job.status, Job.created_at, Job.updated_at, Job.error_code)
+        .order_by(Job.created_at.desc())
+        .limit(limit)
+    )
     with Session(engine) as session:
         return list(session.execute(query).all())

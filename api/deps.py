@@ -51,11 +51,16 @@ class Services:
             if self.temporal is None:
                 try:
                     self.temporal = await Client.connect(
-                        self.settings.temporal_address, namespace=self.settings.temporal_namespace,
-                        data_converter=data_converter(self.settings.payload_codec()),  # the worker's: same payload encryption
+                        self.settings.temporal_address,
+                        namespace=self.settings.temporal_namespace,
+                        data_converter=data_converter(
+                            self.settings.payload_codec()
+                        ),  # the worker's: same payload encryption
                     )
                 except Exception:
-                    raise ApiError(503, "temporal_unavailable", "the workflow service is not reachable; try again") from None
+                    raise ApiError(
+                        503, "temporal_unavailable", "the workflow service is not reachable; try again"
+                    ) from None
             return self.temporal
 
 
@@ -106,8 +111,12 @@ class ConnectionCaps:
         """A release function, to call exactly once when the connection ends; or ApiError 429."""
         client = client_key(host)
         if self.open.total() >= self.total or self.open[client] >= self.per_client:
-            raise ApiError(429, "too_many_connections", f"too many open {self.kind} right now; close one or try "
-                           "again in a minute", headers={"Retry-After": "60"})
+            raise ApiError(
+                429,
+                "too_many_connections",
+                f"too many open {self.kind} right now; close one or try again in a minute",
+                headers={"Retry-After": "60"},
+            )
         self.open[client] += 1
         released = False
 
@@ -155,8 +164,12 @@ def public_rate_limit(request: Request) -> None:
     group = request.url.path.split("/")[1]
     wait = svc.limiter.check(client_host(request), group, svc.settings.public_rate_limit_per_minute)
     if wait is not None:
-        raise ApiError(429, "rate_limited", "too many requests from this address; try again later",
-                       headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many requests from this address; try again later",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
 
 def services(request: Request) -> Services:
@@ -185,8 +198,12 @@ def key_matches(authorization: str, expected: list[str]) -> bool:
 
 
 def unauthorized(who: str) -> ApiError:
-    return ApiError(401, "unauthorized", f"a valid {who} API key is required as 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(
+        401,
+        "unauthorized",
+        f"a valid {who} API key is required as 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _require(request: Request, expected: list[str], who: str) -> None:

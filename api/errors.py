@@ -16,7 +16,9 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
 
 
-def error_response(status: int, code: str, message: str, details: Any = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status, headers=headers)
 
 
@@ -26,7 +28,9 @@ def response_of(exc: ApiError) -> JSONResponse:
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:
     # Echo where and what, never the submitted value: it may hold an e-mail address.
-    return [{"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "problem": err["msg"]} for err in exc.errors()]
+    return [
+        {"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "problem": err["msg"]} for err in exc.errors()
+    ]
 
 
 def install(app: FastAPI) -> None:

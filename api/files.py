@@ -52,31 +52,52 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
         if row is None:
             raise ApiError(404, "link_not_found", "this download link is not valid; check that it was copied whole")
         if row.revoked:
-            raise ApiError(410, "link_replaced", "this download link was replaced by a newer one: use the link in the latest email")
+            raise ApiError(
+                410, "link_replaced", "this download link was replaced by a newer one: use the link in the latest email"
+            )
         expires = as_utc(row.expires_at)
         if expires <= utcnow():
-            raise ApiError(410, "link_expired",
-                           f"this download link expired at {expires:%Y-%m-%d %H:%M} UTC; ask support for a fresh link")
+            raise ApiError(
+                410,
+                "link_expired",
+                f"this download link expired at {expires:%Y-%m-%d %H:%M} UTC; ask support for a fresh link",
+            )
         job = session.get(Job, row.job_id)
         path = Path(job.result_path) if job and job.result_path else None
         if path is None or not path.is_file():
             raise ApiError(410, "file_gone", "the file is no longer stored; ask support for help")
         if cfg.download_max_count is not None and serves_first_byte(method, headers, path.stat().st_size):
             # Counted in the database in one statement, so parallel requests cannot slip past the limit.
-            counted = session.execute(update(DownloadToken).where(
-                DownloadToken.token_sha256 == row.token_sha256, DownloadToken.downloads < cfg.download_max_count,
-            ).values(downloads=DownloadToken.downloads + 1))
+            counted = session.execute(
+                update(DownloadToken)
+                .where(
+                    DownloadToken.token_sha256 == row.token_sha256,
+                    DownloadToken.downloads < cfg.download_max_count,
+                )
+                .values(downloads=DownloadToken.downloads + 1)
+            )
             session.commit()
             if counted.rowcount == 0:
-                raise ApiError(410, "download_limit", f"this link was used {cfg.download_max_count} times, its limit; "
-                                                      "ask support for a fresh link")
+                raise ApiError(
+                    410,
+                    "download_limit",
+                    f"this link was used {cfg.download_max_count} times, its limit; ask support for a fresh link",
+                )
         return path, f"{job.order_id}-{path.name}"
 
 
-@router.get("/downloads/{token}", operation_id="download", summary="The customer's upscaled file",
-            dependencies=[Depends(deps.public_rate_limit)])
-@router.head("/downloads/{token}", operation_id="download_head", summary="The file's headers alone",
-             dependencies=[Depends(deps.public_rate_limit)])
+@router.get(
+    "/downloads/{token}",
+    operation_id="download",
+    summary="The customer's upscaled file",
+    dependencies=[Depends(deps.public_rate_limit)],
+)
+@router.head(
+    "/downloads/{token}",
+    operation_id="download_head",
+    summary="The file's headers alone",
+    dependencies=[Depends(deps.public_rate_limit)],
+)
 def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)):
     path, filename = _checked_download(svc, token, request.method, request.headers)
     # FileResponse streams the file and answers Range requests with 206; no database session is open.
@@ -85,8 +106,11 @@ def download(token: str, request: Request, svc: deps.Services = Depends(deps.ser
     return response
 
 
-@router.get("/files/{kind}/{name}", summary="A stored original or upload, by a temporary signed URL",
-            dependencies=[Depends(deps.public_rate_limit)])
+@router.get(
+    "/files/{kind}/{name}",
+    summary="A stored original or upload, by a temporary signed URL",
+    dependencies=[Depends(deps.public_rate_limit)],
+)
 def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)):
     match = NAME.match(name)
     if kind not in ("originals", "uploads") or not match or (kind == "uploads" and match["quality"]):

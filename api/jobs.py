@@ -32,7 +32,9 @@ HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch gua
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    order_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="the storefront's order, 1-128 of [A-Za-z0-9._:-]")
+    order_id: str = Field(
+        pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="the storefront's order, 1-128 of [A-Za-z0-9._:-]"
+    )
     image_url: str = Field(max_length=2048)
     scale_factor: StrictInt = Field(ge=2, le=16)
     format: Literal["auto", "png", "jpg", "webp"] = "auto"
@@ -60,22 +62,6 @@ class JobRequest(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_factor: int) -> None:
     """422 before anything is written when the image's header already shows the job cannot succeed."""
     found = await probe.probe_url(svc.http, image_url, svc.settings.image_fetch_policy)
@@ -84,13 +70,21 @@ async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_f
     if found.width:
         verdict = quote_for(svc.settings, found.width, found.height, scale_factor)
         if not verdict.accepted:
-            raise ApiError(422, ErrorCode.OUTPUT_TOO_LARGE, verdict.reason, {"max_scale_factor": verdict.max_scale_factor})
+            raise ApiError(
+                422, ErrorCode.OUTPUT_TOO_LARGE, verdict.reason, {"max_scale_factor": verdict.max_scale_factor}
+            )
 
 
 def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
-    return pricing.quote(width, height, scale_factor, credits_per_megapixel=cfg.credits_per_megapixel,
-                         credit_price_usd=cfg.credit_price_usd, markup_percent=cfg.markup_percent,
-                         min_price_usd=cfg.min_price_usd)
+    return pricing.quote(
+        width,
+        height,
+        scale_factor,
+        credits_per_megapixel=cfg.credits_per_megapixel,
+        credit_price_usd=cfg.credit_price_usd,
+        markup_percent=cfg.markup_percent,
+        min_price_usd=cfg.min_price_usd,
+    )
 
 
 def _job_of_order(svc: deps.Services, order_id: str) -> Job | None:
@@ -102,14 +96,21 @@ def _insert_job(svc: deps.Services, body: JobRequest, fingerprint: str) -> tuple
     """The new job with its first event and the price paid, in one transaction: (job, True). When the
     same order arrived twice at once and the other request won: (its job, False)."""
     now = utcnow()
-    job = Job(job_id=uuid.uuid4().hex, request_sha256=fingerprint, status=JobStatus.RECEIVED, created_at=now, updated_at=now,
-              **body.model_dump())
+    job = Job(
+        job_id=uuid.uuid4().hex,
+        request_sha256=fingerprint,
+        status=JobStatus.RECEIVED,
+        created_at=now,
+        updated_at=now,
+        **body.model_dump(),
+    )
     with Session(svc.engine, expire_on_commit=False) as session:  # the job is read after the session closes
         session.add(job)
         session.add(JobEvent(job_id=job.job_id, status=JobStatus.RECEIVED, at=now))
         # The price paid, booked with the job in one transaction.
-        session.add(LedgerEntry(job_id=job.job_id, purpose="revenue", revenue_usd=body.amount_paid_cents / 100,
-                                created_at=now))
+        session.add(
+            LedgerEntry(job_id=job.job_id, purpose="revenue", revenue_usd=body.amount_paid_cents / 100, created_at=now)
+        )
         try:
             session.commit()
             return job, True
@@ -133,12 +134,19 @@ async def create_job(body: JobRequest, response: Response, svc: deps.Services = 
     else:
         response.status_code = 200
     if job.request_sha256 != fingerprint:
-        raise ApiError(409, "order_conflict",
-                       f"order {body.order_id} was already submitted with a different body; use a new order_id")
+        raise ApiError(
+            409,
+            "order_conflict",
+            f"order {body.order_id} was already submitted with a different body; use a new order_id",
+        )
     if job.status == JobStatus.RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
         await start_workflow(await svc.temporal_client(), cfg, job)
-    return {"job_id": job.job_id, "status": job.status, "status_url": job_url(cfg, job.job_id),
-            "status_page_url": status_page_url(cfg, job.job_id)}
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "status_url": job_url(cfg, job.job_id),
+        "status_page_url": status_page_url(cfg, job.job_id),
+    }
 
 
 @router.get("/v1/jobs/{job_id}", summary="The job as it stands")
@@ -189,8 +197,11 @@ async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.ser
         if found.problem:
             raise ApiError(422, found.problem, f"image_url: {found.detail}")
         if not found.width:
-            raise ApiError(502, "image_unreadable", "could not read the image's size from image_url; try again "
-                                                    "or send width and height")
+            raise ApiError(
+                502,
+                "image_unreadable",
+                "could not read the image's size from image_url; try again or send width and height",
+            )
         width, height = found.width, found.height
     elif body.image_url is not None or width is None or height is None:
         raise ApiError(422, "invalid_request", "send either width and height, or image_url (not both)")

@@ -47,12 +47,21 @@ def scraper(request: Request, cfg: Settings = Depends(deps.settings)) -> None:
     if token:
         deps._require(request, [token], "metrics")
     elif cfg.env != "dev":
-        raise ApiError(401, "unauthorized", "/metrics is closed until SMI_METRICS_TOKEN is set; "
-                       "then scrape with 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "/metrics is closed until SMI_METRICS_TOKEN is set; then scrape with 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(scraper)],
-            response_class=Response, responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    dependencies=[Depends(scraper)],
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}}},
+)
 async def metrics(request: Request):
     state = request.app.state
     if getattr(state, "metrics", None) is None:  # no await since the check: one per app
@@ -97,38 +106,68 @@ def _from_database(svc: deps.Services) -> list[Metric]:
     booked = LedgerEntry.purpose != "estimate"
     with Session(svc.engine) as session:
         jobs = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
-        errors = session.exec(select(Job.status, Job.error_code, func.count()).where(Job.error_code.is_not(None))
-                              .group_by(Job.status, Job.error_code)).all()
-        refunds = session.exec(select(Refund.status, Refund.reason, func.count())
-                               .group_by(Refund.status, Refund.reason)).all()
-        calls = session.exec(select(UpsamplerCall.kind, UpsamplerCall.outcome, func.count())
-                             .group_by(UpsamplerCall.kind, UpsamplerCall.outcome)).all()
-        credits, cost = session.exec(select(func.coalesce(func.sum(LedgerEntry.credits), 0),
-                                            func.coalesce(func.sum(LedgerEntry.cost_usd), 0)).where(booked)).one()
-        money = dict(session.exec(select(LedgerEntry.purpose, func.sum(LedgerEntry.revenue_usd))
-                                  .where(LedgerEntry.purpose.in_(("revenue", "refund")))
-                                  .group_by(LedgerEntry.purpose)).all())  # a refund row is negative revenue
+        errors = session.exec(
+            select(Job.status, Job.error_code, func.count())
+            .where(Job.error_code.is_not(None))
+            .group_by(Job.status, Job.error_code)
+        ).all()
+        refunds = session.exec(
+            select(Refund.status, Refund.reason, func.count()).group_by(Refund.status, Refund.reason)
+        ).all()
+        calls = session.exec(
+            select(UpsamplerCall.kind, UpsamplerCall.outcome, func.count()).group_by(
+                UpsamplerCall.kind, UpsamplerCall.outcome
+            )
+        ).all()
+        credits, cost = session.exec(
+            select(
+                func.coalesce(func.sum(LedgerEntry.credits), 0), func.coalesce(func.sum(LedgerEntry.cost_usd), 0)
+            ).where(booked)
+        ).one()
+        money = dict(
+            session.exec(
+                select(LedgerEntry.purpose, func.sum(LedgerEntry.revenue_usd))
+                .where(LedgerEntry.purpose.in_(("revenue", "refund")))
+                .group_by(LedgerEntry.purpose)
+            ).all()
+        )  # a refund row is negative revenue
     now, cfg = utcnow(), svc.settings
     budgets = {"day": cfg.daily_budget_usd, "month": cfg.monthly_budget_usd}
     spent = [(period, usage.spent_usd(svc.engine, *usage.period_bounds(now, period))) for period in budgets]
     revenue, refunded = round(money.get("revenue") or 0, 2), round(-(money.get("refund") or 0), 2)
     return [
         _family(Gauge, "smi_db_jobs", "Jobs by status.", ["status"], jobs),
-        _family(Gauge, "smi_db_job_errors", "Jobs carrying an error, by status and error code.",
-                ["status", "code"], errors),
+        _family(
+            Gauge, "smi_db_job_errors", "Jobs carrying an error, by status and error code.", ["status", "code"], errors
+        ),
         _family(Gauge, "smi_db_refunds", "Refunds by status and reason.", ["status", "reason"], refunds),
-        _family(Counter, "smi_db_upsampler_requests", "Requests to Upsampler by kind and outcome, all workers.",
-                ["kind", "outcome"], calls),
+        _family(
+            Counter,
+            "smi_db_upsampler_requests",
+            "Requests to Upsampler by kind and outcome, all workers.",
+            ["kind", "outcome"],
+            calls,
+        ),
         _family(Counter, "smi_db_credits_spent", "Upsampler credits booked in the ledger.", [], [(credits,)]),
         _family(Counter, "smi_db_cost_usd", "Upsampler cost booked in the ledger, USD.", [], [(cost,)]),
-        _family(Counter, "smi_db_revenue_usd", "Prices paid, booked in the ledger (refunds not deducted).", [],
-                [(revenue,)]),
+        _family(
+            Counter, "smi_db_revenue_usd", "Prices paid, booked in the ledger (refunds not deducted).", [], [(revenue,)]
+        ),
         _family(Counter, "smi_db_refunded_usd", "Refunds booked in the ledger.", [], [(refunded,)]),
-        _family(Gauge, "smi_db_budget_spent_usd", "Upsampler cost booked in this UTC day or month, USD: what "
-                "the budgets are checked against.", ["period"], spent),
-        _family(Gauge, "smi_budget_usd", "The budget of each period, USD (SMI_DAILY_BUDGET_USD, "
-                "SMI_MONTHLY_BUDGET_USD); absent when unset.", ["period"],
-                [(period, budget) for period, budget in budgets.items() if budget]),
+        _family(
+            Gauge,
+            "smi_db_budget_spent_usd",
+            "Upsampler cost booked in this UTC day or month, USD: what the budgets are checked against.",
+            ["period"],
+            spent,
+        ),
+        _family(
+            Gauge,
+            "smi_budget_usd",
+            "The budget of each period, USD (SMI_DAILY_BUDGET_USD, SMI_MONTHLY_BUDGET_USD); absent when unset.",
+            ["period"],
+            [(period, budget) for period, budget in budgets.items() if budget],
+        ),
     ]
 
 
@@ -143,9 +182,14 @@ async def _from_task_queues(svc: deps.Services) -> list[Metric]:
         client = await svc.temporal_client()
         for queue in (svc.settings.task_queue, svc.settings.task_queue + UPSAMPLER_QUEUE_SUFFIX):
             for kind, queue_type in QUEUE_TYPES.items():
-                described = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-                    namespace=svc.settings.temporal_namespace, task_queue=TaskQueue(name=queue),
-                    task_queue_type=queue_type, report_stats=True))
+                described = await client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=svc.settings.temporal_namespace,
+                        task_queue=TaskQueue(name=queue),
+                        task_queue_type=queue_type,
+                        report_stats=True,
+                    )
+                )
                 depth.add_metric([queue, kind], described.stats.approximate_backlog_count)
                 age.add_metric([queue, kind], described.stats.approximate_backlog_age.ToTimedelta().total_seconds())
                 pollers.add_metric([queue, kind], len(described.pollers))

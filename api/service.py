@@ -51,8 +51,14 @@ def policy_of(cfg: Settings) -> JobPolicy:
     )
 
 
-async def start_workflow(client: Client, cfg: Settings, job: Job, run: int = 1, attempts_before: int = 0,
-                         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE) -> None:
+async def start_workflow(
+    client: Client,
+    cfg: Settings,
+    job: Job,
+    run: int = 1,
+    attempts_before: int = 0,
+    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+) -> None:
     """Idempotent: an open workflow of this job is reused; a finished one is left alone unless
     `id_reuse_policy` allows a new run (an admin's retry)."""
     try:
@@ -110,7 +116,9 @@ def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = 
         "download_url": live_download_url(session, cfg, job) if completed else None,
         "download_expires_at": _iso(job.download_expires_at) if completed else None,
         "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
-        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason} if refund else None,
+        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason}
+        if refund
+        else None,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
     }
 
@@ -164,13 +172,23 @@ async def retry(job_id: str, svc: deps.Services) -> dict:
     handle, state = await _running_state(svc, job_id)
     if state is not None:
         if not state.awaiting_decision:
-            raise ApiError(409, "job_in_progress", f"the job is {state.status} and not waiting for a decision; "
-                                                   "retry applies to jobs in manual review or finished")
+            raise ApiError(
+                409,
+                "job_in_progress",
+                f"the job is {state.status} and not waiting for a decision; "
+                "retry applies to jobs in manual review or finished",
+            )
         await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
         return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
     job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
-    await start_workflow(await svc.temporal_client(), svc.settings, job, run=job.runs, attempts_before=attempts,
-                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
+    await start_workflow(
+        await svc.temporal_client(),
+        svc.settings,
+        job,
+        run=job.runs,
+        attempts_before=attempts,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
     return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
 
 
@@ -191,9 +209,14 @@ async def refund(job_id: str, svc: deps.Services) -> dict:
         return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
     client = await svc.temporal_client()
     try:
-        await client.start_workflow(RefundWorkflow.run, job_id, id=f"refund-{job_id}", task_queue=svc.settings.task_queue,
-                                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+        await client.start_workflow(
+            RefundWorkflow.run,
+            job_id,
+            id=f"refund-{job_id}",
+            task_queue=svc.settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
     except WorkflowAlreadyStartedError:
         pass
     return {"job_id": job_id, "action": "refund", "how": f"started workflow refund-{job_id}"}

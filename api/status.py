@@ -32,19 +32,31 @@ EVENTS_MAX_SECONDS = 300  # then the stream ends and the browser's EventSource r
 KEEPALIVE_SECONDS = 15  # a comment line, so proxies keep the connection and a gone client is noticed
 
 STAGES = [JobStatus.RECEIVED, JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.DOWNLOADING, JobStatus.COMPLETED]
-STAGE_LABELS = {"received": "Order received", "queued": "In line", "processing": "Upscaling",
-                "downloading": "Checking the result", "completed": "Ready"}
+STAGE_LABELS = {
+    "received": "Order received",
+    "queued": "In line",
+    "processing": "Upscaling",
+    "downloading": "Checking the result",
+    "completed": "Ready",
+}
 # Progress on entering each stage, and how far it may grow while estimated_completion lies ahead.
-PROGRESS = {"received": (5, 5), "queued": (10, 25), "processing": (25, 85), "downloading": (90, 95),
-            "completed": (100, 100)}
+PROGRESS = {
+    "received": (5, 5),
+    "queued": (10, 25),
+    "processing": (25, 85),
+    "downloading": (90, 95),
+    "completed": (100, 100),
+}
 HEADLINES = {
     "received": ("Order received", "We have your order and are getting your image ready."),
     "queued": ("In line", "Your image is waiting for its turn to be upscaled."),
     "processing": ("Upscaling your image", "Your image is being upscaled right now."),
     "downloading": ("Almost done", "We are checking the finished image."),
     "completed": ("Your image is ready", "Download your upscaled image below."),
-    "manual_review": ("We're looking into it", "Something needs a closer look. Our team has been told and will "
-                                              "finish your order or refund it."),
+    "manual_review": (
+        "We're looking into it",
+        "Something needs a closer look. Our team has been told and will finish your order or refund it.",
+    ),
 }
 
 
@@ -100,14 +112,32 @@ def job_state(session: Session, svc: deps.Services, job_id: str) -> dict | None:
         "headline": headline,
         "message": message,
         "progress": _progress(job.status, entered.get(job.status, job.created_at), job.estimated_completion),
-        "stages": [{"status": stage, "label": STAGE_LABELS[stage], "at": _iso(entered.get(stage)),
-                    "state": "done" if i < current or job.status == JobStatus.COMPLETED else "current" if i == current else "todo"}
-                   for i, stage in enumerate(STAGES)],
+        "stages": [
+            {
+                "status": stage,
+                "label": STAGE_LABELS[stage],
+                "at": _iso(entered.get(stage)),
+                "state": "done"
+                if i < current or job.status == JobStatus.COMPLETED
+                else "current"
+                if i == current
+                else "todo",
+            }
+            for i, stage in enumerate(STAGES)
+        ],
         "estimated_completion": _iso(job.estimated_completion) if job.status not in FINISHED else None,
         "download_url": download_url,
         "download_expires_at": _iso(expires) if download_url else None,
-        "output": ({"width": job.output_width, "height": job.output_height, "format": job.output_format,
-                    "bytes": job.output_bytes} if download_url else None),
+        "output": (
+            {
+                "width": job.output_width,
+                "height": job.output_height,
+                "format": job.output_format,
+                "bytes": job.output_bytes,
+            }
+            if download_url
+            else None
+        ),
     }
 
 
@@ -176,14 +206,18 @@ async def _checked_state(svc: deps.Services, job_id: str, token: str | None) -> 
 
 
 @router.get("/status/{job_id}", summary="The customer's status page (HTML)")
-async def status_page(request: Request, job_id: str, v: str | None = Query(None, description="the view token"),
-                      svc: deps.Services = Depends(deps.services)):
+async def status_page(
+    request: Request,
+    job_id: str,
+    v: str | None = Query(None, description="the view token"),
+    svc: deps.Services = Depends(deps.services),
+):
     state = await _checked_state(svc, job_id, v)
     nonce = secrets.token_urlsafe(16)
     headers = {
         # Embeddable in the storefront (no frame-ancestors); scripts and styles only our own inline ones.
         "Content-Security-Policy": f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-                                   "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
         "Referrer-Policy": "no-referrer",  # the URL carries the view token
         "Cache-Control": "no-store",
         "X-Content-Type-Options": "nosniff",
@@ -205,8 +239,9 @@ class HeldStreamingResponse(deps.ReleasedWhenSent, StreamingResponse):
 
 
 @router.get("/status/{job_id}/events", summary="The status page's state as Server-Sent Events, on every change")
-async def status_events(request: Request, job_id: str, v: str | None = None,
-                        svc: deps.Services = Depends(deps.services)):
+async def status_events(
+    request: Request, job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)
+):
     first = await _checked_state(svc, job_id, v)
     release = svc.event_streams.acquire(deps.client_host(request))  # over the cap: 429, the page polls instead
     hub: StatusHub = svc.status_hub
@@ -235,7 +270,8 @@ async def status_events(request: Request, job_id: str, v: str | None = None,
         finally:
             hub.unwatch(job_id, queue)
 
-    response = HeldStreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response = HeldStreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
     response.release = release
     return response

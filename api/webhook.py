@@ -58,8 +58,11 @@ def _authentic(svc: deps.Services, job: str, sig: str | None, known: Known | Non
     secrets = svc.settings.webhook_secrets()
     if signing.verify_webhook(secrets, job, sig):
         return True
-    return (known is not None and known.created_at < signing.LEGACY_WEBHOOK_SIGNATURES_BEFORE
-            and signing.legacy_webhook_signature(secrets, job, sig))
+    return (
+        known is not None
+        and known.created_at < signing.LEGACY_WEBHOOK_SIGNATURES_BEFORE
+        and signing.legacy_webhook_signature(secrets, job, sig)
+    )
 
 
 async def _submission_recorded(svc: deps.Services, job_id: str, upsampler_id: str) -> bool:
@@ -76,10 +79,12 @@ async def _submission_recorded(svc: deps.Services, job_id: str, upsampler_id: st
     return False
 
 
-@router.post("/smi-webhook/upsampler/", summary="Upsampler's completion webhook",
-             dependencies=[Depends(deps.public_rate_limit)])
-async def upsampler_webhook(request: Request, job: str = "", sig: str | None = None,
-                            svc: deps.Services = Depends(deps.services)):
+@router.post(
+    "/smi-webhook/upsampler/", summary="Upsampler's completion webhook", dependencies=[Depends(deps.public_rate_limit)]
+)
+async def upsampler_webhook(
+    request: Request, job: str = "", sig: str | None = None, svc: deps.Services = Depends(deps.services)
+):
     known = await run_in_threadpool(_known, svc, job) if signing.JOB_ID.fullmatch(job) else None
     if not signing.JOB_ID.fullmatch(job) or not _authentic(svc, job, sig, known):  # before the body is read
         raise ApiError(401, "bad_signature", "the webhook URL's signature does not match")

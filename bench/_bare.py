@@ -81,9 +81,11 @@ class BareJob:
                 self._waiting = False
             else:
                 await workflow.execute_activity(
-                    noop, f"{step}" if step != "A" else f"A{index}",
+                    noop,
+                    f"{step}" if step != "A" else f"A{index}",
                     task_queue=queue + UPSAMPLER_SUFFIX if step.startswith("U") else queue,
-                    start_to_close_timeout=timedelta(seconds=60))
+                    start_to_close_timeout=timedelta(seconds=60),
+                )
         return len(steps)
 
 
@@ -91,5 +93,7 @@ def bare_workers(client, task_queue: str):
     """The two workers the bare job needs, with the same queue split as ours (worker.create_worker)."""
     from temporalio.worker import Worker
 
-    return (Worker(client, task_queue=task_queue, workflows=[BareJob], activities=[noop, noop_local]),
-            Worker(client, task_queue=task_queue + UPSAMPLER_SUFFIX, activities=[noop]))
+    return (
+        Worker(client, task_queue=task_queue, workflows=[BareJob], activities=[noop, noop_local]),
+        Worker(client, task_queue=task_queue + UPSAMPLER_SUFFIX, activities=[noop]),
+    )

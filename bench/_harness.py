@@ -65,8 +65,17 @@ class EmulatorProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", EMULATOR_RUNNER, UPSAMPLER_KEY, json.dumps(faults or {}), str(storage_dir),
-             str(self.port)], cwd=ROOT)
+            [
+                sys.executable,
+                "-c",
+                EMULATOR_RUNNER,
+                UPSAMPLER_KEY,
+                json.dumps(faults or {}),
+                str(storage_dir),
+                str(self.port),
+            ],
+            cwd=ROOT,
+        )
         wait_for_port(self.port, process=self.process)
 
     def get(self, path: str):
@@ -109,10 +118,19 @@ class Stack:
         port = free_port()
         emulator_host = self.emulator.url.split("//")[1]
         self.settings = make_settings(  # as the tests assemble it, with nothing waiting on a quota or a limit
-            tmp, temporal_address=self.temporal_address, api_port=port, smtp_port=self.mailbox.port,
-            emulator_url=self.emulator.url, allow_hosts=(emulator_host, f"127.0.0.1:{port}"),
-            **{"upsampler_requests_per_minute": 60_000, "upsampler_requests_per_hour": 1_000_000,
-               "public_rate_limit_per_minute": 1_000_000, **self.overrides})
+            tmp,
+            temporal_address=self.temporal_address,
+            api_port=port,
+            smtp_port=self.mailbox.port,
+            emulator_url=self.emulator.url,
+            allow_hosts=(emulator_host, f"127.0.0.1:{port}"),
+            **{
+                "upsampler_requests_per_minute": 60_000,
+                "upsampler_requests_per_hour": 1_000_000,
+                "public_rate_limit_per_minute": 1_000_000,
+                **self.overrides,
+            },
+        )
         self.api = ServerThread(create_app(self.settings), port=port).start()
         return self
 
@@ -138,17 +156,27 @@ class Stack:
         """POST /v1/uploads: the signed image_url jobs can be ordered from (fetched by the API and the emulator)."""
         import httpx
 
-        answer = httpx.post(f"{self.api.url}/v1/uploads", content=data, timeout=30,
-                            headers={"Authorization": f"Bearer {STOREFRONT_KEY}"})
+        answer = httpx.post(
+            f"{self.api.url}/v1/uploads",
+            content=data,
+            timeout=30,
+            headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
+        )
         answer.raise_for_status()
         return answer.json()["image_url"]
 
 
 def order(image_url: str, order_id: str, scale_factor: int = 2) -> dict:
     return {
-        "order_id": order_id, "image_url": image_url, "scale_factor": scale_factor, "format": "auto",
-        "customer_email": "ana@example.com", "customer_name": "Ana", "amount_paid_cents": 1299,
-        "currency": "USD", "payment_reference": "pi_bench",
+        "order_id": order_id,
+        "image_url": image_url,
+        "scale_factor": scale_factor,
+        "format": "auto",
+        "customer_email": "ana@example.com",
+        "customer_name": "Ana",
+        "amount_paid_cents": 1299,
+        "currency": "USD",
+        "payment_reference": "pi_bench",
     }
 
 
@@ -223,8 +251,8 @@ def children_cpu() -> dict[str, float]:
             stat = open(f"/proc/{entry}/stat").read()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[1] == me:  # ppid
             label = "temporal" if name.startswith("temporal") else "emulator" if name.startswith("python") else name
             found[label] = found.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
@@ -233,7 +261,7 @@ def children_cpu() -> dict[str, float]:
 
 def _cpu_of(pid: str, tick: int) -> float:
     stat = open(f"/proc/{pid}/stat").read()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / tick
 
 

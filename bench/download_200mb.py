@@ -54,7 +54,9 @@ def hwm():
 URL, FOLDER = sys.argv[1], sys.argv[2]
 """
 
-OURS = COMMON + """
+OURS = (
+    COMMON
+    + """
 from pathlib import Path
 from temporalio.testing import ActivityEnvironment
 from activities.storage import StorageActivities
@@ -77,8 +79,11 @@ async def main():
                       "base_kib": base, "heartbeats": len(beats)}))
 asyncio.run(main())
 """
+)
 
-BARE = COMMON + """
+BARE = (
+    COMMON
+    + """
 import httpx
 
 async def main():
@@ -97,6 +102,7 @@ async def main():
                       "heartbeats": 0}))
 asyncio.run(main())
 """
+)
 
 CONTENDERS = {"bare": BARE, "ours": OURS}  # name: the code run in a fresh subprocess
 LABELS = {
@@ -122,8 +128,9 @@ def make_file(path: Path, megabytes: int) -> str:
 def run(code: str, url: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        out = subprocess.run([sys.executable, "-c", code, url, str(folder)], capture_output=True, text=True,
-                             cwd=ROOT, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", code, url, str(folder)], capture_output=True, text=True, cwd=ROOT, timeout=600
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -155,8 +162,10 @@ def main(args: argparse.Namespace) -> dict:
                 line = [f"round {r + 1}:"]
                 for name in names:
                     last = results[name][-1]
-                    line.append(f"{name} {last['bytes'] / 1e6 / last['seconds']:7.1f} MB/s "
-                                f"+{(last['peak_kib'] - last['base_kib']) / 1024:5.1f} MiB")
+                    line.append(
+                        f"{name} {last['bytes'] / 1e6 / last['seconds']:7.1f} MB/s "
+                        f"+{(last['peak_kib'] - last['base_kib']) / 1024:5.1f} MiB"
+                    )
                 print("   ".join(line), flush=True)
         finally:
             server.terminate()
@@ -167,19 +176,27 @@ def main(args: argparse.Namespace) -> dict:
         for one in runs:
             if one["bytes"] != size or (one["sha256"] is not None and one["sha256"] != expected):
                 raise RuntimeError(f"{name}: wrong bytes: {one}")
-    speed = {name: statistics.median(one["bytes"] / 1e6 / one["seconds"] for one in runs) for name, runs in results.items()}
+    speed = {
+        name: statistics.median(one["bytes"] / 1e6 / one["seconds"] for one in runs) for name, runs in results.items()
+    }
     growth = {name: max((one["peak_kib"] - one["base_kib"]) / 1024 for one in runs) for name, runs in results.items()}
     peak = {name: max(one["peak_kib"] / 1024 for one in runs) for name, runs in results.items()}
     ratio = speed["ours"] / speed["bare"]
     beats = [one["heartbeats"] for one in results["ours"]]
-    print(f"\n{args.megabytes} MB over loopback, {args.rounds} alternating rounds, medians; the SHA-256 "
-          f"our activity returns checked against the file's each time; heartbeats per download: {beats}")
+    print(
+        f"\n{args.megabytes} MB over loopback, {args.rounds} alternating rounds, medians; the SHA-256 "
+        f"our activity returns checked against the file's each time; heartbeats per download: {beats}"
+    )
     for name in results:
-        print(f"{LABELS[name]:47s} {speed[name]:7.1f} MB/s   peak RSS growth {growth[name]:5.1f} MiB "
-              f"(process peak {peak[name]:5.1f} MiB)")
+        print(
+            f"{LABELS[name]:47s} {speed[name]:7.1f} MB/s   peak RSS growth {growth[name]:5.1f} MiB "
+            f"(process peak {peak[name]:5.1f} MiB)"
+        )
     print(f"throughput ratio ours / bare: {ratio:.2f}   (target >= {TARGET_RATIO})   {verdict(ratio >= TARGET_RATIO)}")
-    print(f"ours peak RSS growth: {growth['ours']:.1f} MiB   (target < {TARGET_GROWTH_MIB} MiB)   "
-          f"{verdict(growth['ours'] < TARGET_GROWTH_MIB)}")
+    print(
+        f"ours peak RSS growth: {growth['ours']:.1f} MiB   (target < {TARGET_GROWTH_MIB} MiB)   "
+        f"{verdict(growth['ours'] < TARGET_GROWTH_MIB)}"
+    )
     print(f"run time {time.perf_counter() - began:.0f} s")
     return {"ratio": ratio, "growth": growth["ours"], "speed": speed}
 

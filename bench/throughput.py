@@ -56,14 +56,26 @@ TARGET = 0.77
 POST_CONCURRENCY = 8
 
 
-async def run_ours(stack: Stack, client, image_url: str, jobs: int, concurrency: int, posts: int, tag: str,
-                   states: list[dict] | None = None) -> float:
+async def run_ours(
+    stack: Stack,
+    client,
+    image_url: str,
+    jobs: int,
+    concurrency: int,
+    posts: int,
+    tag: str,
+    states: list[dict] | None = None,
+) -> float:
     import httpx
 
     slots, posting = asyncio.Semaphore(concurrency), asyncio.Semaphore(posts)
-    async with httpx.AsyncClient(base_url=stack.api.url, timeout=120,
-                                 headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
-                                 limits=httpx.Limits(max_connections=concurrency)) as http:
+    async with httpx.AsyncClient(
+        base_url=stack.api.url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
+        limits=httpx.Limits(max_connections=concurrency),
+    ) as http:
+
         async def one(index: int) -> None:
             async with slots:
                 async with posting:
@@ -85,8 +97,13 @@ async def run_ours(stack: Stack, client, image_url: str, jobs: int, concurrency:
 async def timers_fired(client, job_id: str) -> int:
     from temporalio.api.enums.v1 import EventType
 
-    return sum([1 async for event in client.get_workflow_handle(f"upscale-{job_id}").fetch_history_events()
-                if event.event_type == EventType.EVENT_TYPE_TIMER_FIRED])
+    return sum(
+        [
+            1
+            async for event in client.get_workflow_handle(f"upscale-{job_id}").fetch_history_events()
+            if event.event_type == EventType.EVENT_TYPE_TIMER_FIRED
+        ]
+    )
 
 
 async def run_bare(client, task_queue: str, steps: list[str], jobs: int, concurrency: int) -> float:
@@ -94,8 +111,9 @@ async def run_bare(client, task_queue: str, steps: list[str], jobs: int, concurr
 
     async def one(_: int) -> None:
         async with slots:
-            handle = await client.start_workflow(_bare.BareJob.run, steps, id=f"bare-{uuid.uuid4().hex}",
-                                                 task_queue=task_queue)
+            handle = await client.start_workflow(
+                _bare.BareJob.run, steps, id=f"bare-{uuid.uuid4().hex}", task_queue=task_queue
+            )
             await handle.result()
 
     started = time.perf_counter()
@@ -115,8 +133,9 @@ class Ours:
     async def start(self, exits: contextlib.AsyncExitStack, client, emulator_delay: float) -> "Ours":
         import worker
 
-        self.stack = exits.enter_context(Stack(client.service_client.config.target_host,
-                                               emulator_faults={"delay_seconds": emulator_delay}))
+        self.stack = exits.enter_context(
+            Stack(client.service_client.config.target_host, emulator_faults={"delay_seconds": emulator_delay})
+        )
         self.image_url = self.stack.upload(png_bytes(32, 24))
         original = worker.UpscaleWorkflow
         worker.UpscaleWorkflow = self.workflow_class or original  # the class create_worker registers
@@ -147,8 +166,16 @@ async def main(args: argparse.Namespace) -> dict:
             # history says what the bare job must do.
             warm: list[dict] = []
             for ours in contenders:
-                await run_ours(ours.stack, client, ours.image_url, max(1, args.warmup), args.concurrency,
-                               args.post_concurrency, "warm", warm)
+                await run_ours(
+                    ours.stack,
+                    client,
+                    ours.image_url,
+                    max(1, args.warmup),
+                    args.concurrency,
+                    args.post_concurrency,
+                    "warm",
+                    warm,
+                )
             steps, signals = await job_steps(client.get_workflow_handle(f"upscale-{warm[0]['job_id']}"))
             print(f"one of our jobs runs {describe_steps(steps)}; its history has {signals} signal(s)", flush=True)
             await run_bare(client, bare_queue, steps, max(1, args.warmup), args.concurrency)
@@ -159,8 +186,18 @@ async def main(args: argparse.Namespace) -> dict:
                 line = f"round {r + 1}: bare {args.jobs / bare_seconds[-1]:6.2f} jobs/s"
                 for ours in contenders:
                     before = children_cpu()
-                    ours.seconds.append(await run_ours(ours.stack, client, ours.image_url, args.jobs, args.concurrency,
-                                                       args.post_concurrency, f"r{r}", ours.states))
+                    ours.seconds.append(
+                        await run_ours(
+                            ours.stack,
+                            client,
+                            ours.image_url,
+                            args.jobs,
+                            args.concurrency,
+                            args.post_concurrency,
+                            f"r{r}",
+                            ours.states,
+                        )
+                    )
                     ours.cpu.update(cpu_delta(before, children_cpu()))
                     line += f"   {ours.name} {args.jobs / ours.seconds[-1]:6.2f} jobs/s"
                 print(line, flush=True)
@@ -172,13 +209,17 @@ async def main(args: argparse.Namespace) -> dict:
 
     total = args.jobs * args.rounds
     bare_rate = total / sum(bare_seconds)
-    print(f"\n{total} jobs of each; {args.concurrency} in flight (ours: at most {args.post_concurrency} POST /v1/jobs at "
-          f"once); emulator delay {args.emulator_delay} s; {args.rounds} alternating rounds; "
-          f"{mails} completion emails for {len(contenders) * (total + max(1, args.warmup))} of our jobs")
+    print(
+        f"\n{total} jobs of each; {args.concurrency} in flight (ours: at most {args.post_concurrency} POST /v1/jobs at "
+        f"once); emulator delay {args.emulator_delay} s; {args.rounds} alternating rounds; "
+        f"{mails} completion emails for {len(contenders) * (total + max(1, args.warmup))} of our jobs"
+    )
 
     def cpu_line(name: str, used: collections.Counter) -> str:
-        return (f"  CPU per job, {name:26s} this process (API + worker + mail sink) {1000 * used['self'] / total:5.1f} ms, "
-                f"Temporal dev server {1000 * used['temporal'] / total:5.1f} ms, emulator {1000 * used['emulator'] / total:5.1f} ms")
+        return (
+            f"  CPU per job, {name:26s} this process (API + worker + mail sink) {1000 * used['self'] / total:5.1f} ms, "
+            f"Temporal dev server {1000 * used['temporal'] / total:5.1f} ms, emulator {1000 * used['emulator'] / total:5.1f} ms"
+        )
 
     print(cpu_line("bare", bare_cpu))
     for ours in contenders:
@@ -189,11 +230,15 @@ async def main(args: argparse.Namespace) -> dict:
         rate = total / sum(ours.seconds)
         polls = dict(sorted(collections.Counter(s["polls"] for s in ours.states).items()))
         webhooks = dict(sorted(collections.Counter(s["webhooks"] for s in ours.states).items()))
-        print(f"{ours.name} (API -> worker -> emulator -> webhook -> download -> email): {rate:6.2f} jobs/s "
-              f"(status checks per job {polls}, webhooks per job {webhooks}; {ours.timer_waits} of {len(ours.states)} "
-              f"jobs woke by the poll timer, not the webhook)")
-        print(f"  ratio {ours.name} / bare: {rate / bare_rate:.2f}   (target >= {TARGET})   "
-              f"{verdict(rate / bare_rate >= TARGET)}")
+        print(
+            f"{ours.name} (API -> worker -> emulator -> webhook -> download -> email): {rate:6.2f} jobs/s "
+            f"(status checks per job {polls}, webhooks per job {webhooks}; {ours.timer_waits} of {len(ours.states)} "
+            f"jobs woke by the poll timer, not the webhook)"
+        )
+        print(
+            f"  ratio {ours.name} / bare: {rate / bare_rate:.2f}   (target >= {TARGET})   "
+            f"{verdict(rate / bare_rate >= TARGET)}"
+        )
         result[ours.name] = rate
     print(f"run time {time.perf_counter() - began:.0f} s")
     return result
@@ -204,9 +249,17 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=100, help="jobs per round and contender (default 100)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
     parser.add_argument("--concurrency", type=int, default=50, help="jobs in flight (default 50)")
-    parser.add_argument("--post-concurrency", type=int, default=POST_CONCURRENCY,
-                        help=f"POST /v1/jobs at once (default {POST_CONCURRENCY}; over 15 stalls the API, see above)")
+    parser.add_argument(
+        "--post-concurrency",
+        type=int,
+        default=POST_CONCURRENCY,
+        help=f"POST /v1/jobs at once (default {POST_CONCURRENCY}; over 15 stalls the API, see above)",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed jobs of each contender first (default 10)")
-    parser.add_argument("--emulator-delay", type=float, default=0.0,
-                        help="the emulator's delay_seconds, and the bare job's delay before its signal (default 0)")
+    parser.add_argument(
+        "--emulator-delay",
+        type=float,
+        default=0.0,
+        help="the emulator's delay_seconds, and the bare job's delay before its signal (default 0)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -20,9 +20,13 @@ WIDTH, HEIGHT = 8660, 5773  # 49,994,180 pixels, just under Upsampler's limit
 
 CONTENDERS = {  # name: (imports, the measured code)
     "smi.imaging.validate (libvips, streaming)": (
-        "from smi import imaging", "imaging.validate(PATH, %d, %d)" % (WIDTH, HEIGHT)),
+        "from smi import imaging",
+        "imaging.validate(PATH, %d, %d)" % (WIDTH, HEIGHT),
+    ),
     "Pillow Image.open().load() (baseline)": (
-        "from PIL import Image; Image.MAX_IMAGE_PIXELS = None", "Image.open(PATH).load()"),
+        "from PIL import Image; Image.MAX_IMAGE_PIXELS = None",
+        "Image.open(PATH).load()",
+    ),
 }
 
 # VmHWM (the process's own high-water mark; ru_maxrss can carry the parent's across exec).
@@ -52,8 +56,13 @@ def make_image(path: Path) -> None:
 
 
 def run(imports: str, code: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUNNER.format(imports=imports, code=code), str(path)], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER.format(imports=imports, code=code), str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,14 +71,18 @@ def main() -> None:
         path = Path(folder) / "result.png"
         started = time.perf_counter()
         make_image(path)
-        print(f"test image: {WIDTH}x{HEIGHT} PNG, {path.stat().st_size / 1e6:.0f} MB "
-              f"(made in {time.perf_counter() - started:.1f} s)")
+        print(
+            f"test image: {WIDTH}x{HEIGHT} PNG, {path.stat().st_size / 1e6:.0f} MB "
+            f"(made in {time.perf_counter() - started:.1f} s)"
+        )
         results = {name: run(imports, code, path) for name, (imports, code) in CONTENDERS.items()}
     ours, baseline = results.values()
     for name, r in results.items():
         growth = (r["peak_kib"] - r["base_kib"]) / 1024
-        print(f"{name:45s} {r['seconds']:6.2f} s   peak RSS {r['peak_kib'] / 1024:7.1f} MiB "
-              f"(+{growth:6.1f} MiB while decoding)")
+        print(
+            f"{name:45s} {r['seconds']:6.2f} s   peak RSS {r['peak_kib'] / 1024:7.1f} MiB "
+            f"(+{growth:6.1f} MiB while decoding)"
+        )
     grow_ours, grow_base = ours["peak_kib"] - ours["base_kib"], baseline["peak_kib"] - baseline["base_kib"]
     print(f"memory ratio (ours / Pillow, growth while decoding): {grow_ours / grow_base:.3f}  (target <= 0.25)")
     print(f"memory ratio (ours / Pillow, whole-process peak): {ours['peak_kib'] / baseline['peak_kib']:.3f}")

@@ -69,9 +69,13 @@ async def measure_ours(client, target: str, jobs: int, log: Path) -> dict:
     import httpx
 
     day = 86_400
-    with Stack(target, emulator_faults={"never_finish": True, "delay_seconds": 0},
-               poll_initial_delay_seconds=day, poll_max_interval_seconds=day,
-               processing_timeout_seconds=7 * day) as stack:
+    with Stack(
+        target,
+        emulator_faults={"never_finish": True, "delay_seconds": 0},
+        poll_initial_delay_seconds=day,
+        poll_max_interval_seconds=day,
+        processing_timeout_seconds=7 * day,
+    ) as stack:
         image_url = stack.upload(png_bytes(32, 24))
         env = dict(os.environ, **stack.env, PYTHONUNBUFFERED="1")
         with open(log, "w") as out:
@@ -82,8 +86,10 @@ async def measure_ours(client, target: str, jobs: int, log: Path) -> dict:
             idle = settle(worker.pid)
             started = time.perf_counter()
             posting = asyncio.Semaphore(POSTS)
-            async with httpx.AsyncClient(base_url=stack.api.url, timeout=120,
-                                         headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}) as http:
+            async with httpx.AsyncClient(
+                base_url=stack.api.url, timeout=120, headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}
+            ) as http:
+
                 async def one(index: int) -> None:
                     async with posting:
                         answer = await http.post("/v1/jobs", json=order(image_url, f"mem-{index}"))
@@ -112,8 +118,15 @@ async def measure_ours(client, target: str, jobs: int, log: Path) -> dict:
                 worker.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 worker.kill()
-    return {"idle": idle, "full": full, "hwm": hwm, "posted": posted, "ready": ready, "statuses": statuses,
-            "emulator": emulated}
+    return {
+        "idle": idle,
+        "full": full,
+        "hwm": hwm,
+        "posted": posted,
+        "ready": ready,
+        "statuses": statuses,
+        "emulator": emulated,
+    }
 
 
 async def measure_bare(client, target: str, jobs: int, log: Path) -> dict:
@@ -129,8 +142,11 @@ async def measure_bare(client, target: str, jobs: int, log: Path) -> dict:
 
         async def one(_: int) -> None:
             async with slots:
-                handles.append(await client.start_workflow(_bare.BareJob.run, PREFIX, id=f"bare-{uuid.uuid4().hex}",
-                                                           task_queue=queue))
+                handles.append(
+                    await client.start_workflow(
+                        _bare.BareJob.run, PREFIX, id=f"bare-{uuid.uuid4().hex}", task_queue=queue
+                    )
+                )
 
         await asyncio.gather(*(one(i) for i in range(jobs)))
         pending = list(handles)
@@ -171,24 +187,35 @@ async def main(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="smi-bench-memory-") as tmp:
             n = args.jobs
             ours = await measure_ours(env.client, target, n, Path(tmp) / "worker.log")
-            print(f"\nours: {n} jobs posted in {ours['posted']:.0f} s, all waiting after {ours['ready']:.0f} s; "
-                  f"job statuses {ours['statuses']}; emulator requests {ours['emulator']}")
-            print(f"ours: `smi worker` RSS idle {mib(ours['idle']):6.1f} MiB   with {n} waiting jobs "
-                  f"{mib(ours['full']):6.1f} MiB   (peak {mib(ours['hwm']):6.1f} MiB)   per job "
-                  f"{(ours['full'] - ours['idle']) / n:6.1f} KiB", flush=True)
+            print(
+                f"\nours: {n} jobs posted in {ours['posted']:.0f} s, all waiting after {ours['ready']:.0f} s; "
+                f"job statuses {ours['statuses']}; emulator requests {ours['emulator']}"
+            )
+            print(
+                f"ours: `smi worker` RSS idle {mib(ours['idle']):6.1f} MiB   with {n} waiting jobs "
+                f"{mib(ours['full']):6.1f} MiB   (peak {mib(ours['hwm']):6.1f} MiB)   per job "
+                f"{(ours['full'] - ours['idle']) / n:6.1f} KiB",
+                flush=True,
+            )
             bare = await measure_bare(env.client, target, n, Path(tmp) / "bare.log") if args.bare else None
     finally:
         await env.shutdown()
 
     if bare:
-        print(f"bare: worker RSS idle {mib(bare['idle']):6.1f} MiB   with {n} waiting bare workflows "
-              f"{mib(bare['full']):6.1f} MiB   (peak {mib(bare['hwm']):6.1f} MiB)   per workflow "
-              f"{(bare['full'] - bare['idle']) / n:6.1f} KiB   (all waiting after {bare['ready']:.0f} s)")
-        print(f"ratio ours / bare: whole process {ours['full'] / bare['full']:.2f}, per waiting job "
-              f"{(ours['full'] - ours['idle']) / max(1, bare['full'] - bare['idle']):.2f}")
+        print(
+            f"bare: worker RSS idle {mib(bare['idle']):6.1f} MiB   with {n} waiting bare workflows "
+            f"{mib(bare['full']):6.1f} MiB   (peak {mib(bare['hwm']):6.1f} MiB)   per workflow "
+            f"{(bare['full'] - bare['idle']) / n:6.1f} KiB   (all waiting after {bare['ready']:.0f} s)"
+        )
+        print(
+            f"ratio ours / bare: whole process {ours['full'] / bare['full']:.2f}, per waiting job "
+            f"{(ours['full'] - ours['idle']) / max(1, bare['full'] - bare['idle']):.2f}"
+        )
     total = mib(ours["full"])
-    print(f"ours with {n} waiting jobs: {total:.0f} MiB   (target < {TARGET_MIB} MiB for 1,000)   "
-          f"{verdict(total < TARGET_MIB)}")
+    print(
+        f"ours with {n} waiting jobs: {total:.0f} MiB   (target < {TARGET_MIB} MiB for 1,000)   "
+        f"{verdict(total < TARGET_MIB)}"
+    )
     print(f"run time {time.perf_counter() - began:.0f} s")
     return {"ours": ours, "bare": bare}
 

@@ -75,8 +75,15 @@ STAGES = [  # (label, from, to): the webhook's way, moment by moment
 ]
 
 
-async def run_ours(stack: Stack, client, http, image_url: str, jobs: int, concurrency: int, tag: str,
-                   ) -> list[tuple[str, dict[str, float]]]:
+async def run_ours(
+    stack: Stack,
+    client,
+    http,
+    image_url: str,
+    jobs: int,
+    concurrency: int,
+    tag: str,
+) -> list[tuple[str, dict[str, float]]]:
     slots = asyncio.Semaphore(concurrency)
     upsampler_ids: list[tuple[str, dict[str, float]]] = []
 
@@ -115,8 +122,10 @@ async def run_bare(client, task_queue: str, steps: list[str], jobs: int, concurr
 
 def summary(values: list[float]) -> str:
     ms = [1000 * v for v in values]
-    return (f"p50 {percentile(ms, 0.5):6.1f} ms   p95 {percentile(ms, 0.95):6.1f} ms   "
-            f"min {min(ms):6.1f} ms   max {max(ms):7.1f} ms   (n={len(ms)})")
+    return (
+        f"p50 {percentile(ms, 0.5):6.1f} ms   p95 {percentile(ms, 0.95):6.1f} ms   "
+        f"min {min(ms):6.1f} ms   max {max(ms):7.1f} ms   (n={len(ms)})"
+    )
 
 
 class Measured:
@@ -158,30 +167,44 @@ async def main(args: argparse.Namespace) -> dict:
         async with contextlib.AsyncExitStack() as exits:
             for one in contenders:
                 await one.ours.start(exits, client, args.emulator_delay)
-                one.http = await exits.enter_async_context(httpx.AsyncClient(
-                    base_url=one.ours.stack.api.url, timeout=120, headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}))
+                one.http = await exits.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=one.ours.stack.api.url,
+                        timeout=120,
+                        headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
+                    )
+                )
             for bare_worker in _bare.bare_workers(client, bare_queue):
                 await exits.enter_async_context(bare_worker)
             for one in contenders:
-                await run_ours(one.ours.stack, client, one.http, one.ours.image_url, args.warmup, args.concurrency, "warm")
+                await run_ours(
+                    one.ours.stack, client, one.http, one.ours.image_url, args.warmup, args.concurrency, "warm"
+                )
             await run_bare(client, bare_queue, FLOOR, args.warmup, args.concurrency, args.emulator_delay)
             await run_bare(client, bare_queue, SAME_PATH, args.warmup, args.concurrency, args.emulator_delay)
             per_round = max(1, args.jobs // args.rounds)
             for r in range(args.rounds):
                 floor += await run_bare(client, bare_queue, FLOOR, per_round, args.concurrency, args.emulator_delay)
                 for one in contenders:
-                    jobs = await run_ours(one.ours.stack, client, one.http, one.ours.image_url, per_round,
-                                          args.concurrency, f"r{r}")
+                    jobs = await run_ours(
+                        one.ours.stack, client, one.http, one.ours.image_url, per_round, args.concurrency, f"r{r}"
+                    )
                     one.add(one.ours.stack.emulator.get("/_emulator/timeline"), jobs)
-                same_path += await run_bare(client, bare_queue, SAME_PATH, per_round, args.concurrency,
-                                            args.emulator_delay)
-                print(f"round {r + 1}: " + "   ".join(
-                    f"{one.name} p50 {1000 * percentile(one.latency, 0.5):6.1f} ms" for one in contenders), flush=True)
+                same_path += await run_bare(
+                    client, bare_queue, SAME_PATH, per_round, args.concurrency, args.emulator_delay
+                )
+                print(
+                    f"round {r + 1}: "
+                    + "   ".join(f"{one.name} p50 {1000 * percentile(one.latency, 0.5):6.1f} ms" for one in contenders),
+                    flush=True,
+                )
     finally:
         await env.shutdown()
 
-    print(f"\n{per_round * args.rounds} jobs of each, {args.concurrency} in flight, emulator delay "
-          f"{args.emulator_delay} s, {args.rounds} interleaved rounds")
+    print(
+        f"\n{per_round * args.rounds} jobs of each, {args.concurrency} in flight, emulator delay "
+        f"{args.emulator_delay} s, {args.rounds} interleaved rounds"
+    )
     for one in contenders:
         print(f"{one.name}: webhook sent -> download started   {summary(one.latency)}")
         print(f"  of which webhook sent -> API answered 200   {summary(one.api_part)}")
@@ -192,9 +215,11 @@ async def main(args: argparse.Namespace) -> dict:
     result = {}
     for one in contenders:
         p50 = 1000 * percentile(one.latency, 0.5)
-        print(f"{one.name}: ratio to floor (p50) {p50 / (1000 * percentile(floor, 0.5)):.1f}, to same path "
-              f"{p50 / (1000 * percentile(same_path, 0.5)):.1f};  p50 {p50:.1f} ms   (target < {TARGET_P50_MS:.0f} ms)   "
-              f"{verdict(p50 < TARGET_P50_MS)}")
+        print(
+            f"{one.name}: ratio to floor (p50) {p50 / (1000 * percentile(floor, 0.5)):.1f}, to same path "
+            f"{p50 / (1000 * percentile(same_path, 0.5)):.1f};  p50 {p50:.1f} ms   (target < {TARGET_P50_MS:.0f} ms)   "
+            f"{verdict(p50 < TARGET_P50_MS)}"
+        )
         result[one.name] = {"p50": p50, "p95": 1000 * percentile(one.latency, 0.95)}
     print(f"run time {time.perf_counter() - began:.0f} s")
     return result
@@ -206,8 +231,15 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the jobs are split into (default 4)")
     parser.add_argument("--concurrency", type=int, default=4, help="jobs in flight (default 4)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed jobs of each first (default 5)")
-    parser.add_argument("--emulator-delay", type=float, default=0.5,
-                        help="the emulator's delay_seconds; the baselines wait as long before their signal (default 0.5)")
-    parser.add_argument("--book-after-download", action="store_true",
-                        help="also run our stack with bench/_patched.py's BookkeepingAfterDownloadWorkflow (a proposed change)")
+    parser.add_argument(
+        "--emulator-delay",
+        type=float,
+        default=0.5,
+        help="the emulator's delay_seconds; the baselines wait as long before their signal (default 0.5)",
+    )
+    parser.add_argument(
+        "--book-after-download",
+        action="store_true",
+        help="also run our stack with bench/_patched.py's BookkeepingAfterDownloadWorkflow (a proposed change)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -18,7 +18,6 @@ benchmarks (bench/webhook_latency.py).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import contextlib
 import hashlib
 import hmac
@@ -30,6 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -184,7 +184,9 @@ def _throttled_file(path: Path, media_type: str, rate: float, range_header: str 
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     if head:
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(_paced(path, first, length, rate), status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(
+        _paced(path, first, length, rate), status_code=status, headers=headers, media_type=media_type
+    )
 
 
 def _render(source: bytes, size: tuple[int, int], result: str, out_dir: Path) -> None:
@@ -301,7 +303,9 @@ class Emulator:
         try:
             if not job.faults.fail_with and job.source is not None:
                 width = job.width - 1 if job.faults.result == "wrong_size" else job.width
-                await asyncio.to_thread(_render, job.source, (width, job.height), job.faults.result, self.storage_dir / job.id)
+                await asyncio.to_thread(
+                    _render, job.source, (width, job.height), job.faults.result, self.storage_dir / job.id
+                )
         except Exception as exc:  # noqa: BLE001 - an emulated processing failure
             log.warning("emulator: job %s: upscale failed: %s", job.id, exc)
             job.outcome_error = "processing error"
@@ -382,8 +386,9 @@ def _decodes(data: bytes) -> bool:
         return False
 
 
-def create_app(api_key: str, public_base_url: str | None = None, faults: Faults | None = None,
-               storage_dir: Path | None = None) -> FastAPI:
+def create_app(
+    api_key: str, public_base_url: str | None = None, faults: Faults | None = None, storage_dir: Path | None = None
+) -> FastAPI:
     storage = Path(storage_dir) if storage_dir else Path(tempfile.mkdtemp(prefix="upsampler-emulator-"))
     storage.mkdir(parents=True, exist_ok=True)
     emu = Emulator(api_key, public_base_url, faults, storage)
@@ -419,8 +424,14 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
             if faults.faulty_jobs == 0:
                 faults = Faults()
             emu.faults.faulty_jobs = max(0, emu.faults.faulty_jobs - 1)
-        job = Job(id=uuid.uuid4().hex, image_url=inp.imageUrl, upscale_factor=inp.upscaleFactor,
-                  webhook=body.webhook, base_url=base_url(request), faults=faults)
+        job = Job(
+            id=uuid.uuid4().hex,
+            image_url=inp.imageUrl,
+            upscale_factor=inp.upscaleFactor,
+            webhook=body.webhook,
+            base_url=base_url(request),
+            faults=faults,
+        )
         job.timeline["submitted"] = time.time()
         log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
 
@@ -495,7 +506,9 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
             return _error(403, "link expired")
         rate = emu.faults.cdn_bytes_per_second
         if rate is not None:
-            return _throttled_file(path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD")
+            return _throttled_file(
+                path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD"
+            )
         return FileResponse(path, media_type=RESULT_FILES[name])
 
     @app.get("/_emulator/faults")
@@ -511,9 +524,19 @@ def create_app(api_key: str, public_base_url: str | None = None, faults: Faults 
     @app.get("/_emulator/jobs")
     async def list_jobs() -> list[dict]:
         return [
-            {"id": j.id, "status": j.status, "imageUrl": j.image_url, "upscaleFactor": j.upscale_factor,
-             "webhook": j.webhook, "creditCost": j.credit_cost, "status_requests": j.status_requests,
-             "webhooks_sent": list(j.webhooks_sent), "width": j.width, "height": j.height, "error": j.error}
+            {
+                "id": j.id,
+                "status": j.status,
+                "imageUrl": j.image_url,
+                "upscaleFactor": j.upscale_factor,
+                "webhook": j.webhook,
+                "creditCost": j.credit_cost,
+                "status_requests": j.status_requests,
+                "webhooks_sent": list(j.webhooks_sent),
+                "width": j.width,
+                "height": j.height,
+                "error": j.error,
+            }
             for j in emu.jobs.values()
         ]
 

@@ -121,13 +121,16 @@ class EncryptionCodec(PayloadCodec):
         if cipher is None:
             raise PayloadDecryptionError(
                 f"payload encrypted with key id {key_id!r}, which is neither SMI_PAYLOAD_KEY_ID nor in "
-                "SMI_PAYLOAD_KEYS_PREVIOUS")
+                "SMI_PAYLOAD_KEYS_PREVIOUS"
+            )
         data = payload.data
         try:
             plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], key_id.encode())
         except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce
-            raise PayloadDecryptionError(f"payload under key id {key_id!r} does not authenticate: "
-                                         "altered, or the key is not the one it was encrypted with") from None
+            raise PayloadDecryptionError(
+                f"payload under key id {key_id!r} does not authenticate: "
+                "altered, or the key is not the one it was encrypted with"
+            ) from None
         return Payload.FromString(plain)
 
 

@@ -52,8 +52,11 @@ class FetchPolicy:
         def entries(text: str) -> frozenset[str]:
             return frozenset(e.strip().lower() for e in text.split(",") if e.strip())
 
-        return cls(entries(allow), entries(only) if only is not None else None,
-                   frozenset(int(p) for p in ports.split(",") if p.strip()))
+        return cls(
+            entries(allow),
+            entries(only) if only is not None else None,
+            frozenset(int(p) for p in ports.split(",") if p.strip()),
+        )
 
 
 def _matches(entries: frozenset[str], host: str, port: int) -> bool:
@@ -142,8 +145,10 @@ def host_of(parsed: httpx.URL) -> str:
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise FetchRefused(f"{host} reads as an IPv4 address; those are fetched only as four decimal numbers "
-                               "(0 to 255, no leading zeros)") from None
+            raise FetchRefused(
+                f"{host} reads as an IPv4 address; those are fetched only as four decimal numbers "
+                "(0 to 255, no leading zeros)"
+            ) from None
     return host
 
 
@@ -177,8 +182,9 @@ async def check(url: str, policy: FetchPolicy) -> tuple[httpx.URL, str | None]:
 
 
 @asynccontextmanager
-async def guarded_stream(client: httpx.AsyncClient, url: str, policy: FetchPolicy,
-                         headers: dict | None = None) -> AsyncIterator[httpx.Response]:
+async def guarded_stream(
+    client: httpx.AsyncClient, url: str, policy: FetchPolicy, headers: dict | None = None
+) -> AsyncIterator[httpx.Response]:
     """GET `url` as a stream, following up to five redirects, each one checked first."""
     for _ in range(MAX_REDIRECTS + 1):
         target, address = await check(url, policy)

@@ -33,8 +33,9 @@ class _Handler:
 
 
 class MailSink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8025, outbox: Path | None = None,
-                 reject: set[str] | None = None):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8025, outbox: Path | None = None, reject: set[str] | None = None
+    ):
         self.outbox = outbox
         self.reject = reject or set()
         self.messages: list[EmailMessage] = []

@@ -41,8 +41,16 @@ def suggested_price(cost_usd: float, markup_percent: float, min_price_usd: float
     return max(min_price_usd, math.ceil(round(cost_usd * (1 + markup_percent / 100) * 100, 6)) / 100)
 
 
-def quote(width: int, height: int, scale_factor: int, *, credits_per_megapixel: float, credit_price_usd: float,
-          markup_percent: float = 500.0, min_price_usd: float = 0.50) -> Quote:
+def quote(
+    width: int,
+    height: int,
+    scale_factor: int,
+    *,
+    credits_per_megapixel: float,
+    credit_price_usd: float,
+    markup_percent: float = 500.0,
+    min_price_usd: float = 0.50,
+) -> Quote:
     out_w, out_h = width * scale_factor, height * scale_factor
     pixels = out_w * out_h
     credits = credits_for(pixels, credits_per_megapixel)
@@ -50,9 +58,27 @@ def quote(width: int, height: int, scale_factor: int, *, credits_per_megapixel: 
     accepted = pixels <= MAX_OUTPUT_PIXELS
     reason = None
     if not accepted:
-        reason = (f"the output would be {out_w}x{out_h} = {pixels:,} pixels, over Upsampler's limit of "
-                  f"{MAX_OUTPUT_PIXELS:,}; " + (f"the largest scale factor that fits is {biggest}" if biggest >= 2
-                                                else "no scale factor of 2 or more fits this image"))
+        reason = (
+            f"the output would be {out_w}x{out_h} = {pixels:,} pixels, over Upsampler's limit of "
+            f"{MAX_OUTPUT_PIXELS:,}; "
+            + (
+                f"the largest scale factor that fits is {biggest}"
+                if biggest >= 2
+                else "no scale factor of 2 or more fits this image"
+            )
+        )
     cost = round(credits * credit_price_usd, 6)
-    return Quote(width, height, scale_factor, out_w, out_h, round(pixels / 1_000_000, 6), credits, cost,
-                 suggested_price(cost, markup_percent, min_price_usd), accepted, reason, biggest)
+    return Quote(
+        width,
+        height,
+        scale_factor,
+        out_w,
+        out_h,
+        round(pixels / 1_000_000, 6),
+        credits,
+        cost,
+        suggested_price(cost, markup_percent, min_price_usd),
+        accepted,
+        reason,
+        biggest,
+    )

@@ -34,8 +34,11 @@ def read_header(data: bytes) -> Probe | None:
     except Image.DecompressionBombError:
         return Probe(problem=ErrorCode.OUTPUT_TOO_LARGE, detail="the image's dimensions are absurdly large")
     except UnidentifiedImageError:
-        return None if len(data) < STEPS[-1] else Probe(problem=ErrorCode.UNSUPPORTED_FORMAT,
-                                                        detail="the file is not a PNG, JPEG or WebP image")
+        return (
+            None
+            if len(data) < STEPS[-1]
+            else Probe(problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the file is not a PNG, JPEG or WebP image")
+        )
     except (OSError, SyntaxError, ValueError):
         return None
 
@@ -58,8 +61,10 @@ async def probe_url(http: httpx.AsyncClient, url: str, policy: FetchPolicy) -> P
     except FetchRefused as exc:
         return Probe(problem="url_refused", detail=f"this URL is not fetched: {exc}")
     except httpx.DecodingError:
-        return Probe(problem="image_unreachable", detail="the image_url's response could not be decoded "
-                                                         "(its Content-Encoding does not match its body)")
+        return Probe(
+            problem="image_unreachable",
+            detail="the image_url's response could not be decoded (its Content-Encoding does not match its body)",
+        )
     except httpx.HTTPError:
         return Probe()
     if not data:

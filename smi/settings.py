@@ -145,9 +145,7 @@ class Settings(BaseSettings):
     def _keys_required_outside_dev(self) -> "Settings":
         if self.env != "dev":
             missing = [
-                name
-                for name in ("admin_api_key", "webhook_secret", "upsampler_api_key")
-                if getattr(self, name) is None
+                name for name in ("admin_api_key", "webhook_secret", "upsampler_api_key") if getattr(self, name) is None
             ]
             if not self.storefront_keys():
                 missing.append("storefront_api_key")
@@ -168,6 +166,7 @@ class Settings(BaseSettings):
 
     def payload_codec(self) -> EncryptionCodec | None:
         """The payload encryption these settings describe (smi/codec.py); None: off."""
+
         def text(value: SecretStr | None) -> str | None:
             return value.get_secret_value() if value is not None else None
 
@@ -182,7 +181,8 @@ class Settings(BaseSettings):
     def webhook_secrets(self) -> list[str]:
         """The signing secret first, then the previous one: both verify, only the first signs."""
         return [self.secret("webhook_secret")] + (
-            [self.webhook_secret_previous.get_secret_value()] if self.webhook_secret_previous else [])
+            [self.webhook_secret_previous.get_secret_value()] if self.webhook_secret_previous else []
+        )
 
     @property
     def image_fetch_policy(self) -> FetchPolicy:
@@ -199,7 +199,9 @@ class Settings(BaseSettings):
         return urlsplit(self.public_base_url).netloc
 
 
-SECRET_FIELDS = [name for name, info in Settings.model_fields.items() if info.annotation in (SecretStr | None, SecretStr)]
+SECRET_FIELDS = [
+    name for name, info in Settings.model_fields.items() if info.annotation in (SecretStr | None, SecretStr)
+]
 FILE_FIELDS = SECRET_FIELDS + ["database_url"]  # the database URL carries its password
 for _name in FILE_FIELDS:  # declare SMI_<SECRET>_FILE beside each secret, so the environment source reads it
     Settings.model_fields[f"{_name}_file"] = FieldInfo(annotation=str | None, default=None)

@@ -57,9 +57,10 @@ class LocalStorage:
                 if times:  # an empty folder holds nothing to delete
                     found[name] = max(times + [found.get(name, times[0])])
         names = sorted(found)
-        page = names[:request.limit]
-        return StoredNames(request.kind, page, [found[name] for name in page],
-                           page[-1] if len(names) > request.limit else None)
+        page = names[: request.limit]
+        return StoredNames(
+            request.kind, page, [found[name] for name in page], page[-1] if len(names) > request.limit else None
+        )
 
     def delete_retained(self, plan: RetentionPlan) -> RetentionDeleted:
         """Delete what the plan makes due; returns how many files of each kind were there."""

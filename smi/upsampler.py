@@ -131,7 +131,9 @@ class UpsamplerClient:
         await self._http.aclose()
 
     async def submit(self, image_url: str, upscale_factor: int, webhook_url: str | None, **options) -> UpsamplerJob:
-        payload: dict = {"input": {"imageUrl": image_url, "upscaleFactor": upscale_factor, "inputImageType": "universal", **options}}
+        payload: dict = {
+            "input": {"imageUrl": image_url, "upscaleFactor": upscale_factor, "inputImageType": "universal", **options}
+        }
         if webhook_url:
             payload["webhook"] = webhook_url
         return await self._call("POST", "/precise-upscale", json=payload)

@@ -65,8 +65,9 @@ def report(engine: Engine, period: str, start: datetime, end: datetime) -> list[
         ):
             bucket(completed_at).refunded += 1
         for entry in session.exec(
-            select(LedgerEntry).where(LedgerEntry.created_at >= start, LedgerEntry.created_at < end,
-                                      LedgerEntry.purpose != "estimate")
+            select(LedgerEntry).where(
+                LedgerEntry.created_at >= start, LedgerEntry.created_at < end, LedgerEntry.purpose != "estimate"
+            )
         ):
             usage = bucket(entry.created_at)
             usage.credits += entry.credits
@@ -82,18 +83,30 @@ def report(engine: Engine, period: str, start: datetime, end: datetime) -> list[
 
 def spent_usd(engine: Engine, start: datetime, end: datetime) -> float:
     with Session(engine) as session:
-        total = session.exec(select(func.sum(LedgerEntry.cost_usd)).where(
-            LedgerEntry.created_at >= start, LedgerEntry.created_at < end, LedgerEntry.purpose.startswith("upscale:"))).one()
+        total = session.exec(
+            select(func.sum(LedgerEntry.cost_usd)).where(
+                LedgerEntry.created_at >= start,
+                LedgerEntry.created_at < end,
+                LedgerEntry.purpose.startswith("upscale:"),
+            )
+        ).one()
     return round(total or 0.0, 6)
 
 
 def quota(engine: Engine, now: datetime, per_minute: int, per_hour: int) -> dict:
     with Session(engine) as session:
-        def since(delta: timedelta) -> int:
-            return session.exec(select(func.count()).select_from(UpsamplerCall).where(UpsamplerCall.at >= now - delta)).one()
 
-        return {"last_minute": since(timedelta(minutes=1)), "per_minute_limit": per_minute,
-                "last_hour": since(timedelta(hours=1)), "per_hour_limit": per_hour}
+        def since(delta: timedelta) -> int:
+            return session.exec(
+                select(func.count()).select_from(UpsamplerCall).where(UpsamplerCall.at >= now - delta)
+            ).one()
+
+        return {
+            "last_minute": since(timedelta(minutes=1)),
+            "per_minute_limit": per_minute,
+            "last_hour": since(timedelta(hours=1)),
+            "per_hour_limit": per_hour,
+        }
 
 
 def to_csv(rows: list[PeriodUsage]) -> str:
@@ -106,12 +119,16 @@ def to_csv(rows: list[PeriodUsage]) -> str:
 
 
 def to_table(rows: list[PeriodUsage]) -> str:
-    header = f"{'period':<10} {'jobs':>5} {'done':>5} {'failed':>6} {'refund':>6} {'credits':>9} {'cost $':>9} " \
-             f"{'revenue $':>10} {'margin $':>9}"
+    header = (
+        f"{'period':<10} {'jobs':>5} {'done':>5} {'failed':>6} {'refund':>6} {'credits':>9} {'cost $':>9} "
+        f"{'revenue $':>10} {'margin $':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.period:<10} {r.jobs:>5} {r.completed:>5} {r.failed:>6} {r.refunded:>6} {r.credits:>9.2f} "
-                     f"{r.cost_usd:>9.2f} {r.revenue_usd:>10.2f} {r.margin_usd:>9.2f}")
+        lines.append(
+            f"{r.period:<10} {r.jobs:>5} {r.completed:>5} {r.failed:>6} {r.refunded:>6} {r.credits:>9.2f} "
+            f"{r.cost_usd:>9.2f} {r.revenue_usd:>10.2f} {r.margin_usd:>9.2f}"
+        )
     return "\n".join(lines)
 
 

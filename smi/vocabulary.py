@@ -96,6 +96,7 @@ DEFAULT_RULE = Rule((Answer.REVIEW,))
 # Errors no retry can mend: the activities' RetryPolicies do not retry them.
 FINAL_ERRORS = [str(code) for code, rule in FAILURE_TABLE.items() if rule.final]
 
+
 class Decision(StrEnum):
     """An admin's word to a running UpscaleWorkflow (its `admin_decision` signal)."""
 

@@ -32,15 +32,22 @@ class RefundWorkflow:
     @workflow.run
     async def run(self, job_id: str) -> RefundOutcome:
         outcome = await workflow.execute_activity_method(
-            PaymentsActivities.refund, RefundRequest(job_id, "admin"),
-            start_to_close_timeout=timedelta(minutes=1), retry_policy=REFUND_RETRY,
+            PaymentsActivities.refund,
+            RefundRequest(job_id, "admin"),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=REFUND_RETRY,
         )
         for request in (
             EmailRequest(job_id, "refunded", purpose="refunded"),
-            EmailRequest(job_id, "admin_notice", purpose="admin:refund:admin", note=f"Refund {outcome.status} by an admin"),
+            EmailRequest(
+                job_id, "admin_notice", purpose="admin:refund:admin", note=f"Refund {outcome.status} by an admin"
+            ),
         ):
             await workflow.execute_activity_method(
-                NotifyActivities.send_email, request, start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY,
+                NotifyActivities.send_email,
+                request,
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=MAIL_RETRY,
             )
         return outcome
 
@@ -57,11 +64,14 @@ class ResendLinkWorkflow:
             start_to_close_timeout=timedelta(seconds=30),
         )
         await workflow.execute_local_activity_method(
-            LedgerActivities.update_job, JobUpdate(request.job_id, request.status, download=link),
+            LedgerActivities.update_job,
+            JobUpdate(request.job_id, request.status, download=link),
             start_to_close_timeout=timedelta(seconds=30),
         )
         await workflow.execute_activity_method(
-            NotifyActivities.send_email, EmailRequest(request.job_id, "completed", link.generation),
-            start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY,
+            NotifyActivities.send_email,
+            EmailRequest(request.job_id, "completed", link.generation),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=MAIL_RETRY,
         )
         return link

@@ -37,8 +37,9 @@ RETENTION_SCHEDULE_ID = "retention-daily"
 RETENTION_WORKFLOW_ID = "retention"  # the schedule appends the time of each run
 RETENTION_HOUR_UTC = 3
 PAGE_SIZE = 500  # stored names per inventory page: keeps every payload small whatever the backlog
-RETENTION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=5),
-                              maximum_attempts=10)
+RETENTION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=5), maximum_attempts=10
+)
 
 
 @workflow.defn
@@ -50,7 +51,9 @@ class RetentionWorkflow:
         for kind in ("jobs", "uploads"):
             after: str | None = ""
             while after is not None:
-                page = await self._activity(StorageActivities.retention_inventory, InventoryRequest(kind, after, PAGE_SIZE))
+                page = await self._activity(
+                    StorageActivities.retention_inventory, InventoryRequest(kind, after, PAGE_SIZE)
+                )
                 if kind == "jobs":
                     report.jobs_seen += len(page.names)
                 plan = await self._activity(LedgerActivities.retention_plan, RetentionPlanRequest(page, as_of))
@@ -71,7 +74,10 @@ class RetentionWorkflow:
 
     async def _activity(self, activity, arg):
         return await workflow.execute_activity_method(
-            activity, arg, start_to_close_timeout=timedelta(minutes=10), retry_policy=RETENTION_RETRY,
+            activity,
+            arg,
+            start_to_close_timeout=timedelta(minutes=10),
+            retry_policy=RETENTION_RETRY,
         )
 
 
@@ -101,12 +107,21 @@ async def ensure_retention_schedule(client: Client, settings: Settings) -> bool:
             raise
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
-            RetentionWorkflow.run, RetentionRequest(), id=RETENTION_WORKFLOW_ID, task_queue=settings.task_queue,
+            RetentionWorkflow.run,
+            RetentionRequest(),
+            id=RETENTION_WORKFLOW_ID,
+            task_queue=settings.task_queue,
             execution_timeout=timedelta(hours=6),
         ),
         spec=ScheduleSpec(
-            calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(RETENTION_HOUR_UTC)], minute=[ScheduleRange(0)],
-                                            second=[ScheduleRange(0)], comment="daily at 03:00 UTC")],
+            calendars=[
+                ScheduleCalendarSpec(
+                    hour=[ScheduleRange(RETENTION_HOUR_UTC)],
+                    minute=[ScheduleRange(0)],
+                    second=[ScheduleRange(0)],
+                    comment="daily at 03:00 UTC",
+                )
+            ],
             time_zone_name="UTC",
         ),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),

@@ -27,9 +27,9 @@ with workflow.unsafe.imports_passed_through():
         FINAL_ERRORS,
         UPSAMPLER_QUEUE_SUFFIX,
         Answer,
-        Decision,
         CompressRequest,
         CostRecord,
+        Decision,
         DownloadRequest,
         EmailRequest,
         ErrorCode,
@@ -72,7 +72,9 @@ REFUND_RETRY = RetryPolicy(  # "retried until it answers 2xx": no attempt limit
     maximum_interval=timedelta(minutes=10),
     non_retryable_error_types=[ErrorCode.REFUND_FAILED],
 )
-MAIL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10)
+MAIL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10
+)
 LOCAL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
@@ -125,8 +127,11 @@ class UpscaleWorkflow:
         self._job = job
         self._state.attempt = job.attempts_before
         self._stage_entered = workflow.info().start_time
-        _count("smi_jobs_started", "Job runs started (an admin's retry after a run ended is a new run).",
-               run="first" if job.run == 1 else "retry")
+        _count(
+            "smi_jobs_started",
+            "Job runs started (an admin's retry after a run ended is a new run).",
+            run="first" if job.run == 1 else "retry",
+        )
         try:
             stored = await self._make_image()
         except Problem as problem:
@@ -151,11 +156,21 @@ class UpscaleWorkflow:
                     original = await self._fetch_original()
                     width, height = original.width * job.scale_factor, original.height * job.scale_factor
                     if width * height > MAX_OUTPUT_PIXELS:
-                        raise Problem(ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit")
+                        raise Problem(
+                            ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit"
+                        )
                     await self._set_status(JobStatus.QUEUED, input=original)
-                    await self._local(LedgerActivities.record_estimate, EstimateRecord(
-                        job.job_id, original.width, original.height, job.scale_factor,
-                        job.policy.credits_per_megapixel, job.policy.credit_price_usd))
+                    await self._local(
+                        LedgerActivities.record_estimate,
+                        EstimateRecord(
+                            job.job_id,
+                            original.width,
+                            original.height,
+                            job.scale_factor,
+                            job.policy.credits_per_megapixel,
+                            job.policy.credit_price_usd,
+                        ),
+                    )
                     if original.bytes > job.policy.upsampler_max_input_bytes:
                         variant = await self._compress()
                 if submission is None:
@@ -227,7 +242,9 @@ class UpscaleWorkflow:
             retry_policy=UPSAMPLER_RETRY,
         )
         if submission.status == JobStatus.FAILED:
-            raise Problem(submission.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler refused the job: {submission.error}")
+            raise Problem(
+                submission.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler refused the job: {submission.error}"
+            )
         self._state.upsampler_id = submission.upsampler_id
         early = self._early_hints.pop(submission.upsampler_id, None)
         self._early_hints.clear()
@@ -250,10 +267,13 @@ class UpscaleWorkflow:
         while True:
             remaining = (deadline - workflow.now()).total_seconds()
             if remaining <= 0:
-                raise Problem(ErrorCode.TIMEOUT, f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s")
+                raise Problem(
+                    ErrorCode.TIMEOUT, f"no result from Upsampler within {policy.processing_timeout_seconds:.0f} s"
+                )
             try:
-                await workflow.wait_condition(lambda: self._hint is not None or self._decision == Decision.REFUND,
-                                              timeout=min(delay, remaining))
+                await workflow.wait_condition(
+                    lambda: self._hint is not None or self._decision == Decision.REFUND, timeout=min(delay, remaining)
+                )
             except asyncio.TimeoutError:
                 delay = min(delay * 2, policy.poll_max_interval_seconds)
             if self._decision == Decision.REFUND:
@@ -262,11 +282,16 @@ class UpscaleWorkflow:
             self._hint = None
             status = await self._check_status(submission.upsampler_id)
             if status.status == JobStatus.COMPLETED:
-                _count("smi_results_learned", "Finished Upsampler jobs, by what told us: webhook or poll.",
-                       via="webhook" if woken_by_webhook else "poll")
+                _count(
+                    "smi_results_learned",
+                    "Finished Upsampler jobs, by what told us: webhook or poll.",
+                    via="webhook" if woken_by_webhook else "poll",
+                )
                 return status
             if status.status == JobStatus.FAILED:
-                raise Problem(status.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler failed the job: {status.error}")
+                raise Problem(
+                    status.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler failed the job: {status.error}"
+                )
             if status.status == JobStatus.PROCESSING and self._state.status != JobStatus.PROCESSING:
                 await self._set_status(JobStatus.PROCESSING)
 
@@ -285,12 +310,18 @@ class UpscaleWorkflow:
         """What Upsampler charged for this submission; then the budget alerts it may have set off."""
         job = self._job
         credits = result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0
-        await self._local(LedgerActivities.record_cost,
-                          CostRecord(job.job_id, submission.upsampler_id, credits, job.policy.credit_price_usd))
+        await self._local(
+            LedgerActivities.record_cost,
+            CostRecord(job.job_id, submission.upsampler_id, credits, job.policy.credit_price_usd),
+        )
         for alert in await self._local(LedgerActivities.check_budget, job.job_id):
             try:
-                await self._activity(NotifyActivities.send_budget_alert, alert,
-                                     start_to_close_timeout=timedelta(minutes=1), retry_policy=MAIL_RETRY)
+                await self._activity(
+                    NotifyActivities.send_budget_alert,
+                    alert,
+                    start_to_close_timeout=timedelta(minutes=1),
+                    retry_policy=MAIL_RETRY,
+                )
             except Problem:
                 workflow.logger.warning("budget alert %s could not be sent", alert.key)
 
@@ -299,8 +330,9 @@ class UpscaleWorkflow:
         while not (gate := await self._local(LedgerActivities.budget_gate, self._job.job_id)).open:
             self._budget_released = False
             try:
-                await workflow.wait_condition(lambda: self._budget_released or self._decision == Decision.REFUND,
-                                              timeout=gate.recheck_seconds)
+                await workflow.wait_condition(
+                    lambda: self._budget_released or self._decision == Decision.REFUND, timeout=gate.recheck_seconds
+                )
             except asyncio.TimeoutError:
                 pass
             if self._decision == Decision.REFUND:
@@ -334,8 +366,10 @@ class UpscaleWorkflow:
     async def _deliver(self, stored: StoredImage) -> None:
         """6. Issue the download link, tell the customer. A mail that will not go keeps the job completed."""
         job = self._job
-        link = await self._local(LedgerActivities.issue_download_token,
-                                 TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours))
+        link = await self._local(
+            LedgerActivities.issue_download_token,
+            TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours),
+        )
         await self._set_status(JobStatus.COMPLETED, output=stored, download=link, error_code="", error_message="")
         try:
             await self._activity(
@@ -353,7 +387,9 @@ class UpscaleWorkflow:
         # Decisions are taken from here on, even while the admin's notice is still being sent.
         self._state.awaiting_decision = True
         await self._set_status(JobStatus.MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
-        await self._tell_admin(f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}")
+        await self._tell_admin(
+            f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}"
+        )
         await workflow.wait_condition(lambda: self._decision is not None)
         self._state.awaiting_decision = False
         decision, self._decision = self._decision, None
@@ -408,8 +444,12 @@ class UpscaleWorkflow:
             ).record(now - self._stage_entered, {"stage": self._state.status})
             self._stage_entered = now
             if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.MANUAL_REVIEW):
-                _count("smi_job_outcomes", "Jobs reaching completed, failed or manual review, by error code.",
-                       outcome=status, reason=fields.get("error_code") or "none")
+                _count(
+                    "smi_job_outcomes",
+                    "Jobs reaching completed, failed or manual review, by error code.",
+                    outcome=status,
+                    reason=fields.get("error_code") or "none",
+                )
             workflow.logger.info("status: %s -> %s", self._state.status, status)  # not repeated on replay
             self._state.status = status
             workflow.upsert_search_attributes([UPSCALE_STATUS.value_set(status)])

@@ -28,8 +28,18 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 HERE = Path(__file__).parent
 INITIAL = "0001"
 # The tables of revision 0001, i.e. what create_all made before migrations existed.
-INITIAL_TABLES = ("jobs", "job_events", "submissions", "ledger", "upsampler_calls", "budget_alerts",
-                  "budget_releases", "download_tokens", "refunds", "sent_mail")
+INITIAL_TABLES = (
+    "jobs",
+    "job_events",
+    "submissions",
+    "ledger",
+    "upsampler_calls",
+    "budget_alerts",
+    "budget_releases",
+    "download_tokens",
+    "refunds",
+    "sent_mail",
+)
 PG_LOCK_KEY = 0x534D49_0001  # pg_advisory_xact_lock key: any fixed number, the same in every process
 
 

@@ -19,8 +19,12 @@ engine = make_engine(get_settings().database_url)
 migrate(engine)
 with engine.connect() as connection:
     if args[0] == "revision":
-        command.revision(config(connection), message=" ".join(args[1:]) or "change", autogenerate=True,
-                         rev_id=f"{int(head()) + 1:04d}")
+        command.revision(
+            config(connection),
+            message=" ".join(args[1:]) or "change",
+            autogenerate=True,
+            rev_id=f"{int(head()) + 1:04d}",
+        )
     else:
         getattr(command, args[0])(config(connection), *args[1:])
     connection.commit()

@@ -171,6 +171,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("sent_mail", "refunds", "download_tokens", "budget_releases", "budget_alerts",
-                  "upsampler_calls", "ledger", "submissions", "job_events", "jobs"):
+    for table in (
+        "sent_mail",
+        "refunds",
+        "download_tokens",
+        "budget_releases",
+        "budget_alerts",
+        "upsampler_calls",
+        "ledger",
+        "submissions",
+        "job_events",
+        "jobs",
+    ):
         op.drop_table(table)  # drops the table's indexes with it
