@@ -11,7 +11,7 @@ PIP_TOOLS := var/pip-tools
 PIP_COMPILE = $(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: dev test test-postgres install lock clean
+.PHONY: dev test test-fast test-postgres install lock clean
 
 # The Dockerfile's steps, with the dev and test extras: the build tools, then every locked package
 # (hash-checked, built with those tools), then this project from what is installed (--no-index: a
@@ -30,6 +30,10 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests marked `fast` (workflow logic with fake activities, activities alone): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 # Rewrites the locks from pyproject.toml and requirements-build.in, keeping the pins that still fit;
 # `make lock LOCK_ARGS=--upgrade` moves every package to its newest allowed version. Needs PyPI.
