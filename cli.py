@@ -229,7 +229,7 @@ def cmd_healthcheck(_: argparse.Namespace) -> None:
     try:
         response = httpx.get(url, timeout=5)
     except httpx.HTTPError as exc:
-        raise SystemExit(f"unhealthy: {url}: {type(exc).__name__}: {exc}")
+        raise SystemExit(f"unhealthy: {url}: {type(exc).__name__}: {exc}") from exc
     if response.status_code != 200:
         raise SystemExit(f"unhealthy: {url} answered {response.status_code}")
     polled = set()
@@ -301,9 +301,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
             time.sleep(0.5)
     if last == JobStatus.COMPLETED:
         out = job["output"]
-        print(
-            f"done: {out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes, {job['cost']['credits']} credits"
-        )
+        size = f"{out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes"
+        print(f"done: {size}, {job['cost']['credits']} credits")
         print(f"download: {job['download_url']}  (until {job['download_expires_at']})")
     else:
         error = job.get("error") or {}

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from temporalio import activity
 
 from smi import pricing, signing, telemetry, usage
@@ -26,6 +26,7 @@ from smi.vocabulary import (
     RetentionPlan,
     RetentionPlanRequest,
     RetentionRequest,
+    StoredNames,
     TokenRequest,
 )
 
@@ -224,33 +225,10 @@ class LedgerActivities:
             return plan
         with Session(self.engine) as session:
             if page.kind == "jobs":
-                newest: dict[str, DownloadToken] = {}
-                for token in session.exec(select(DownloadToken).where(DownloadToken.job_id.in_(page.names))).all():
-                    if token.job_id not in newest or token.generation > newest[token.job_id].generation:
-                        newest[token.job_id] = token
-                for job in session.exec(select(Job).where(Job.job_id.in_(page.names)).order_by(Job.job_id)).all():
-                    if job.status not in FINISHED:
-                        continue
-                    plan.inputs.append(job.job_id)
-                    token = newest.get(job.job_id)
-                    ended = as_utc(token.expires_at) if token is not None else as_utc(job.updated_at)
-                    if ended < cutoff:
-                        plan.results.append(job.job_id)
+                plan.inputs, plan.results = _due_job_files(session, page.names, cutoff)
             elif page.kind == "uploads":
-                statuses: dict[str, list[str]] = {}
-                for image_url, status in session.exec(
-                    select(Job.image_url, Job.status).where(Job.image_url.contains("/files/uploads/"))
-                ).all():
-                    upload_id = signing.upload_id_of(image_url)
-                    if upload_id:
-                        statuses.setdefault(upload_id, []).append(status)
                 unordered_cutoff = cutoff - timedelta(seconds=self.settings.original_url_ttl_seconds)
-                for upload_id, modified in zip(page.names, page.modified):
-                    ordered = statuses.get(upload_id)
-                    if ordered and all(status in FINISHED for status in ordered):
-                        plan.uploads.append(upload_id)
-                    elif not ordered and as_utc(modified) < unordered_cutoff:
-                        plan.uploads.append(upload_id)
+                plan.uploads = _due_uploads(session, page, unordered_cutoff)
         return plan
 
     @activity.defn
@@ -279,3 +257,42 @@ class LedgerActivities:
                 session.delete(token)
             session.commit()
             return len(due)
+
+
+def _due_job_files(session: Session, job_ids: list[str], cutoff: datetime) -> tuple[list[str], list[str]]:
+    """Of these jobs, those whose inputs are due (finished), and those whose results are due too (their
+    newest link expired, or without a link the job ended, before the cutoff)."""
+    newest: dict[str, DownloadToken] = {}
+    for token in session.exec(select(DownloadToken).where(col(DownloadToken.job_id).in_(job_ids))).all():
+        if token.job_id not in newest or token.generation > newest[token.job_id].generation:
+            newest[token.job_id] = token
+    inputs, results = [], []
+    for job in session.exec(select(Job).where(col(Job.job_id).in_(job_ids)).order_by(col(Job.job_id))).all():
+        if job.status not in FINISHED:
+            continue
+        inputs.append(job.job_id)
+        token = newest.get(job.job_id)
+        ended = as_utc(token.expires_at) if token is not None else as_utc(job.updated_at)
+        if ended < cutoff:
+            results.append(job.job_id)
+    return inputs, results
+
+
+def _due_uploads(session: Session, page: StoredNames, unordered_cutoff: datetime) -> list[str]:
+    """Of this page of uploads, those due: every job ordered from it finished, or never ordered and last
+    written before the cutoff."""
+    statuses: dict[str, list[str]] = {}
+    for image_url, status in session.exec(
+        select(Job.image_url, Job.status).where(col(Job.image_url).contains("/files/uploads/"))
+    ).all():
+        upload_id = signing.upload_id_of(image_url)
+        if upload_id:
+            statuses.setdefault(upload_id, []).append(status)
+    due = []
+    for upload_id, modified in zip(page.names, page.modified, strict=True):
+        ordered = statuses.get(upload_id)
+        if ordered and all(status in FINISHED for status in ordered):
+            due.append(upload_id)
+        elif not ordered and as_utc(modified) < unordered_cutoff:
+            due.append(upload_id)
+    return due

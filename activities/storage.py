@@ -13,6 +13,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import httpx
 from temporalio import activity
@@ -82,6 +83,57 @@ def file_sha256(path: Path) -> str:
     return hash_file(path, hashlib.sha256()).hexdigest()
 
 
+def _resumed_from(response: httpx.Response, start: int, limit: int, what: str) -> int:
+    """Where the body starts: at `start` when the server honoured the Range request (206), at 0 when it
+    sent everything (200); any other status fails, and so does a declared length over `limit`."""
+    if response.status_code == 200:
+        start = 0
+    elif response.status_code != 206 or not start:
+        raise _http_failure(response.status_code, what)
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and start + int(declared) > limit:
+        raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
+    return start
+
+
+async def _copy_body(
+    response: httpx.Response,
+    on_disk: Callable[..., asyncio.Future],
+    hasher: hashlib._Hash,
+    out: BinaryIO,
+    start: int,
+    limit: int,
+    what: str,
+) -> int:
+    """The body, which follows byte `start`, handed to the disk thread (`on_disk`) in batches to hash and
+    write, capped at `limit` while streaming; heartbeats what is on disk. Returns the bytes written."""
+    received = written = start  # written: hashed, written and flushed, all a heartbeat may claim
+    batch: list[bytes] = []
+    size = 0
+    writing: asyncio.Future | None = None  # the batch in the thread; gives its length when done
+    heartbeats, last_beat = activity.in_activity(), time.monotonic()
+    async for chunk in response.aiter_bytes():  # as they come: re-chunking would copy them
+        received += len(chunk)
+        if received > limit:  # capped while streaming, not after
+            raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
+        batch.append(chunk)
+        size += len(chunk)
+        beat = heartbeats and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS
+        if size >= BATCH or beat:
+            if writing is not None:
+                written += await writing
+            writing = on_disk(_hash_and_write, hasher, out, batch)
+            batch, size = [], 0
+        if beat:  # once this batch too is on disk: a resume from the heartbeat skips nothing
+            written += await writing
+            writing = None
+            activity.heartbeat(written)
+            last_beat = time.monotonic()
+    if writing is not None:
+        written += await writing
+    return written + await on_disk(_hash_and_write, hasher, out, batch)
+
+
 class StorageActivities:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None):
         self.settings = settings
@@ -107,42 +159,12 @@ class StorageActivities:
 
         try:
             async with guarded_stream(self.http, url, policy, headers) as response:
-                if response.status_code == 200:
-                    start = 0
-                elif response.status_code != 206 or not start:
-                    raise _http_failure(response.status_code, what)
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and start + int(declared) > limit:
-                    raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
+                start = _resumed_from(response, start, limit, what)
                 if start:
                     await on_disk(hash_file, part, hasher, start)
                 out = await on_disk(_open_at, part, start)
                 try:
-                    received = written = start  # written: hashed, written and flushed, all a heartbeat may claim
-                    batch: list[bytes] = []
-                    size = 0
-                    writing: asyncio.Future | None = None  # the batch in the thread; gives its length when done
-                    heartbeats, last_beat = activity.in_activity(), time.monotonic()
-                    async for chunk in response.aiter_bytes():  # as they come: re-chunking would copy them
-                        received += len(chunk)
-                        if received > limit:  # capped while streaming, not after
-                            raise _fail(ErrorCode.TOO_LARGE, f"the {what} is larger than {limit} bytes")
-                        batch.append(chunk)
-                        size += len(chunk)
-                        beat = heartbeats and time.monotonic() - last_beat > HEARTBEAT_EVERY_SECONDS
-                        if size >= BATCH or beat:
-                            if writing is not None:
-                                written += await writing
-                            writing = on_disk(_hash_and_write, hasher, out, batch)
-                            batch, size = [], 0
-                        if beat:  # once this batch too is on disk: a resume from the heartbeat skips nothing
-                            written += await writing
-                            writing = None
-                            activity.heartbeat(written)
-                            last_beat = time.monotonic()
-                    if writing is not None:
-                        written += await writing
-                    written += await on_disk(_hash_and_write, hasher, out, batch)
+                    written = await _copy_body(response, on_disk, hasher, out, start, limit, what)
                 finally:
                     await asyncio.shield(on_disk(out.close))  # runs after a batch still in the thread, if any
         except FetchRefused as exc:

@@ -191,7 +191,7 @@ async def _open_workflows(svc: deps.Services, job_ids: list[str]) -> list[str]:
 
     pairs = [(job_id, f"{kind}-{job_id}") for job_id in job_ids for kind in ("upscale", "refund")]
     checks = await asyncio.gather(*(is_open(workflow_id) for _, workflow_id in pairs))
-    return sorted({job_id for (job_id, _), busy in zip(pairs, checks) if busy})
+    return sorted({job_id for (job_id, _), busy in zip(pairs, checks, strict=True) if busy})
 
 
 def _jobs_of_customer(svc: deps.Services, address: str) -> list[Job]:
@@ -213,7 +213,8 @@ def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
         for job in session.exec(select(Job).where(Job.job_id.in_(ids))).all():
             job.customer_email, job.customer_name = ERASED_EMAIL, None
             job.payment_reference, job.image_url, job.result_path = None, ERASED_IMAGE_URL, None
-            # The idempotency fingerprint hashed the order with the address: replaced too (the same order again is a conflict).
+            # The idempotency fingerprint hashed the order with the address: replaced too (the same order again
+            # is a conflict).
             job.request_sha256 = hashlib.sha256(f"erased:{job.job_id}".encode()).hexdigest()
             job.updated_at = now
             session.add(job)

@@ -50,9 +50,9 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | 
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
-        except OSError:
+        except OSError as exc:
             if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from exc
             time.sleep(0.05)
 
 

@@ -218,7 +218,8 @@ async def main(args: argparse.Namespace) -> dict:
     def cpu_line(name: str, used: collections.Counter) -> str:
         return (
             f"  CPU per job, {name:26s} this process (API + worker + mail sink) {1000 * used['self'] / total:5.1f} ms, "
-            f"Temporal dev server {1000 * used['temporal'] / total:5.1f} ms, emulator {1000 * used['emulator'] / total:5.1f} ms"
+            f"Temporal dev server {1000 * used['temporal'] / total:5.1f} ms, "
+            f"emulator {1000 * used['emulator'] / total:5.1f} ms"
         )
 
     print(cpu_line("bare", bare_cpu))

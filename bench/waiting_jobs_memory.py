@@ -149,23 +149,23 @@ async def measure_bare(client, target: str, jobs: int, log: Path) -> dict:
                 )
 
         await asyncio.gather(*(one(i) for i in range(jobs)))
+        asking = asyncio.Semaphore(20)
+
+        async def waits(handle) -> bool:
+            async with asking:
+                try:
+                    return await handle.query(_bare.BareJob.waiting)
+                except Exception:  # noqa: BLE001 - a query timing out under load: ask again later
+                    return False
+
         pending = list(handles)
         deadline = time.monotonic() + 600
         while pending:
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{len(pending)} bare workflows not waiting; log:\n{log.read_text()[-3000:]}")
             await asyncio.sleep(1)
-            asking = asyncio.Semaphore(20)
-
-            async def waits(handle) -> bool:
-                async with asking:
-                    try:
-                        return await handle.query(_bare.BareJob.waiting)
-                    except Exception:  # noqa: BLE001 - a query timing out under load: ask again later
-                        return False
-
             states = await asyncio.gather(*(waits(h) for h in pending))
-            pending = [h for h, waiting in zip(pending, states) if not waiting]
+            pending = [h for h, waiting in zip(pending, states, strict=True) if not waiting]
         ready = time.perf_counter() - started
         full = settle(worker.pid)
         hwm = rss_kib(worker.pid, "VmHWM")

@@ -1,8 +1,9 @@
-"""An emulator of Upsampler's Precise Upscale API (its real wire format, as smi/upsampler.py speaks it), with switchable faults.
+"""An emulator of Upsampler's Precise Upscale API, with switchable faults.
 
-It speaks the real wire format under `/api/v1`, really upscales with Pillow, serves the results
-from signed, expiring `/cdn/...` links and POSTs webhooks. `/_emulator/*` (no auth) reads and
-changes the fault settings, lists jobs and request counts, and resets everything.
+It speaks the real wire format (as smi/upsampler.py does) under `/api/v1`, really upscales with
+Pillow, serves the results from signed, expiring `/cdn/...` links and POSTs webhooks.
+`/_emulator/*` (no auth) reads and changes the fault settings, lists jobs and request counts, and
+resets everything.
 
 Request-level faults (`submit_errors`, `status_errors`, `cdn_errors`) are read live and each
 entry is consumed once; `cdn_bytes_per_second` is read live too, when a CDN request starts
@@ -30,12 +31,13 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -233,10 +235,22 @@ class Emulator:
             self._http = httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_keepalive_connections=0))
         return self._http
 
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._http is not None:
+            await self._http.aclose()
+
     # --- helpers -------------------------------------------------------------------------
     def authorized(self, request: Request) -> bool:
         given = request.headers.get("authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode())
+
+    def refusal(self, request: Request, errors: list[int]) -> JSONResponse | None:
+        """What an API request is answered instead, if anything: a wrong key, the rate limit, an injected error."""
+        if not self.authorized(request):
+            return _error(401, "invalid or missing API key")
+        return self.over_rate_limit() or self.injected_error(errors)
 
     def injected_error(self, queue: list[int]) -> JSONResponse | None:
         if not queue:
@@ -298,6 +312,55 @@ class Emulator:
         self.faults = Faults()
 
     # --- job life ------------------------------------------------------------------------
+    def next_job_faults(self) -> Faults:
+        """The job-level faults a new job takes: the current ones, or none once `faulty_jobs` ran out."""
+        faults = self.faults.model_copy(deep=True)
+        if faults.faulty_jobs is not None:
+            if faults.faulty_jobs == 0:
+                faults = Faults()
+            self.faults.faulty_jobs = max(0, self.faults.faulty_jobs - 1)
+        return faults
+
+    async def take(self, job: Job) -> JSONResponse:
+        """Fetch and check a submitted job's image, then start it; or refuse it as Upsampler does (a FAILED
+        job, or 400 for an output over the pixel limit)."""
+        if job.faults.refuse_with:
+            return self.refuse(job, job.faults.refuse_with)
+        data, fetch_error = await _fetch_image(self.http(), job.image_url)
+        if data is None:
+            return self.refuse(job, fetch_error or "could not fetch image")
+        if job.faults.max_input_bytes is not None and len(data) > job.faults.max_input_bytes:
+            return self.refuse(
+                job, f"input image too large: {len(data)} bytes, the limit is {job.faults.max_input_bytes}"
+            )
+        size = await asyncio.to_thread(_image_size, data)
+        if size is None:
+            return self.refuse(job, "unsupported image format")
+        job.width, job.height = size[0] * job.upscale_factor, size[1] * job.upscale_factor
+        if job.width * job.height > MAX_OUTPUT_PIXELS:
+            return _error(400, f"output would exceed {MAX_OUTPUT_PIXELS} pixels")
+        if not await asyncio.to_thread(_decodes, data):
+            return self.refuse(job, "unsupported image format")
+        return await self.start(job, data)
+
+    def refuse(self, job: Job, error: str) -> JSONResponse:
+        job.status, job.error = "FAILED", error
+        job.ready.set()
+        self.jobs[job.id] = job
+        return JSONResponse(self.wire(job))
+
+    async def start(self, job: Job, source: bytes) -> JSONResponse:
+        job.source = source
+        job.credit_cost = credit_cost(job.width * job.height)
+        self.jobs[job.id] = job
+        if job.faults.polls_until_done is None:
+            self.spawn(self.run_timed(job))
+        else:
+            self.spawn(self.produce(job))
+        reply = self.wire(job)
+        await asyncio.sleep(job.faults.submit_reply_delay_seconds)  # the reply travels slowly; the job goes on
+        return JSONResponse(reply)
+
     async def produce(self, job: Job) -> None:
         """Make the result files (unless the job is meant to fail) and set `job.ready`."""
         try:
@@ -394,163 +457,132 @@ def create_app(
     emu = Emulator(api_key, public_base_url, faults, storage)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        for task in list(emu._tasks):
-            task.cancel()
-        if emu._http is not None:
-            await emu._http.aclose()
+        await emu.close()
 
     app = FastAPI(title="Upsampler emulator", lifespan=lifespan)
     app.state.emulator = emu
-
-    def base_url(request: Request) -> str:
-        return emu.public_base_url or str(request.base_url).rstrip("/")
-
-    @app.post("/api/v1/precise-upscale")
-    async def submit(request: Request):
-        emu.requests["submit"] += 1
-        if not emu.authorized(request):
-            return _error(401, "invalid or missing API key")
-        if injected := emu.over_rate_limit() or emu.injected_error(emu.faults.submit_errors):
-            return injected
-        try:
-            body = _SubmitBody.model_validate(await request.json())
-        except ValueError as exc:  # bad JSON or a ValidationError
-            return _error(400, _first_error(exc) if isinstance(exc, ValidationError) else "body is not valid JSON")
-        inp = body.input
-        faults = emu.faults.model_copy(deep=True)
-        if faults.faulty_jobs is not None:
-            if faults.faulty_jobs == 0:
-                faults = Faults()
-            emu.faults.faulty_jobs = max(0, emu.faults.faulty_jobs - 1)
-        job = Job(
-            id=uuid.uuid4().hex,
-            image_url=inp.imageUrl,
-            upscale_factor=inp.upscaleFactor,
-            webhook=body.webhook,
-            base_url=base_url(request),
-            faults=faults,
-        )
-        job.timeline["submitted"] = time.time()
-        log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
-
-        def refuse(error: str) -> JSONResponse:
-            job.status, job.error = "FAILED", error
-            job.ready.set()
-            emu.jobs[job.id] = job
-            return JSONResponse(emu.wire(job))
-
-        if job.faults.refuse_with:
-            return refuse(job.faults.refuse_with)
-        data, fetch_error = await _fetch_image(emu.http(), inp.imageUrl)
-        if data is None:
-            return refuse(fetch_error or "could not fetch image")
-        if job.faults.max_input_bytes is not None and len(data) > job.faults.max_input_bytes:
-            return refuse(f"input image too large: {len(data)} bytes, the limit is {job.faults.max_input_bytes}")
-        size = await asyncio.to_thread(_image_size, data)
-        if size is None:
-            return refuse("unsupported image format")
-        job.width, job.height = size[0] * inp.upscaleFactor, size[1] * inp.upscaleFactor
-        if job.width * job.height > MAX_OUTPUT_PIXELS:
-            return _error(400, f"output would exceed {MAX_OUTPUT_PIXELS} pixels")
-        if not await asyncio.to_thread(_decodes, data):
-            return refuse("unsupported image format")
-        job.source = data
-        job.credit_cost = credit_cost(job.width * job.height)
-        emu.jobs[job.id] = job
-        if job.faults.polls_until_done is None:
-            emu.spawn(emu.run_timed(job))
-        else:
-            emu.spawn(emu.produce(job))
-        reply = emu.wire(job)
-        await asyncio.sleep(job.faults.submit_reply_delay_seconds)  # the reply travels slowly; the job goes on
-        return JSONResponse(reply)
-
-    @app.get("/api/v1/status/{job_id}")
-    async def status(job_id: str, request: Request):
-        emu.requests["status"] += 1
-        if not emu.authorized(request):
-            return _error(401, "invalid or missing API key")
-        if injected := emu.over_rate_limit() or emu.injected_error(emu.faults.status_errors):
-            return injected
-        job = emu.jobs.get(job_id)
-        if job is None:
-            return _error(404, "job not found")
-        job.status_requests += 1
-        polls = job.faults.polls_until_done
-        if polls is not None and job.status in ("IN_QUEUE", "IN_PROGRESS"):
-            if job.status == "IN_QUEUE":
-                emu.enter_progress(job)
-            if not job.faults.never_finish and job.status_requests >= polls:
-                await job.ready.wait()
-                if job.status == "IN_PROGRESS":  # a concurrent poll may have finished it
-                    emu.finish(job)
-        return JSONResponse(emu.wire(job))
-
-    @app.api_route("/cdn/{job_id}/{name}", methods=["GET", "HEAD"])
-    async def cdn(request: Request, job_id: str, name: str, exp: str = "", sig: str = ""):
-        emu.requests["cdn"] += 1
-        if job_id in emu.jobs:
-            emu.jobs[job_id].timeline.setdefault("cdn_first", time.time())
-        if "range" in request.headers:  # a resumed download asks for the rest with `Range: bytes=N-`
-            emu.requests["cdn_range"] += 1
-        if injected := emu.injected_error(emu.faults.cdn_errors):
-            return injected
-        path = emu.storage_dir / job_id / name
-        if job_id not in emu.jobs or name not in RESULT_FILES or not path.is_file():
-            return _error(404, "no such file")
-        if not exp.isdigit() or not hmac.compare_digest(sig.encode(), emu.sign(job_id, name, int(exp)).encode()):
-            return _error(403, "bad signature")
-        if time.time() > int(exp):
-            return _error(403, "link expired")
-        rate = emu.faults.cdn_bytes_per_second
-        if rate is not None:
-            return _throttled_file(
-                path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD"
-            )
-        return FileResponse(path, media_type=RESULT_FILES[name])
-
-    @app.get("/_emulator/faults")
-    async def get_faults() -> Faults:
-        return emu.faults
-
-    @app.put("/_emulator/faults")
-    async def put_faults(new: Faults) -> Faults:
-        emu.faults = new
-        log.info("emulator: faults now %s", new.model_dump(exclude_defaults=True))
-        return emu.faults
-
-    @app.get("/_emulator/jobs")
-    async def list_jobs() -> list[dict]:
-        return [
-            {
-                "id": j.id,
-                "status": j.status,
-                "imageUrl": j.image_url,
-                "upscaleFactor": j.upscale_factor,
-                "webhook": j.webhook,
-                "creditCost": j.credit_cost,
-                "status_requests": j.status_requests,
-                "webhooks_sent": list(j.webhooks_sent),
-                "width": j.width,
-                "height": j.height,
-                "error": j.error,
-            }
-            for j in emu.jobs.values()
-        ]
-
-    @app.get("/_emulator/timeline")
-    async def timeline() -> dict[str, dict[str, float]]:
-        return {j.id: dict(j.timeline) for j in emu.jobs.values()}
-
-    @app.get("/_emulator/requests")
-    async def request_counts() -> dict:
-        return dict(emu.requests)
-
-    @app.post("/_emulator/reset")
-    async def reset() -> dict:
-        emu.reset()
-        return {"reset": True}
-
+    app.include_router(router)
     return app
+
+
+def _emulator(request: Request) -> Emulator:
+    return request.app.state.emulator
+
+
+Emu = Annotated[Emulator, Depends(_emulator)]
+router = APIRouter()
+
+
+@router.post("/api/v1/precise-upscale")
+async def submit(request: Request, emu: Emu) -> Response:
+    emu.requests["submit"] += 1
+    if refused := emu.refusal(request, emu.faults.submit_errors):
+        return refused
+    try:
+        body = _SubmitBody.model_validate(await request.json())
+    except ValueError as exc:  # bad JSON or a ValidationError
+        return _error(400, _first_error(exc) if isinstance(exc, ValidationError) else "body is not valid JSON")
+    inp = body.input
+    job = Job(
+        id=uuid.uuid4().hex,
+        image_url=inp.imageUrl,
+        upscale_factor=inp.upscaleFactor,
+        webhook=body.webhook,
+        base_url=emu.public_base_url or str(request.base_url).rstrip("/"),
+        faults=emu.next_job_faults(),
+    )
+    job.timeline["submitted"] = time.time()
+    log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
+    return await emu.take(job)
+
+
+@router.get("/api/v1/status/{job_id}")
+async def status(job_id: str, request: Request, emu: Emu) -> Response:
+    emu.requests["status"] += 1
+    if refused := emu.refusal(request, emu.faults.status_errors):
+        return refused
+    job = emu.jobs.get(job_id)
+    if job is None:
+        return _error(404, "job not found")
+    job.status_requests += 1
+    polls = job.faults.polls_until_done
+    if polls is not None and job.status in ("IN_QUEUE", "IN_PROGRESS"):
+        if job.status == "IN_QUEUE":
+            emu.enter_progress(job)
+        if not job.faults.never_finish and job.status_requests >= polls:
+            await job.ready.wait()
+            if job.status == "IN_PROGRESS":  # a concurrent poll may have finished it
+                emu.finish(job)
+    return JSONResponse(emu.wire(job))
+
+
+@router.api_route("/cdn/{job_id}/{name}", methods=["GET", "HEAD"])
+async def cdn(request: Request, job_id: str, name: str, emu: Emu, exp: str = "", sig: str = "") -> Response:
+    emu.requests["cdn"] += 1
+    if job_id in emu.jobs:
+        emu.jobs[job_id].timeline.setdefault("cdn_first", time.time())
+    if "range" in request.headers:  # a resumed download asks for the rest with `Range: bytes=N-`
+        emu.requests["cdn_range"] += 1
+    if injected := emu.injected_error(emu.faults.cdn_errors):
+        return injected
+    path = emu.storage_dir / job_id / name
+    if job_id not in emu.jobs or name not in RESULT_FILES or not path.is_file():
+        return _error(404, "no such file")
+    if not exp.isdigit() or not hmac.compare_digest(sig.encode(), emu.sign(job_id, name, int(exp)).encode()):
+        return _error(403, "bad signature")
+    if time.time() > int(exp):
+        return _error(403, "link expired")
+    rate = emu.faults.cdn_bytes_per_second
+    if rate is not None:
+        return _throttled_file(path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD")
+    return FileResponse(path, media_type=RESULT_FILES[name])
+
+
+@router.get("/_emulator/faults")
+async def get_faults(emu: Emu) -> Faults:
+    return emu.faults
+
+
+@router.put("/_emulator/faults")
+async def put_faults(new: Faults, emu: Emu) -> Faults:
+    emu.faults = new
+    log.info("emulator: faults now %s", new.model_dump(exclude_defaults=True))
+    return emu.faults
+
+
+@router.get("/_emulator/jobs")
+async def list_jobs(emu: Emu) -> list[dict]:
+    return [
+        {
+            "id": j.id,
+            "status": j.status,
+            "imageUrl": j.image_url,
+            "upscaleFactor": j.upscale_factor,
+            "webhook": j.webhook,
+            "creditCost": j.credit_cost,
+            "status_requests": j.status_requests,
+            "webhooks_sent": list(j.webhooks_sent),
+            "width": j.width,
+            "height": j.height,
+            "error": j.error,
+        }
+        for j in emu.jobs.values()
+    ]
+
+
+@router.get("/_emulator/timeline")
+async def timeline(emu: Emu) -> dict[str, dict[str, float]]:
+    return {j.id: dict(j.timeline) for j in emu.jobs.values()}
+
+
+@router.get("/_emulator/requests")
+async def request_counts(emu: Emu) -> dict:
+    return dict(emu.requests)
+
+
+@router.post("/_emulator/reset")
+async def reset(emu: Emu) -> dict:
+    emu.reset()
+    return {"reset": True}

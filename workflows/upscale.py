@@ -143,9 +143,7 @@ class UpscaleWorkflow:
 
     async def _make_image(self) -> StoredImage:
         """Steps 1-5, answering each failure from the table until there is a valid image or a refund."""
-        job = self._job
         original = variant = submission = result = None
-        width = height = 0
         refresh = False
         while True:
             try:
@@ -154,40 +152,20 @@ class UpscaleWorkflow:
                 if original is None:
                     # 1. Fetch the original, check it is an image, keep it.
                     original = await self._fetch_original()
-                    width, height = original.width * job.scale_factor, original.height * job.scale_factor
-                    if width * height > MAX_OUTPUT_PIXELS:
-                        raise Problem(
-                            ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit"
-                        )
-                    await self._set_status(JobStatus.QUEUED, input=original)
-                    await self._local(
-                        LedgerActivities.record_estimate,
-                        EstimateRecord(
-                            job.job_id,
-                            original.width,
-                            original.height,
-                            job.scale_factor,
-                            job.policy.credits_per_megapixel,
-                            job.policy.credit_price_usd,
-                        ),
-                    )
-                    if original.bytes > job.policy.upsampler_max_input_bytes:
+                    await self._queue(original)
+                    if original.bytes > self._job.policy.upsampler_max_input_bytes:
                         variant = await self._compress()
                 if submission is None:
                     # 2. Submit a temporary signed URL of the original (or its compressed copy).
-                    if job.policy.budget_hard_stop:
-                        await self._wait_for_budget()
                     submission = await self._submit(variant)
                     # 3. Wait for the webhook or poll, until the processing timeout; book the cost.
                     result = await self._wait_for_result(submission)
                     await self._book_cost(submission, result)
                 elif refresh:  # the result links expired: Upsampler's status reply carries fresh ones
                     refresh = False
-                    result = await self._check_status(submission.upsampler_id)
-                    if result.status != JobStatus.COMPLETED:
-                        raise Problem(ErrorCode.RESULT_EXPIRED, f"no fresh result link: Upsampler says {result.status}")
+                    result = await self._fresh_result(submission.upsampler_id)
                 # 4-5. Download, validate, put in place.
-                return await self._download_and_check(result, width, height)
+                return await self._download_and_check(result, *self._output_size(original))
             except Problem as problem:
                 answer = self._answer_to(problem)
                 if answer == Answer.REFRESH:
@@ -200,6 +178,28 @@ class UpscaleWorkflow:
                     await self._manual_review(problem)
                 elif answer == Answer.REFUND:
                     raise
+
+    def _output_size(self, original: StoredImage) -> tuple[int, int]:
+        return original.width * self._job.scale_factor, original.height * self._job.scale_factor
+
+    async def _queue(self, original: StoredImage) -> None:
+        """The output within Upsampler's pixel limit; then the job is queued and its estimate booked."""
+        job = self._job
+        width, height = self._output_size(original)
+        if width * height > MAX_OUTPUT_PIXELS:
+            raise Problem(ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit")
+        await self._set_status(JobStatus.QUEUED, input=original)
+        await self._local(
+            LedgerActivities.record_estimate,
+            EstimateRecord(
+                job.job_id,
+                original.width,
+                original.height,
+                job.scale_factor,
+                job.policy.credits_per_megapixel,
+                job.policy.credit_price_usd,
+            ),
+        )
 
     def _answer_to(self, problem: Problem) -> str:
         count = self._failures.get(problem.code, 0)
@@ -230,7 +230,10 @@ class UpscaleWorkflow:
         raise Problem(ErrorCode.TOO_LARGE, "the image is too large for Upsampler even compressed")
 
     async def _submit(self, variant: str | None) -> UpsamplerResult:
+        """A new attempt at Upsampler; under the hard stop, once the budget allows."""
         job = self._job
+        if job.policy.budget_hard_stop:
+            await self._wait_for_budget()
         self._state.attempt += 1
         self._hint = None
         submission = await self._activity(
@@ -294,6 +297,13 @@ class UpscaleWorkflow:
                 )
             if status.status == JobStatus.PROCESSING and self._state.status != JobStatus.PROCESSING:
                 await self._set_status(JobStatus.PROCESSING)
+
+    async def _fresh_result(self, upsampler_id: str) -> UpsamplerResult:
+        """The finished result again, with fresh links (they expire)."""
+        result = await self._check_status(upsampler_id)
+        if result.status != JobStatus.COMPLETED:
+            raise Problem(ErrorCode.RESULT_EXPIRED, f"no fresh result link: Upsampler says {result.status}")
+        return result
 
     async def _check_status(self, upsampler_id: str) -> UpsamplerResult:
         self._state.polls += 1
