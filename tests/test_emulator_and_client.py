@@ -30,6 +30,7 @@ from smi.upsampler import (
     UpsamplerUnauthorized,
     UpsamplerUnavailable,
 )
+from tests.helpers import eventually
 
 KEY = "emulator-test-key"
 W, H = 40, 30  # the small test image
@@ -265,7 +266,7 @@ async def test_webhook_duplicate(env, client):
     hooks = await env.wait_hooks(2)
     assert [h["body"]["status"] for h in hooks] == ["SUCCESS", "SUCCESS"]
     assert all(h["body"]["id"] == job.id for h in hooks)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: not env.state._tasks, what="the emulator's deliveries done")  # no third can follow
     assert len(env.hooks()) == 2
 
 
@@ -273,7 +274,7 @@ async def test_webhook_drop(env, client):
     env.faults(delay_seconds=0.1, webhook="drop", webhook_on_progress=True)
     job = await client.submit(env.image(), 2, env.webhook_url)
     await wait_for(client, job.id, "completed")
-    await asyncio.sleep(0.3)
+    await eventually(lambda: not env.state._tasks, what="the emulator's work on the job done")  # a webhook sent by then
     assert env.hooks() == [] and env.jobs()[0]["webhooks_sent"] == []
 
 
@@ -446,7 +447,7 @@ async def test_polls_until_done(env, client):
     env.faults(polls_until_done=3, delay_seconds=60)  # time is ignored in this mode
     job = await client.submit(env.image(), 2, env.webhook_url)
     assert job.status == "queued"
-    await asyncio.sleep(0.2)
+    await eventually(lambda: not env.state._tasks, what="the result made")  # ready, yet only polls finish it
     assert (await client.status(job.id)).status == "processing"
     assert (await client.status(job.id)).status == "processing"
     done = await client.status(job.id)
@@ -468,8 +469,8 @@ async def test_never_finish(env, client):
     env.faults(delay_seconds=0.1, never_finish=True)
     job = await client.submit(env.image(), 2, None)
     await wait_for(client, job.id, "processing")
+    await eventually(lambda: not env.state._tasks, what="the emulator's work on the job done")  # nothing will move it
     for _ in range(5):
-        await asyncio.sleep(0.1)
         assert (await client.status(job.id)).status == "processing"
 
 
@@ -520,7 +521,8 @@ async def test_cdn_link_expires(env, client):
     env.faults(delay_seconds=0.1, result_url_ttl_seconds=0.001)
     job = await client.submit(env.image(), 2, None)
     done, _ = await wait_for(client, job.id, "completed")
-    await asyncio.sleep(0.01)
+    expires = int(parse_qs(urlsplit(done.image_url).query)["exp"][0])
+    await eventually(lambda: time.time() > expires, what="the link's expiry")
     response = await download(done.image_url)
     assert response.status_code == 403 and "expired" in response.json()["error"]
 

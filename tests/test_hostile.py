@@ -39,7 +39,10 @@ def test_stalled_downloads_hold_no_database_connection(site_factory, big_result)
     link = site.complete(job_id, result_path=str(big_result))
     stalled = [stalled_download(link) for _ in range(20)]
     try:
-        time.sleep(0.5)  # every one is past its database work and blocked sending the file
+        downloads, deadline = site.app.state.services.downloads, time.monotonic() + 10
+        while downloads.open.total() < 20:  # every one past its database work, holding a download slot
+            assert time.monotonic() < deadline, downloads.open
+            time.sleep(0.02)
         started = time.monotonic()
         reply = httpx.get(f"{site.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
                           timeout=10)
@@ -144,9 +147,12 @@ def test_event_streams_are_capped_and_share_one_poller(site_factory):
         over = client.get(events_url)
         assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_connections"
         queries.clear()
-        time.sleep(10 * EVENTS_POLL_SECONDS)
-        # One poller: about one state read (3 queries) a tick for the one job, not one per stream.
-        assert len(queries) <= 3 * 12, len(queries)
+        started = time.monotonic()
+        while len(queries) < 3 * 10:  # ten ticks' worth of one poller's state reads (3 queries each)
+            assert time.monotonic() - started < 60 * EVENTS_POLL_SECONDS, len(queries)
+            time.sleep(EVENTS_POLL_SECONDS / 10)
+        # One poller: they took about ten ticks; a poller per stream would have made them in the first.
+        assert time.monotonic() - started >= 8 * EVENTS_POLL_SECONDS, len(queries)
         site.set_status(job_id, "downloading")
         for s in streams[:3]:
             assert any('"status":"downloading"' in line for line in s.iter_lines()), "the change reached it"

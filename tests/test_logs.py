@@ -205,7 +205,10 @@ def test_smi_api_writes_json_lines_redacted_and_with_the_job_id(tmp_path):
         assert httpx.get(f"{base}/v1/jobs/{JOB}", headers={"Authorization": "Bearer k-store"}).status_code == 404
         httpx.get(f"{base}/downloads/{'ab' * 32}")
         httpx.delete(f"{base}/v1/admin/customers/{EMAIL}", headers={"Authorization": "Bearer nope"})
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while log_path.read_text().count("uvicorn.access") < 4:  # the health check's line and these three
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
     finally:
         api.terminate()
         api.wait(timeout=15)

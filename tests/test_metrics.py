@@ -18,7 +18,7 @@ from api.app import create_app
 from smi.serve import ServerThread, free_port
 from smi.telemetry import worker_runtime
 from tests.conftest import make_settings, png_bytes
-from tests.helpers import order, wait_for_status
+from tests.helpers import eventually, order, wait_for_status
 from worker import create_worker
 
 METRICS_TOKEN = "metrics-token-for-tests"
@@ -186,7 +186,9 @@ async def test_api_metrics_need_the_token_and_a_flood_costs_one_collection(dev_e
     await asyncio.to_thread(scrape, url)
     assert len(aggregates) == one_collection
     # Figures older than the cache's few seconds are collected again, once.
-    await asyncio.sleep(metrics.CACHE_SECONDS)
+    figures = stack.api.server.config.app.state.metrics
+    await eventually(lambda: time.monotonic() - figures.collected_at >= metrics.CACHE_SECONDS,
+                     timeout=2 * metrics.CACHE_SECONDS, what="the cached figures out of date")
     await asyncio.gather(*(asyncio.to_thread(scrape, url) for _ in range(5)))
     assert len(aggregates) == 2 * one_collection
 

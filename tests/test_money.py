@@ -12,12 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlmodel import Session, create_engine, select
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from smi import pricing
 from smi.db import BudgetAlert, Job, LedgerEntry, Refund
 from tests.conftest import ADMIN_KEY, png_bytes
-from tests.helpers import order, wait_for_status
+from tests.helpers import event_count, eventually, order, wait_for_status
 from worker import create_worker
 from workflows.upscale import UpscaleWorkflow
 
@@ -207,7 +208,9 @@ async def test_hard_stop_holds_new_jobs_until_an_admin_releases_the_budget(dev_e
         body = order(stack.shop.publish(png_bytes(40, 30)), "m-stop-2")
         held = (await asyncio.to_thread(client.post, "/v1/jobs", json=body)).json()["job_id"]
         await wait_for_status(client, held, {"queued"})
-        await asyncio.sleep(1.5)
+        # Held: the budget gate said no and the workflow waits on the gate's recheck timer.
+        handle = dev_env.client.get_workflow_handle(f"upscale-{held}")
+        await eventually(lambda: event_count(handle, EventType.EVENT_TYPE_TIMER_STARTED), what="the hold's timer")
         assert (await asyncio.to_thread(client.get, f"/v1/jobs/{held}")).json()["status"] == "queued"
         assert len(httpx.get(f"{stack.emulator.url}/_emulator/jobs").json()) == 1  # nothing spent on the held job
 

@@ -25,7 +25,7 @@ import worker
 from smi.db import DownloadToken, Job, LedgerEntry, Refund, SentMail, utcnow
 from smi.vocabulary import RetentionReport, RetentionRequest
 from tests.conftest import ADMIN_KEY, png_bytes
-from tests.helpers import order, wait_for_status
+from tests.helpers import eventually, order, wait_for_status
 from worker import create_worker
 from workflows.retention import RETENTION_SCHEDULE_ID, RetentionWorkflow, ensure_retention_schedule
 
@@ -281,7 +281,8 @@ async def test_erase_customer(dev_env, stack_factory, faults, caplog):
     try:
         fresh_admin = stack.client(ADMIN_KEY)  # a new connection, which picks up the access log level
         erased = fresh_admin.delete(f"/v1/admin/customers/{email.upper()}")
-        await asyncio.sleep(0.2)
+        await eventually(lambda: any("/v1/admin/customers/" in line for line in access.lines),
+                         what="the erasure's access log line")
     finally:
         access_logger.removeHandler(access)
         access_logger.setLevel(level)
