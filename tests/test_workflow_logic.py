@@ -1,8 +1,8 @@
 """UpscaleWorkflow's decisions, fast: the time-skipping test server and fake activities.
 
 Every activity the workflow calls (local ones too) is a fake registered under the real
-activity's name, the pattern of Temporal's samples (samples-python
-tests/hello/hello_activity_test.py). The fakes record what they receive and answer as
+activity's name, the way Temporal's own samples test a workflow with mocked activities. The
+fakes record what they receive and answer as
 scripted, failing the way the real activities do: `ApplicationError(message, type=<error
 code>, non_retryable=...)`. Nothing else runs: no database, no Upsampler, no mail.
 
