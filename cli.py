@@ -223,7 +223,7 @@ def cmd_healthcheck(_: argparse.Namespace) -> None:
     settings = get_settings()
     if not settings.worker_metrics_address:
         raise SystemExit("unhealthy: SMI_WORKER_METRICS_ADDRESS is empty, the worker serves nothing to check")
-    host, _, port = settings.worker_metrics_address.rpartition(":")
+    host, _colon, port = settings.worker_metrics_address.rpartition(":")
     host = host.strip("[]")
     url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{port}/metrics"
     try:

@@ -118,7 +118,7 @@ class LedgerActivities:
                     LedgerEntry.job_id == record.job_id, LedgerEntry.purpose.startswith("upscale:")
                 )
             ).all()
-            job = session.get(Job, record.job_id)
+            job = session.get_one(Job, record.job_id)
             job.cost_credits = round(sum(entry.credits for entry in entries), 6)
             job.cost_usd = round(sum(entry.cost_usd for entry in entries), 6)
             session.add(job)
@@ -177,7 +177,7 @@ class LedgerActivities:
         The alert's row is inserted once per period and threshold; the workflow whose
         activity wins the insert owns the email, and finds it again if it is retried.
         """
-        owner = activity.info().workflow_id if activity.in_activity() else job_id
+        owner = (activity.info().workflow_id if activity.in_activity() else None) or job_id
         due = []
         with Session(self.engine) as session:
             for period, budget, start, end in self._budgets(utcnow()):
@@ -193,7 +193,7 @@ class LedgerActivities:
                         session.commit()
                     except IntegrityError:
                         session.rollback()
-                    row = session.get(BudgetAlert, key)
+                    row = session.get_one(BudgetAlert, key)  # ours, or the one that won the insert
                     if row.owner == owner:
                         due.append(BudgetAlertInfo(key, period, threshold, row.spent_usd, budget))
         return due
@@ -237,7 +237,9 @@ class LedgerActivities:
         if not job_ids:
             return 0
         with Session(self.engine) as session:
-            jobs = session.exec(select(Job).where(Job.job_id.in_(job_ids), Job.result_path.is_not(None))).all()
+            jobs = session.exec(
+                select(Job).where(col(Job.job_id).in_(job_ids), col(Job.result_path).is_not(None))
+            ).all()
             for job in jobs:
                 job.result_path = None
                 session.add(job)
@@ -251,7 +253,9 @@ class LedgerActivities:
         with Session(self.engine) as session:
             tokens = session.exec(select(DownloadToken).where(DownloadToken.expires_at < cutoff)).all()
             ids = sorted({token.job_id for token in tokens})
-            status = dict(session.exec(select(Job.job_id, Job.status).where(Job.job_id.in_(ids))).all()) if ids else {}
+            status = (
+                dict(session.exec(select(Job.job_id, Job.status).where(col(Job.job_id).in_(ids))).all()) if ids else {}
+            )
             due = [t for t in tokens if t.job_id not in status or status[t.job_id] in FINISHED]
             for token in due:
                 session.delete(token)
@@ -271,8 +275,8 @@ def _due_job_files(session: Session, job_ids: list[str], cutoff: datetime) -> tu
         if job.status not in FINISHED:
             continue
         inputs.append(job.job_id)
-        token = newest.get(job.job_id)
-        ended = as_utc(token.expires_at) if token is not None else as_utc(job.updated_at)
+        link = newest.get(job.job_id)
+        ended = as_utc(link.expires_at) if link is not None else as_utc(job.updated_at)
         if ended < cutoff:
             results.append(job.job_id)
     return inputs, results

@@ -12,8 +12,9 @@ from smi.db import Job, Refund, SentMail, as_utc, utcnow
 from smi.settings import Settings
 from smi.vocabulary import BudgetAlertInfo, EmailRequest, ErrorCode
 
-# What the customer is told, by error kind; technical detail stays in the admin's notice.
-CUSTOMER_REASONS = {
+# What the customer is told, by error kind (ErrorCode keys, found by the job's stored code, a plain str);
+# technical detail stays in the admin's notice.
+CUSTOMER_REASONS: dict[str, str] = {
     ErrorCode.UNSUPPORTED_FORMAT: "the file is not an image we can process (we take PNG, JPEG and WebP)",
     ErrorCode.TOO_LARGE: "the image is too large for the upscaler, even after compressing it",
     ErrorCode.FETCH_FAILED: "we could not download the image from the shop",

@@ -58,7 +58,7 @@ class PaymentsActivities:
                     session.commit()
                 except IntegrityError:
                     session.rollback()
-                row = session.get(Refund, job.job_id)
+                row = session.get_one(Refund, job.job_id)  # ours, or the one a concurrent run inserted
             if row.status not in DONE:
                 row.status, row.external_id = self._pay_back(row, job)
                 row.completed_at = utcnow()
@@ -92,6 +92,11 @@ class PaymentsActivities:
 
     def _via_webhook(self, row: Refund, job: Job) -> str | None:
         """POST a signed refund request to the storefront; retried (by policy) until it answers 2xx."""
+        url = self.settings.refund_webhook_url
+        if not url:  # settings insist on it outside SMI_ENV=dev
+            raise ApplicationError(
+                "SMI_REFUND_WEBHOOK_URL is not set", type=ErrorCode.REFUND_FAILED, non_retryable=True
+            )
         body = json.dumps(
             {
                 "job_id": job.job_id,
@@ -111,7 +116,7 @@ class PaymentsActivities:
             "X-SMI-Signature": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
         }
         try:
-            response = httpx.post(self.settings.refund_webhook_url, content=body, headers=headers, timeout=30)
+            response = httpx.post(url, content=body, headers=headers, timeout=30)
         except httpx.TransportError as exc:
             raise ApplicationError(
                 f"refund webhook unreachable: {type(exc).__name__}", type=ErrorCode.REFUND_PENDING

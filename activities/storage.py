@@ -124,11 +124,11 @@ async def _copy_body(
                 written += await writing
             writing = on_disk(_hash_and_write, hasher, out, batch)
             batch, size = [], 0
-        if beat:  # once this batch too is on disk: a resume from the heartbeat skips nothing
-            written += await writing
-            writing = None
-            activity.heartbeat(written)
-            last_beat = time.monotonic()
+            if beat:  # once this batch too is on disk: a resume from the heartbeat skips nothing
+                written += await writing
+                writing = None
+                activity.heartbeat(written)
+                last_beat = time.monotonic()
     if writing is not None:
         written += await writing
     return written + await on_disk(_hash_and_write, hasher, out, batch)
@@ -261,12 +261,13 @@ class StorageActivities:
         src = Path(request.path)
         job_dir = self.storage.job_dir(request.job_id)
         info = imaging.probe(src) if src.exists() else None
-        fmt = request.format if request.format != "auto" else (info.format if info else None)
         if info is None:  # a retry after the move: the result is already in place
-            placed = sorted(job_dir.glob(f"upscaled_*.{fmt}" if fmt else "upscaled_*"))
+            asked = request.format if request.format != "auto" else None
+            placed = sorted(job_dir.glob(f"upscaled_*.{asked}" if asked else "upscaled_*"))
             if not placed:
                 raise _fail(ErrorCode.INVALID_RESULT, "the downloaded result is gone")
             return _describe(placed[0], imaging.probe(placed[0]))
+        fmt = request.format if request.format != "auto" else info.format
         final = job_dir / f"upscaled_{info.width}x{info.height}.{imaging.EXTENSIONS[fmt]}"
         if fmt == info.format:
             os.replace(src, final)

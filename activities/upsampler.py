@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -120,7 +120,7 @@ class UpsamplerActivities:
             calls = session.exec(
                 select(UpsamplerCall.at)
                 .where(UpsamplerCall.at >= hour_ago)
-                .order_by(UpsamplerCall.at)
+                .order_by(col(UpsamplerCall.at))
                 .limit(self.settings.upsampler_requests_per_hour)
             ).all()
         if len(calls) >= self.settings.upsampler_requests_per_hour:

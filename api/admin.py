@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import delete
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -22,7 +22,7 @@ from api import deps, service
 from api.errors import ApiError
 from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
-from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, utcnow
+from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, rows_changed, utcnow
 from smi.storage import LocalStorage
 from smi.vocabulary import FINISHED, JobStatus, ResendInput
 from workflows.admin import ResendLinkWorkflow
@@ -34,15 +34,15 @@ log = logging.getLogger("smi.api.admin")
 
 @router.get("/jobs", summary="Jobs by status, newest first")
 def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
-    query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
+    query = select(Job).order_by(col(Job.created_at).desc()).limit(max(1, min(limit, 1000)))
     if status:
         query = query.where(Job.status == status)
     with Session(svc.engine) as session:  # closed before the response is sent (see api/deps.py)
         jobs = session.exec(query).all()
         ids = [j.job_id for j in jobs]
-        refunds = {r.job_id: r for r in session.exec(select(Refund).where(Refund.job_id.in_(ids))).all()}
+        refunds = {r.job_id: r for r in session.exec(select(Refund).where(col(Refund.job_id).in_(ids))).all()}
         ledger: dict[str, list[LedgerEntry]] = {}
-        for entry in session.exec(select(LedgerEntry).where(LedgerEntry.job_id.in_(ids))).all():
+        for entry in session.exec(select(LedgerEntry).where(col(LedgerEntry.job_id).in_(ids))).all():
             ledger.setdefault(entry.job_id, []).append(entry)
         return {
             "jobs": [
@@ -99,7 +99,7 @@ async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services))
     client = await svc.temporal_client()
     handle = await client.start_workflow(
         ResendLinkWorkflow.run,
-        ResendInput(job_id, request_id, job.status, svc.settings.download_ttl_hours),
+        ResendInput(job_id, request_id, JobStatus(job.status), svc.settings.download_ttl_hours),
         id=f"resend-{job_id}-{request_id}",
         task_queue=svc.settings.task_queue,
     )
@@ -208,9 +208,9 @@ def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
     transaction; returns how many tokens and sent-mail rows."""
     now = utcnow()
     with Session(svc.engine) as session:
-        tokens = session.execute(delete(DownloadToken).where(DownloadToken.job_id.in_(ids))).rowcount
-        emails = session.execute(delete(SentMail).where(SentMail.job_id.in_(ids))).rowcount
-        for job in session.exec(select(Job).where(Job.job_id.in_(ids))).all():
+        tokens = rows_changed(session, delete(DownloadToken).where(col(DownloadToken.job_id).in_(ids)))
+        emails = rows_changed(session, delete(SentMail).where(col(SentMail.job_id).in_(ids)))
+        for job in session.exec(select(Job).where(col(Job.job_id).in_(ids))).all():
             job.customer_email, job.customer_name = ERASED_EMAIL, None
             job.payment_reference, job.image_url, job.result_path = None, ERASED_IMAGE_URL, None
             # The idempotency fingerprint hashed the order with the address: replaced too (the same order again

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import DateTime, case, func, select
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from smi.db import Job, JobEvent, as_utc
 from smi.vocabulary import JobStatus
@@ -27,28 +27,28 @@ class ReviewItem:
 
 def status_counts(engine: Engine) -> dict[str, int]:
     with Session(engine) as session:
-        rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        rows = session.execute(select(col(Job.status), func.count()).group_by(col(Job.status))).all()
     return {status: count for status, count in rows}
 
 
 def manual_review_queue(engine: Engine) -> list[ReviewItem]:
     """Jobs waiting for an admin, longest waiting first."""
     entered = (
-        select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
-        .where(JobEvent.status == JobStatus.MANUAL_REVIEW)
-        .group_by(JobEvent.job_id)
+        select(col(JobEvent.job_id), func.max(col(JobEvent.at)).label("at"))
+        .where(col(JobEvent.status) == JobStatus.MANUAL_REVIEW)
+        .group_by(col(JobEvent.job_id))
         .subquery()
     )
     query = (
         select(
-            Job.job_id,
-            Job.order_id,
-            Job.error_code,
-            Job.error_message,
-            func.coalesce(entered.c.at, Job.updated_at).label("since"),
+            col(Job.job_id),
+            col(Job.order_id),
+            col(Job.error_code),
+            col(Job.error_message),
+            func.coalesce(entered.c.at, col(Job.updated_at)).label("since"),
         )
-        .outerjoin(entered, entered.c.job_id == Job.job_id)
-        .where(Job.status == JobStatus.MANUAL_REVIEW)
+        .outerjoin(entered, entered.c.job_id == col(Job.job_id))
+        .where(col(Job.status) == JobStatus.MANUAL_REVIEW)
         .order_by("since")
     )
     with Session(engine) as session:
@@ -58,9 +58,9 @@ def manual_review_queue(engine: Engine) -> list[ReviewItem]:
 
 def error_rate(engine: Engine, since: datetime) -> tuple[int, int]:
     """(jobs created since then that failed or wait in manual review, jobs created since then)."""
-    troubled = func.sum(case((Job.status.in_(TROUBLE), 1), else_=0))
+    troubled = func.sum(case((col(Job.status).in_(TROUBLE), 1), else_=0))
     with Session(engine) as session:
-        total, bad = session.execute(select(func.count(), troubled).where(Job.created_at >= since)).one()
+        total, bad = session.execute(select(func.count(), troubled).where(col(Job.created_at) >= since)).one()
     return bad or 0, total
 
 
@@ -70,10 +70,10 @@ def median_stage_seconds(engine: Engine, since: datetime) -> dict[str, float]:
     The next event comes from a window function (SQLite and PostgreSQL alike); the median is
     taken here because SQLite has no percentile function.
     """
-    next_at = func.lead(JobEvent.at, type_=DateTime(timezone=True)).over(
-        partition_by=JobEvent.job_id, order_by=(JobEvent.at, JobEvent.id)
+    next_at = func.lead(col(JobEvent.at), type_=DateTime(timezone=True)).over(
+        partition_by=col(JobEvent.job_id), order_by=(col(JobEvent.at), col(JobEvent.id))
     )
-    query = select(JobEvent.status, JobEvent.at, next_at.label("next_at")).where(JobEvent.at >= since)
+    query = select(col(JobEvent.status), col(JobEvent.at), next_at.label("next_at")).where(col(JobEvent.at) >= since)
     durations: dict[str, list[float]] = {}
     with Session(engine) as session:
         for status, at, following in session.execute(query):
@@ -85,8 +85,15 @@ def median_stage_seconds(engine: Engine, since: datetime) -> dict[str, float]:
 def recent_jobs(engine: Engine, limit: int = 20) -> list:
     """The newest jobs, without the customer's address or name."""
     query = (
-        select(Job.job_id, Job.order_id, Job.status, Job.created_at, Job.updated_at, Job.error_code)
-        .order_by(Job.created_at.desc())
+        select(
+            col(Job.job_id),
+            col(Job.order_id),
+            col(Job.status),
+            col(Job.created_at),
+            col(Job.updated_at),
+            col(Job.error_code),
+        )
+        .order_by(col(Job.created_at).desc())
         .limit(limit)
     )
     with Session(engine) as session:

@@ -9,13 +9,13 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import update
-from sqlmodel import Session
+from sqlmodel import Session, col
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from api import deps
 from api.errors import ApiError
 from smi import signing
-from smi.db import DownloadToken, Job, as_utc, utcnow
+from smi.db import DownloadToken, Job, as_utc, rows_changed, utcnow
 from smi.settings import Settings
 from smi.storage import LocalStorage, compressed_name
 
@@ -64,20 +64,21 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
             )
         job = session.get(Job, row.job_id)
         path = Path(job.result_path) if job and job.result_path else None
-        if path is None or not path.is_file():
+        if job is None or path is None or not path.is_file():
             raise ApiError(410, "file_gone", "the file is no longer stored; ask support for help")
         if cfg.download_max_count is not None and serves_first_byte(method, headers, path.stat().st_size):
             # Counted in the database in one statement, so parallel requests cannot slip past the limit.
-            counted = session.execute(
+            counted = rows_changed(
+                session,
                 update(DownloadToken)
                 .where(
-                    DownloadToken.token_sha256 == row.token_sha256,
-                    DownloadToken.downloads < cfg.download_max_count,
+                    col(DownloadToken.token_sha256) == row.token_sha256,
+                    col(DownloadToken.downloads) < cfg.download_max_count,
                 )
-                .values(downloads=DownloadToken.downloads + 1)
+                .values(downloads=col(DownloadToken.downloads) + 1),
             )
             session.commit()
-            if counted.rowcount == 0:
+            if counted == 0:
                 raise ApiError(
                     410,
                     "download_limit",
@@ -118,6 +119,7 @@ def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depend
     if exp < time.time() or not signing.verify_file(cfg.webhook_secrets(), kind, name, exp, sig):
         raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
     storage = LocalStorage(cfg.storage_dir)
+    path: Path | None
     if kind == "uploads":
         path = storage.uploads_dir() / name
     elif match["quality"]:

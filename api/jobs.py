@@ -67,11 +67,14 @@ async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_f
     found = await probe.probe_url(svc.http, image_url, svc.settings.image_fetch_policy)
     if found.problem:
         raise ApiError(422, found.problem, f"image_url: {found.detail}")
-    if found.width:
+    if found.width and found.height:
         verdict = quote_for(svc.settings, found.width, found.height, scale_factor)
         if not verdict.accepted:
             raise ApiError(
-                422, ErrorCode.OUTPUT_TOO_LARGE, verdict.reason, {"max_scale_factor": verdict.max_scale_factor}
+                422,
+                ErrorCode.OUTPUT_TOO_LARGE,
+                verdict.reason or "the output is too large for Upsampler",  # a refusal always gives its reason
+                {"max_scale_factor": verdict.max_scale_factor},
             )
 
 
@@ -125,13 +128,14 @@ async def create_job(body: JobRequest, response: Response, svc: deps.Services = 
     # while the image probe or Temporal is awaited (many requests at once would empty the pool).
     cfg = svc.settings
     fingerprint = body.fingerprint()
-    job = await run_in_threadpool(_job_of_order, svc, body.order_id)
-    if job is None:
+    existing = await run_in_threadpool(_job_of_order, svc, body.order_id)
+    if existing is None:
         await refuse_what_cannot_be_made(svc, body.image_url, body.scale_factor)
         job, created = await run_in_threadpool(_insert_job, svc, body, fingerprint)
         if not created:
             response.status_code = 200
     else:
+        job = existing
         response.status_code = 200
     if job.request_sha256 != fingerprint:
         raise ApiError(
@@ -196,7 +200,7 @@ async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.ser
         found = await probe.probe_url(svc.http, body.image_url, svc.settings.image_fetch_policy)
         if found.problem:
             raise ApiError(422, found.problem, f"image_url: {found.detail}")
-        if not found.width:
+        if not found.width or not found.height:
             raise ApiError(
                 502,
                 "image_unreadable",

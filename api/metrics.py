@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, gener
 from prometheus_client.core import CounterMetricFamily as Counter
 from prometheus_client.core import GaugeMetricFamily as Gauge
 from prometheus_client.core import Metric
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -93,7 +93,7 @@ class Figures:
         return self.families
 
 
-def _family(kind: type[Metric], name: str, help_text: str, labels: list[str], rows) -> Metric:
+def _family(kind: type[Counter] | type[Gauge], name: str, help_text: str, labels: list[str], rows) -> Metric:
     """A Gauge- or CounterMetricFamily of `rows`: (label values..., number)."""
     family = kind(name, help_text, labels=labels)
     for *values, number in rows:
@@ -108,8 +108,8 @@ def _from_database(svc: deps.Services) -> list[Metric]:
         jobs = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
         errors = session.exec(
             select(Job.status, Job.error_code, func.count())
-            .where(Job.error_code.is_not(None))
-            .group_by(Job.status, Job.error_code)
+            .where(col(Job.error_code).is_not(None))
+            .group_by(col(Job.status), col(Job.error_code))
         ).all()
         refunds = session.exec(
             select(Refund.status, Refund.reason, func.count()).group_by(Refund.status, Refund.reason)
@@ -127,7 +127,7 @@ def _from_database(svc: deps.Services) -> list[Metric]:
         money = dict(
             session.exec(
                 select(LedgerEntry.purpose, func.sum(LedgerEntry.revenue_usd))
-                .where(LedgerEntry.purpose.in_(("revenue", "refund")))
+                .where(col(LedgerEntry.purpose).in_(("revenue", "refund")))
                 .group_by(LedgerEntry.purpose)
             ).all()
         )  # a refund row is negative revenue

@@ -15,7 +15,7 @@ import time
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from api import deps
 from api.errors import ApiError
@@ -93,11 +93,13 @@ def job_state(session: Session, svc: deps.Services, job_id: str) -> dict | None:
     if job is None:
         return None
     entered = {}  # the latest entry into each status: after an admin's retry, the current run's times
-    for event in session.exec(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.at, JobEvent.id)):
+    for event in session.exec(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.at), col(JobEvent.id))
+    ):
         entered[event.status] = event.at
     refund = session.get(Refund, job_id)
     headline, message = _headline(job, refund)
-    current = STAGES.index(job.status) if job.status in STAGES else -1
+    current = STAGES.index(JobStatus(job.status)) if job.status in STAGES else -1
     download_url = None
     expires = as_utc(job.download_expires_at)
     if job.status == JobStatus.COMPLETED and job.download_generation > 0 and expires and expires > utcnow():

@@ -133,7 +133,7 @@ _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 THROTTLE_CHUNK = 64 * 1024
 
 
-def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
     """One `Range: bytes=N-`, `bytes=N-M` or `bytes=-K` as (first, last) inclusive.
 
     None: no usable single range, serve the whole file (a server may ignore Range). False:
@@ -193,12 +193,13 @@ def _throttled_file(path: Path, media_type: str, rate: float, range_header: str 
 
 def _render(source: bytes, size: tuple[int, int], result: str, out_dir: Path) -> None:
     """CPU work (run in a thread): upscale, write result.png and result.jpg, apply result faults."""
-    with Image.open(io.BytesIO(source)) as im:
+    with Image.open(io.BytesIO(source)) as opened:
+        im: Image.Image = opened
         if im.mode in ("P", "1"):
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16"):
             im = im.convert("RGB")
-        big = im.resize(size, Image.LANCZOS)
+        big = im.resize(size, Image.Resampling.LANCZOS)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, jpg = io.BytesIO(), io.BytesIO()
     big.save(png, "PNG")
@@ -308,17 +309,18 @@ class Emulator:
             shutil.rmtree(self.storage_dir / job_id, ignore_errors=True)
         self.jobs.clear()
         self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
-        self.recent: deque[float] = deque()
+        self.recent = deque()
         self.faults = Faults()
 
     # --- job life ------------------------------------------------------------------------
     def next_job_faults(self) -> Faults:
         """The job-level faults a new job takes: the current ones, or none once `faulty_jobs` ran out."""
         faults = self.faults.model_copy(deep=True)
-        if faults.faulty_jobs is not None:
-            if faults.faulty_jobs == 0:
+        remaining = self.faults.faulty_jobs
+        if remaining is not None:
+            if remaining == 0:
                 faults = Faults()
-            self.faults.faulty_jobs = max(0, self.faults.faulty_jobs - 1)
+            self.faults.faulty_jobs = max(0, remaining - 1)
         return faults
 
     async def take(self, job: Job) -> JSONResponse:

@@ -11,14 +11,24 @@ import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast, overload
 
 from sqlalchemy import Column, DateTime, UniqueConstraint, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.sql.dml import UpdateBase
 from sqlmodel import Field, Session, SQLModel, create_engine
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -28,7 +38,7 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
-def _timestamp(**kwargs) -> Field:
+def _timestamp(**kwargs: Any) -> Any:  # Any, as sqlmodel.Field: the field keeps its annotated type
     return Field(sa_column=Column(DateTime(timezone=True), **kwargs))
 
 
@@ -79,6 +89,11 @@ class JobEvent(SQLModel, table=True):
     job_id: str = Field(index=True, max_length=32)
     status: str = Field(max_length=32)  # the status entered
     at: datetime = _timestamp(nullable=False, index=True)
+
+
+def rows_changed(session: Session, statement: UpdateBase) -> int:
+    """Run an UPDATE or DELETE in the session's transaction; how many rows it changed."""
+    return cast(CursorResult, session.execute(statement)).rowcount
 
 
 def set_status(session: Session, job: Job, status: str) -> None:

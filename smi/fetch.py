@@ -112,7 +112,7 @@ def address_problem(address: str) -> str | None:
 
 async def system_resolver(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})  # the address: a str for IPv4 and IPv6
 
 
 def parse(url: str, base: str | None = None) -> httpx.URL:

@@ -132,14 +132,17 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class SmiHandler(logging.StreamHandler):
+    """Ours: what setup_logging replaces when it runs again."""
+
+
 def make_handler(stream=None) -> logging.Handler:
     """A handler writing to `stream` (stderr): text on a terminal, JSON lines otherwise."""
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler = SmiHandler(stream)
     isatty = getattr(stream, "isatty", None)
     handler.setFormatter(TextFormatter() if isatty and isatty() else JsonFormatter())
     handler.addFilter(MaskEmails())  # on the handler: it sees the records of every logger
-    handler.smi = True
     return handler
 
 
@@ -149,7 +152,7 @@ def setup_logging(level: int | str = logging.INFO, stream=None) -> None:
     import temporalio.workflow
 
     root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if not getattr(h, "smi", False)] + [make_handler(stream)]
+    root.handlers = [h for h in root.handlers if not isinstance(h, SmiHandler)] + [make_handler(stream)]
     root.setLevel(level)
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -30,7 +30,7 @@ def read_header(data: bytes) -> Probe | None:
     """None when `data` is too short to tell."""
     try:  # only the plugins of the formats we take parse the header: other formats are unidentified
         with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
-            return Probe(image.width, image.height, FORMATS[image.format])
+            return Probe(image.width, image.height, FORMATS.get(image.format or ""))
     except Image.DecompressionBombError:
         return Probe(problem=ErrorCode.OUTPUT_TOO_LARGE, detail="the image's dimensions are absurdly large")
     except UnidentifiedImageError:

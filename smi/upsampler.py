@@ -57,7 +57,7 @@ class UpsamplerUnavailable(UpsamplerError):
 @dataclass(frozen=True)
 class UpsamplerJob:
     id: str
-    status: str  # internal: queued, processing, completed, failed
+    status: JobStatus  # queued, processing, completed or failed
     credit_cost: float | None = None
     image_url: str | None = None
     compressed_image_url: str | None = None

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, as_utc
 from smi.vocabulary import JobStatus
@@ -60,10 +60,10 @@ def report(engine: Engine, period: str, start: datetime, end: datetime) -> list[
             usage.jobs += 1
             usage.completed += status == JobStatus.COMPLETED
             usage.failed += status == JobStatus.FAILED
-        for completed_at in session.exec(
-            select(Refund.completed_at).where(Refund.completed_at >= start, Refund.completed_at < end)
-        ):
-            bucket(completed_at).refunded += 1
+        refunded_at = col(Refund.completed_at)
+        for completed_at in session.exec(select(refunded_at).where(refunded_at >= start, refunded_at < end)):
+            if completed_at is not None:  # always: NULL compares false in the query
+                bucket(completed_at).refunded += 1
         for entry in session.exec(
             select(LedgerEntry).where(
                 LedgerEntry.created_at >= start, LedgerEntry.created_at < end, LedgerEntry.purpose != "estimate"

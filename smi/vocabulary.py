@@ -74,8 +74,9 @@ class Rule:
 
 # The failure table. Network errors, timeouts, 5xx and 429 (after Retry-After) never reach it as
 # long as the activities' RetryPolicies absorb them; only what outlasts those lands under
-# "transient" or "rate_limited". A code missing here gets DEFAULT_RULE.
-FAILURE_TABLE: dict[ErrorCode, Rule] = {
+# "transient" or "rate_limited". A code missing here gets DEFAULT_RULE. Keyed by ErrorCode, a StrEnum:
+# the failure's type name, a plain str, finds its row.
+FAILURE_TABLE: dict[str, Rule] = {
     ErrorCode.UNSUPPORTED_FORMAT: Rule((Answer.REFUND,), final=True),
     ErrorCode.TOO_LARGE: Rule((Answer.COMPRESS, Answer.COMPRESS, Answer.COMPRESS, Answer.REFUND), final=True),
     ErrorCode.FETCH_FAILED: Rule((Answer.REFUND,), final=True),

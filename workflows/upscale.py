@@ -8,7 +8,7 @@ step fails is declared once, in smi.vocabulary.FAILURE_TABLE.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
@@ -88,6 +88,10 @@ class Problem(Exception):
 
 @workflow.defn
 class UpscaleWorkflow:
+    # Set when run() starts.
+    _job: UpscaleInput
+    _stage_entered: datetime  # when the job entered its current status
+
     def __init__(self) -> None:
         self._state = JobState()
         self._hint: WebhookHint | None = None
@@ -96,7 +100,6 @@ class UpscaleWorkflow:
         self._budget_released = False
         self._failures: dict[str, int] = {}
         self._qualities = list(COMPRESS_QUALITIES)
-        self._stage_entered = None
 
     @workflow.query
     def state(self) -> JobState:
@@ -165,6 +168,7 @@ class UpscaleWorkflow:
                     refresh = False
                     result = await self._fresh_result(submission.upsampler_id)
                 # 4-5. Download, validate, put in place.
+                assert result is not None, "a submission that stands has its result"
                 return await self._download_and_check(result, *self._output_size(original))
             except Problem as problem:
                 answer = self._answer_to(problem)
@@ -445,7 +449,7 @@ class UpscaleWorkflow:
         except Problem:
             workflow.logger.warning("admin notice for job %s could not be sent", self._job.job_id)
 
-    async def _set_status(self, status: str, **fields) -> None:
+    async def _set_status(self, status: JobStatus, **fields) -> None:
         """Every status change: the query state, the UpscaleStatus search attribute, the record."""
         if status != self._state.status:
             now = workflow.now()

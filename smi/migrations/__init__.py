@@ -53,7 +53,10 @@ def config(connection: Connection | None = None) -> Config:
 @lru_cache
 def head() -> str:
     """The newest revision; read from versions/ once per process."""
-    return ScriptDirectory.from_config(config()).get_current_head()
+    revision = ScriptDirectory.from_config(config()).get_current_head()
+    if revision is None:
+        raise RuntimeError(f"no migration in {HERE / 'versions'}")
+    return revision
 
 
 def current(connection: Connection) -> str | None:
