@@ -17,11 +17,13 @@ creates the schedule when it is missing (`ensure_retention_schedule`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
@@ -37,6 +39,8 @@ RETENTION_SCHEDULE_ID = "retention-daily"
 RETENTION_WORKFLOW_ID = "retention"  # the schedule appends the time of each run
 RETENTION_HOUR_UTC = 3
 PAGE_SIZE = 500  # stored names per inventory page: keeps every payload small whatever the backlog
+A = TypeVar("A")  # an activity's argument
+R = TypeVar("R")  # what it returns
 RETENTION_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=5), maximum_attempts=10
 )
@@ -72,7 +76,12 @@ class RetentionWorkflow:
         workflow.logger.info("retention pass: %s", report)
         return report
 
-    async def _activity(self, activity, arg):
+    @overload
+    async def _activity(self, activity: MethodAsyncSingleParam[Any, A, R], arg: A) -> R: ...
+    @overload
+    async def _activity(self, activity: MethodSyncSingleParam[Any, A, R], arg: A) -> R: ...
+    async def _activity(self, activity: Callable[..., Any], arg: Any) -> Any:
+        """Typed as the SDK's execute_activity_method is (an async activity method, then a sync one)."""
         return await workflow.execute_activity_method(
             activity,
             arg,

@@ -8,11 +8,14 @@ step fails is declared once, in smi.vocabulary.FAILURE_TABLE.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any, Required, TypedDict, TypeVar, Unpack, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
@@ -76,6 +79,19 @@ MAIL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10), maximum_attempts=10
 )
 LOCAL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+A = TypeVar("A")  # an activity's argument
+R = TypeVar("R")  # what it returns
+
+
+class ActivityOptions(TypedDict, total=False):
+    """How an activity of this workflow runs (workflow.execute_activity_method's options of the same names)."""
+
+    start_to_close_timeout: Required[timedelta]
+    retry_policy: Required[RetryPolicy]
+    schedule_to_close_timeout: timedelta
+    heartbeat_timeout: timedelta
+    task_queue: str
 
 
 class Problem(Exception):
@@ -472,14 +488,28 @@ class UpscaleWorkflow:
             self._state.error_message = fields.get("error_message") or None
         await self._local(LedgerActivities.update_job, JobUpdate(self._job.job_id, status, **fields))
 
-    async def _activity(self, activity, arg, **options):
+    # Typed as the SDK's execute_activity_method is: the activity's argument and result types are checked
+    # (an async activity method, then a sync one).
+    @overload
+    async def _activity(
+        self, activity: MethodAsyncSingleParam[Any, A, R], arg: A, **options: Unpack[ActivityOptions]
+    ) -> R: ...
+    @overload
+    async def _activity(
+        self, activity: MethodSyncSingleParam[Any, A, R], arg: A, **options: Unpack[ActivityOptions]
+    ) -> R: ...
+    async def _activity(self, activity: Callable[..., Any], arg: Any, **options: Unpack[ActivityOptions]) -> Any:
         """Run an activity; its final failure becomes a Problem named by the error's type."""
         try:
             return await workflow.execute_activity_method(activity, arg, **options)
         except ActivityError as err:
             raise Problem(*_failure_of(err)) from None
 
-    async def _local(self, activity, arg):
+    @overload
+    async def _local(self, activity: MethodAsyncSingleParam[Any, A, R], arg: A) -> R: ...
+    @overload
+    async def _local(self, activity: MethodSyncSingleParam[Any, A, R], arg: A) -> R: ...
+    async def _local(self, activity: Callable[..., Any], arg: Any) -> Any:
         """Quick database and disk bookkeeping: a local activity, retried until it succeeds."""
         return await workflow.execute_local_activity_method(
             activity, arg, start_to_close_timeout=timedelta(seconds=30), retry_policy=LOCAL_RETRY
