@@ -198,8 +198,17 @@ def cmd_api(_: argparse.Namespace) -> None:
     from api.app import create_app
 
     settings = get_settings()
-    # log_config=None: uvicorn's loggers (the redacted access log too) write through ours.
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info", log_config=None)
+    # log_config=None: uvicorn's loggers (the redacted access log too) write through ours. The client address is
+    # the X-Forwarded-For one only from SMI_TRUSTED_PROXIES (uvicorn's own default trusts loopback peers).
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="info",
+        log_config=None,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxy_list(),
+    )
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 import uvicorn
 
@@ -18,10 +19,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """A uvicorn server on a loopback port, started and stopped from synchronous code."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_level: str = "warning",
+        trusted_proxies: Sequence[str] = (),
+    ):
+        """`trusted_proxies` (Settings.trusted_proxy_list() for our API): the peers whose X-Forwarded-For
+        is believed; none by default, where uvicorn's own default would trust loopback peers."""
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host=self.host,
+            port=self.port,
+            log_level=log_level,
+            lifespan="on",
+            proxy_headers=True,
+            forwarded_allow_ips=list(trusted_proxies),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn:{self.port}")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Peers whose X-Forwarded-For uvicorn believes (addresses or CIDRs, comma-separated): the client address
+    # (rate limits, connection caps, logs) is the forwarded one only when the immediate peer is one of
+    # them. Empty, the default: no proxy is trusted, the peer is the client.
+    trusted_proxies: str = ""
 
     upsampler_base_url: str = REAL_UPSAMPLER_URL
     upsampler_api_key: SecretStr | None = None  # wins over the per-mode keys below when set
@@ -124,6 +129,22 @@ class Settings(BaseSettings):
             if path and not values.get(name):
                 values[name] = Path(path).read_text().strip()
         return values
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: str) -> str:
+        """uvicorn takes anything it cannot parse as a literal host name that no client address ever
+        matches, so a typo (10.0.0.1/8, a name) would silently trust nothing: refused here, at start."""
+        for entry in filter(None, (item.strip() for item in value.split(","))):
+            try:
+                ipaddress.ip_network(entry) if "/" in entry else ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(f"SMI_TRUSTED_PROXIES: {entry!r} is not an IP address or a network (CIDR)") from None
+        return value
+
+    def trusted_proxy_list(self) -> list[str]:
+        """For uvicorn's forwarded_allow_ips (with proxy_headers=True); [] trusts no peer."""
+        return [item.strip() for item in self.trusted_proxies.split(",") if item.strip()]
 
     @model_validator(mode="after")
     def _upsampler_key_for_mode(self) -> "Settings":
