@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api import deps, service
 from api.errors import ApiError
+from api.models import AdminAction, AdminJob, AdminJobs, BudgetReleased, Erasure, LinkResent, Money, UsageReport
 from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
 from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, rows_changed, utcnow
@@ -32,8 +33,10 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(dep
 log = logging.getLogger("smi.api.admin")
 
 
-@router.get("/jobs", summary="Jobs by status, newest first")
-def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)):
+@router.get("/jobs", response_model=AdminJobs, summary="Jobs by status, newest first")
+def list_jobs(
+    status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)
+) -> AdminJobs:
     query = select(Job).order_by(col(Job.created_at).desc()).limit(max(1, min(limit, 1000)))
     if status:
         query = query.where(Job.status == status)
@@ -44,50 +47,55 @@ def list_jobs(status: JobStatus | None = None, limit: int = 100, svc: deps.Servi
         ledger: dict[str, list[LedgerEntry]] = {}
         for entry in session.exec(select(LedgerEntry).where(col(LedgerEntry.job_id).in_(ids))).all():
             ledger.setdefault(entry.job_id, []).append(entry)
-        return {
-            "jobs": [
-                {
-                    **job_view(job, svc.settings, session, refunds.get(job.job_id)),
-                    "money": money(ledger.get(job.job_id, [])),
-                }
+        return AdminJobs(
+            jobs=[
+                AdminJob(
+                    **dict(job_view(job, svc.settings, session, refunds.get(job.job_id))),
+                    money=money(ledger.get(job.job_id, [])),
+                )
                 for job in jobs
             ]
-        }
+        )
 
 
-def money(entries: list[LedgerEntry]) -> dict:
+def money(entries: list[LedgerEntry]) -> Money:
     """What one job earned: the price paid, Upsampler's charges, refunds, the margin; and the estimate."""
     booked = [e for e in entries if e.purpose != "estimate"]
     estimate = next((e for e in entries if e.purpose == "estimate"), None)
     revenue = round(sum(e.revenue_usd for e in booked if e.purpose == "revenue"), 2)
     refunded = round(-sum(e.revenue_usd for e in booked if e.purpose == "refund"), 2)
     cost = round(sum(e.cost_usd for e in booked), 6)
-    return {
-        "revenue_usd": revenue,
-        "cost_usd": cost,
-        "credits": round(sum(e.credits for e in booked), 6),
-        "estimated_credits": estimate.credits if estimate else None,
-        "refunded_usd": refunded,
-        "margin_usd": round(revenue - refunded - cost, 6),
-    }
+    return Money(
+        revenue_usd=revenue,
+        cost_usd=cost,
+        credits=round(sum(e.credits for e in booked), 6),
+        estimated_credits=estimate.credits if estimate else None,
+        refunded_usd=refunded,
+        margin_usd=round(revenue - refunded - cost, 6),
+    )
 
 
 # The async handlers below use the database in the threadpool, through these small functions, each
 # with its own short session: none is held while Temporal is awaited (see api/deps.py).
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, summary="Run the job again")
-async def retry(job_id: str, svc: deps.Services = Depends(deps.services)):
+@router.post("/jobs/{job_id}/retry", status_code=202, response_model=AdminAction, summary="Run the job again")
+async def retry(job_id: str, svc: deps.Services = Depends(deps.services)) -> AdminAction:
     return await service.retry(job_id, svc)
 
 
-@router.post("/jobs/{job_id}/refund", status_code=202, summary="Refund now")
-async def refund(job_id: str, svc: deps.Services = Depends(deps.services)):
+@router.post("/jobs/{job_id}/refund", status_code=202, response_model=AdminAction, summary="Refund now")
+async def refund(job_id: str, svc: deps.Services = Depends(deps.services)) -> AdminAction:
     return await service.refund(job_id, svc)
 
 
-@router.post("/jobs/{job_id}/resend-email", summary="A fresh download link, new expiry, email again")
-async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)):
+@router.post(
+    "/jobs/{job_id}/resend-email",
+    response_model=LinkResent,
+    response_model_exclude_unset=True,  # download_expires_at: absent while the link is not sent yet
+    summary="A fresh download link, new expiry, email again",
+)
+async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)) -> LinkResent:
     job = await run_in_threadpool(load_job, svc, job_id)
     if job.status == JobStatus.COMPLETED and not job.result_path:
         raise ApiError(
@@ -106,23 +114,28 @@ async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services))
     try:
         link = await asyncio.wait_for(handle.result(), timeout=30)
     except asyncio.TimeoutError:
-        return {"job_id": job_id, "action": "resend-email", "how": f"workflow {handle.id} is still running"}
-    return {
-        "job_id": job_id,
-        "action": "resend-email",
-        "download_expires_at": link.expires_at.isoformat(),
-        "how": f"link generation {link.generation} sent",
-    }
+        return LinkResent(job_id=job_id, action="resend-email", how=f"workflow {handle.id} is still running")
+    return LinkResent(
+        job_id=job_id,
+        action="resend-email",
+        download_expires_at=link.expires_at.isoformat(),
+        how=f"link generation {link.generation} sent",
+    )
 
 
-@router.get("/usage", summary="Jobs, credits, cost, revenue and margin per UTC day or month; Upsampler quota")
+@router.get(
+    "/usage",
+    response_model=UsageReport,
+    summary="Jobs, credits, cost, revenue and margin per UTC day or month; Upsampler quota",
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV rows with `Accept: text/csv`"}},
+)
 def usage_report(
     request: Request,
     period: Literal["day", "month"] = "day",
     start: str | None = Query(None, alias="from"),
     end: str | None = Query(None, alias="to"),
     svc: deps.Services = Depends(deps.services),
-):
+) -> UsageReport | PlainTextResponse:
     today = utcnow().date()
     try:
         first = usage.parse_day(start, today - timedelta(days=30) if period == "day" else today.replace(day=1, month=1))
@@ -135,15 +148,17 @@ def usage_report(
     if "text/csv" in request.headers.get("accept", ""):
         return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
     cfg = svc.settings
-    return {
-        "period": period,
-        "from": first.date().isoformat(),
-        "to": (last - timedelta(days=1)).date().isoformat(),
-        "rows": [asdict(row) for row in rows],
-        "upsampler_requests": usage.quota(
-            svc.engine, utcnow(), cfg.upsampler_requests_per_minute, cfg.upsampler_requests_per_hour
-        ),
-    }
+    return UsageReport.model_validate(
+        {
+            "period": period,
+            "from": first.date().isoformat(),
+            "to": (last - timedelta(days=1)).date().isoformat(),
+            "rows": [asdict(row) for row in rows],
+            "upsampler_requests": usage.quota(
+                svc.engine, utcnow(), cfg.upsampler_requests_per_minute, cfg.upsampler_requests_per_hour
+            ),
+        }
+    )
 
 
 def _release_budget_periods(svc: deps.Services) -> list[str]:
@@ -157,8 +172,12 @@ def _release_budget_periods(svc: deps.Services) -> list[str]:
     return periods
 
 
-@router.post("/budget/release", summary="Let jobs held by a crossed budget (hard stop) spend again this period")
-async def release_budget(svc: deps.Services = Depends(deps.services)):
+@router.post(
+    "/budget/release",
+    response_model=BudgetReleased,
+    summary="Let jobs held by a crossed budget (hard stop) spend again this period",
+)
+async def release_budget(svc: deps.Services = Depends(deps.services)) -> BudgetReleased:
     periods = await run_in_threadpool(_release_budget_periods, svc)
     client = await svc.temporal_client()
     woken = 0
@@ -168,7 +187,7 @@ async def release_budget(svc: deps.Services = Depends(deps.services)):
             woken += 1
         except RPCError:
             pass  # finished in the meantime
-    return {"released": periods, "jobs_woken": woken}
+    return BudgetReleased(released=periods, jobs_woken=woken)
 
 
 ERASED_IMAGE_URL = "https://erased.invalid/"
@@ -222,8 +241,10 @@ def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
     return tokens, emails
 
 
-@router.delete("/customers/{email}", summary="Erase a customer's personal data and files (GDPR)")
-async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)):
+@router.delete(
+    "/customers/{email}", response_model=Erasure, summary="Erase a customer's personal data and files (GDPR)"
+)
+async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)) -> Erasure:
     """Every job of the address (compared case-insensitively): its files (original, copies, result,
     upload) are deleted, its download tokens and sent-mail rows too, and the address, name,
     payment reference and image URL on the job are replaced by placeholders. Ledger and refund
@@ -239,9 +260,8 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
             [{"field": "email", "problem": "not an e-mail address"}],
         )
     jobs = await run_in_threadpool(_jobs_of_customer, svc, address)
-    counts = {"jobs": 0, "files": 0, "tokens": 0, "emails": 0}
     if not jobs:
-        return counts
+        return Erasure(jobs=0, files=0, tokens=0, emails=0)
     ids = [job.job_id for job in jobs]
     busy = [job.job_id for job in jobs if job.status not in FINISHED] or await _open_workflows(svc, ids)
     if busy:
@@ -261,15 +281,14 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
     def delete_files() -> int:
         return sum(storage.erase_job_files(job_id) for job_id in ids) + sum(storage.erase_upload(u) for u in uploads)
 
-    counts["files"] = await asyncio.to_thread(delete_files)
-    counts["tokens"], counts["emails"] = await run_in_threadpool(_erase_rows, svc, ids)
-    counts["jobs"] = len(jobs)
+    files = await asyncio.to_thread(delete_files)
+    tokens, emails = await run_in_threadpool(_erase_rows, svc, ids)
     log.info(
         "erased a customer's personal data: %d jobs (%s), %d files, %d tokens, %d sent-mail rows",
         len(ids),
         ", ".join(ids),
-        counts["files"],
-        counts["tokens"],
-        counts["emails"],
+        files,
+        tokens,
+        emails,
     )
-    return counts
+    return Erasure(jobs=len(jobs), files=files, tokens=tokens, emails=emails)

@@ -118,12 +118,12 @@ def duration(seconds: float) -> str:
 
 
 @router.get("/login")
-def login_form(request: Request):
+def login_form(request: Request) -> Response:
     return _page(request, "pages/admin_login.html", {"error": None})
 
 
 @router.post("/login", dependencies=[Depends(deps.public_rate_limit)])
-async def login(request: Request, cfg: Settings = Depends(deps.settings)):
+async def login(request: Request, cfg: Settings = Depends(deps.settings)) -> Response:
     form = await _form(request)
     admin_key = cfg.secret("admin_api_key")
     if not hmac.compare_digest(form.get("key", "").strip().encode(), admin_key.encode()):
@@ -134,7 +134,7 @@ async def login(request: Request, cfg: Settings = Depends(deps.settings)):
 
 
 @router.post("/logout")
-async def logout(request: Request, cfg: Settings = Depends(deps.settings)):
+async def logout(request: Request, cfg: Settings = Depends(deps.settings)) -> RedirectResponse:
     _require_session_and_csrf(request, await _form(request), cfg)
     response = RedirectResponse("/admin/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/admin")
@@ -142,7 +142,7 @@ async def logout(request: Request, cfg: Settings = Depends(deps.settings)):
 
 
 @router.get("")
-def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)):
+def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)) -> Response:
     cfg = svc.settings
     session = _session(request, cfg)
     if session is None:
@@ -177,11 +177,11 @@ def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)
 @router.post("/jobs/{job_id}/{action}")
 async def act_on_job(
     job_id: str, action: Literal["retry", "refund"], request: Request, svc: deps.Services = Depends(deps.services)
-):
+) -> RedirectResponse:
     _require_session_and_csrf(request, await _form(request), svc.settings)
     try:
         reply = await ACTIONS[action](job_id, svc=svc)
-        notice = f"{action.capitalize()} of job {job_id}: {reply['how']}."
+        notice = f"{action.capitalize()} of job {job_id}: {reply.how}."
     except ApiError as exc:  # e.g. 409: the job is busy, or already refunded
         notice = f"{action.capitalize()} of job {job_id} refused: {exc.message}."
     response = RedirectResponse("/admin", status_code=303)

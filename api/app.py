@@ -6,10 +6,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from temporalio.client import Client
 
 from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, redact, status, webhook
+from api.models import Liveness, Readiness
 from smi.db import make_engine
 from smi.logs import JobIdFromRequest
 from smi.migrations import migrate
@@ -36,6 +38,10 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         version="0.1.0",
         description="Turns a paid order for a high-resolution image into that image in the customer's hands.",
         lifespan=lifespan,
+        # Named, not left to FastAPI's default: a reply is then checked against its response_model and
+        # written by json.dumps, as before the models existed, not by pydantic's JSON writer (which
+        # writes some numbers differently, 1e-6 for 1e-06).
+        default_response_class=JSONResponse,
     )
     errors.install(app)
     redact.install()
@@ -48,12 +54,18 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(status.router)  # the customer's status page
     app.include_router(admin_pages.router)  # the admin dashboard (browser)
 
-    @app.get("/healthz", tags=["operators"], summary="Liveness")
-    def healthz():
-        return {"status": "ok"}
+    @app.get("/healthz", response_model=Liveness, tags=["operators"], summary="Liveness")
+    async def healthz() -> Liveness:
+        return Liveness(status="ok")
 
-    @app.get("/readyz", tags=["operators"], summary="Readiness: Temporal and the database reachable")
-    async def readyz(svc: deps.Services = Depends(deps.services)):
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["operators"],
+        summary="Readiness: Temporal and the database reachable",
+        responses={503: {"description": "a dependency is unreachable: the error body, with the checks as details"}},
+    )
+    async def readyz(svc: deps.Services = Depends(deps.services)) -> Readiness | JSONResponse:
         checks = {}
 
         def ping_database() -> None:
@@ -74,7 +86,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         ready = all(v == "ok" for v in checks.values())
         if not ready:
             return errors.error_response(503, "not_ready", "a dependency is unreachable", checks)
-        return {"status": "ready", "checks": checks}
+        return Readiness(status="ready", checks=checks)
 
     app.add_middleware(guard.RequestGuard, settings=settings)
     app.add_middleware(JobIdFromRequest)  # outermost: a request naming a job has its job_id on every log line

@@ -28,6 +28,7 @@ from temporalio.api.common.v1 import Payload, Payloads
 
 from api import deps
 from api.errors import ApiError
+from api.models import CodecPayloads
 from smi.codec import ENCODING, PayloadDecryptionError
 from smi.settings import Settings
 
@@ -104,7 +105,9 @@ def _reply(payloads: list[Payload], cors: dict[str, str]) -> Response:
 
 
 @router.options("/{operation}", include_in_schema=False)
-def preflight(operation: Literal["encode", "decode"], request: Request, cfg: Settings = Depends(deps.settings)):
+def preflight(
+    operation: Literal["encode", "decode"], request: Request, cfg: Settings = Depends(deps.settings)
+) -> Response:
     headers = cors_headers(request, cfg)
     headers.update(
         {
@@ -118,8 +121,12 @@ def preflight(operation: Literal["encode", "decode"], request: Request, cfg: Set
     return Response(status_code=204, headers=headers)
 
 
-@router.post("/decode", summary="Temporal remote codec: decrypt payloads (for the Temporal UI)")
-async def decode(request: Request, cfg: Settings = Depends(deps.settings)):
+# The replies are written by protobuf's json_format (Temporal's remote codec format): response_model
+# documents them, FastAPI does not rewrite them.
+@router.post(
+    "/decode", response_model=CodecPayloads, summary="Temporal remote codec: decrypt payloads (for the Temporal UI)"
+)
+async def decode(request: Request, cfg: Settings = Depends(deps.settings)) -> Response:
     cors = cors_headers(request, cfg)
     _authorize(request, cfg, cors)
     payloads = await _payloads(request, cors)
@@ -136,8 +143,10 @@ async def decode(request: Request, cfg: Settings = Depends(deps.settings)):
         raise ApiError(400, "undecodable_payload", str(exc), headers=cors) from None
 
 
-@router.post("/encode", summary="Temporal remote codec: encrypt payloads (input the UI sends)")
-async def encode(request: Request, cfg: Settings = Depends(deps.settings)):
+@router.post(
+    "/encode", response_model=CodecPayloads, summary="Temporal remote codec: encrypt payloads (input the UI sends)"
+)
+async def encode(request: Request, cfg: Settings = Depends(deps.settings)) -> Response:
     cors = cors_headers(request, cfg)
     _authorize(request, cfg, cors)
     payloads = await _payloads(request, cors)

@@ -99,7 +99,7 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
     summary="The file's headers alone",
     dependencies=[Depends(deps.public_rate_limit)],
 )
-def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)):
+def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)) -> FileResponse:
     path, filename = _checked_download(svc, token, request.method, request.headers)
     # FileResponse streams the file and answers Range requests with 206; no database session is open.
     response = HeldFileResponse(path, filename=filename, content_disposition_type="attachment")
@@ -112,7 +112,7 @@ def download(token: str, request: Request, svc: deps.Services = Depends(deps.ser
     summary="A stored original or upload, by a temporary signed URL",
     dependencies=[Depends(deps.public_rate_limit)],
 )
-def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)):
+def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)) -> FileResponse:
     match = NAME.match(name)
     if kind not in ("originals", "uploads") or not match or (kind == "uploads" and match["quality"]):
         raise ApiError(404, "not_found", "no such file")

@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 
 from api import deps
 from api.errors import ApiError
+from api.models import JobCreated, JobView, Quote, Upload
 from api.service import EMAIL, get_job, job_url, job_view, start_workflow, status_page_url
 from smi import pricing, probe, signing
 from smi.db import Job, JobEvent, LedgerEntry, Refund, utcnow
@@ -122,8 +123,8 @@ def _insert_job(svc: deps.Services, body: JobRequest, fingerprint: str) -> tuple
             return session.exec(select(Job).where(Job.order_id == body.order_id)).one(), False
 
 
-@router.post("/v1/jobs", status_code=202, summary="Start the job's workflow (after payment)")
-async def create_job(body: JobRequest, response: Response, svc: deps.Services = Depends(deps.services)):
+@router.post("/v1/jobs", status_code=202, response_model=JobCreated, summary="Start the job's workflow (after payment)")
+async def create_job(body: JobRequest, response: Response, svc: deps.Services = Depends(deps.services)) -> JobCreated:
     # The database is used in the threadpool, a session only around each read or write: none is held
     # while the image probe or Temporal is awaited (many requests at once would empty the pool).
     cfg = svc.settings
@@ -145,22 +146,34 @@ async def create_job(body: JobRequest, response: Response, svc: deps.Services = 
         )
     if job.status == JobStatus.RECEIVED:  # not yet picked up (or an earlier start failed): start, idempotently
         await start_workflow(await svc.temporal_client(), cfg, job)
-    return {
-        "job_id": job.job_id,
-        "status": job.status,
-        "status_url": job_url(cfg, job.job_id),
-        "status_page_url": status_page_url(cfg, job.job_id),
-    }
+    return JobCreated(
+        job_id=job.job_id,
+        status=JobStatus(job.status),
+        status_url=job_url(cfg, job.job_id),
+        status_page_url=status_page_url(cfg, job.job_id),
+    )
 
 
-@router.get("/v1/jobs/{job_id}", summary="The job as it stands")
-def read_job(job_id: str, svc: deps.Services = Depends(deps.services)):
+def _job_view_of(svc: deps.Services, job_id: str) -> JobView:
     with Session(svc.engine) as session:  # closed before the response is sent (see api/deps.py)
         return job_view(get_job(session, job_id), svc.settings, session, session.get(Refund, job_id))
 
 
-@router.post("/v1/uploads", status_code=201, summary="Upload an image; returns an image_url for POST /v1/jobs")
-async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
+# Async, the database read in the threadpool: FastAPI checks an async handler's reply against its model
+# on the event loop (a few microseconds), a sync handler's in a second trip to the threadpool, which
+# costs the storefront's most frequent read its latency when the pool is busy.
+@router.get("/v1/jobs/{job_id}", response_model=JobView, summary="The job as it stands")
+async def read_job(job_id: str, svc: deps.Services = Depends(deps.services)) -> JobView:
+    return await run_in_threadpool(_job_view_of, svc, job_id)
+
+
+@router.post(
+    "/v1/uploads",
+    status_code=201,
+    response_model=Upload,
+    summary="Upload an image; returns an image_url for POST /v1/jobs",
+)
+async def upload(request: Request, cfg: Settings = Depends(deps.settings)) -> Upload:
     # The body is capped at SMI_MAX_INPUT_BYTES while it streams (api/guard.py).
     upload_id = uuid.uuid4().hex
     folder = LocalStorage(cfg.storage_dir).uploads_dir()
@@ -181,7 +194,7 @@ async def upload(request: Request, cfg: Settings = Depends(deps.settings)):
     part.rename(folder / upload_id)
     expires = int(time.time()) + cfg.original_url_ttl_seconds
     url = signing.signed_file_url(cfg.public_base_url, cfg.secret("webhook_secret"), "uploads", upload_id, expires)
-    return {"upload_id": upload_id, "image_url": url, "bytes": size}
+    return Upload(upload_id=upload_id, image_url=url, bytes=size)
 
 
 class QuoteRequest(BaseModel):
@@ -193,8 +206,10 @@ class QuoteRequest(BaseModel):
     scale_factor: StrictInt = Field(ge=2, le=16)
 
 
-@router.post("/v1/quotes", summary="Output size, credits, cost, price, and whether Upsampler accepts it")
-async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)):
+@router.post(
+    "/v1/quotes", response_model=Quote, summary="Output size, credits, cost, price, and whether Upsampler accepts it"
+)
+async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)) -> Quote:
     width, height = body.width, body.height
     if body.image_url is not None and width is None and height is None:
         found = await probe.probe_url(svc.http, body.image_url, svc.settings.image_fetch_policy)
@@ -210,14 +225,16 @@ async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.ser
     elif body.image_url is not None or width is None or height is None:
         raise ApiError(422, "invalid_request", "send either width and height, or image_url (not both)")
     q = quote_for(svc.settings, width, height, body.scale_factor)
-    return {
-        "input": {"width": q.width, "height": q.height},
-        "scale_factor": q.scale_factor,
-        "output": {"width": q.output_width, "height": q.output_height, "megapixels": q.output_megapixels},
-        "credits": q.credits,
-        "cost_usd": q.cost_usd,
-        "price_usd": q.price_usd,
-        "accepted": q.accepted,
-        "reason": q.reason,
-        "max_scale_factor": q.max_scale_factor,
-    }
+    return Quote.model_validate(
+        {
+            "input": {"width": q.width, "height": q.height},
+            "scale_factor": q.scale_factor,
+            "output": {"width": q.output_width, "height": q.output_height, "megapixels": q.output_megapixels},
+            "credits": q.credits,
+            "cost_usd": q.cost_usd,
+            "price_usd": q.price_usd,
+            "accepted": q.accepted,
+            "reason": q.reason,
+            "max_scale_factor": q.max_scale_factor,
+        }
+    )

@@ -62,7 +62,7 @@ def scraper(request: Request, cfg: Settings = Depends(deps.settings)) -> None:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}}},
 )
-async def metrics(request: Request):
+async def metrics(request: Request) -> Response:
     state = request.app.state
     if getattr(state, "metrics", None) is None:  # no await since the check: one per app
         state.metrics = Figures(state.services)

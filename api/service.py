@@ -19,6 +19,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api import deps
 from api.errors import ApiError
+from api.models import AdminAction, JobView
 from smi import signing
 from smi.db import DownloadToken, Job, Refund, Submission, as_utc, set_status
 from smi.settings import Settings
@@ -89,38 +90,40 @@ def live_download_url(session: Session, cfg: Settings, job: Job) -> str | None:
     return None
 
 
-def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> dict:
+def job_view(job: Job, cfg: Settings, session: Session, refund: Refund | None = None) -> JobView:
     completed = job.status == JobStatus.COMPLETED and job.download_generation > 0
-    return {
-        "job_id": job.job_id,
-        "order_id": job.order_id,
-        "status": job.status,
-        "status_page_url": status_page_url(cfg, job.job_id),
-        "scale_factor": job.scale_factor,
-        "format": job.format,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "estimated_completion": _iso(job.estimated_completion),
-        "input": {"width": job.input_width, "height": job.input_height} if job.input_width else None,
-        "output": (
-            {
-                "width": job.output_width,
-                "height": job.output_height,
-                "bytes": job.output_bytes,
-                "format": job.output_format,
-                "sha256": job.output_sha256,
-            }
-            if job.output_sha256
-            else None
-        ),
-        "download_url": live_download_url(session, cfg, job) if completed else None,
-        "download_expires_at": _iso(job.download_expires_at) if completed else None,
-        "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
-        "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason}
-        if refund
-        else None,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-    }
+    return JobView.model_validate(
+        {
+            "job_id": job.job_id,
+            "order_id": job.order_id,
+            "status": job.status,
+            "status_page_url": status_page_url(cfg, job.job_id),
+            "scale_factor": job.scale_factor,
+            "format": job.format,
+            "created_at": _iso(job.created_at),
+            "updated_at": _iso(job.updated_at),
+            "estimated_completion": _iso(job.estimated_completion),
+            "input": {"width": job.input_width, "height": job.input_height} if job.input_width else None,
+            "output": (
+                {
+                    "width": job.output_width,
+                    "height": job.output_height,
+                    "bytes": job.output_bytes,
+                    "format": job.output_format,
+                    "sha256": job.output_sha256,
+                }
+                if job.output_sha256
+                else None
+            ),
+            "download_url": live_download_url(session, cfg, job) if completed else None,
+            "download_expires_at": _iso(job.download_expires_at) if completed else None,
+            "cost": {"credits": job.cost_credits, "usd": job.cost_usd} if job.cost_credits is not None else None,
+            "refund": {"status": refund.status, "amount_cents": refund.amount_cents, "reason": refund.reason}
+            if refund
+            else None,
+            "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        }
+    )
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -164,7 +167,7 @@ def _mark_for_retry(svc: deps.Services, job_id: str) -> tuple[Job, int]:
         return job, attempts
 
 
-async def retry(job_id: str, svc: deps.Services) -> dict:
+async def retry(job_id: str, svc: deps.Services) -> AdminAction:
     """An admin's retry: a job waiting in manual review is signalled to go on; a finished one runs again."""
     job = await run_in_threadpool(load_job, svc, job_id)
     if job.customer_email == ERASED_EMAIL:
@@ -179,7 +182,7 @@ async def retry(job_id: str, svc: deps.Services) -> dict:
                 "retry applies to jobs in manual review or finished",
             )
         await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
-        return {"job_id": job_id, "action": "retry", "how": "signalled the waiting workflow"}
+        return AdminAction(job_id=job_id, action="retry", how="signalled the waiting workflow")
     job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
     await start_workflow(
         await svc.temporal_client(),
@@ -189,7 +192,7 @@ async def retry(job_id: str, svc: deps.Services) -> dict:
         attempts_before=attempts,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     )
-    return {"job_id": job_id, "action": "retry", "how": f"started run {job.runs} of the workflow"}
+    return AdminAction(job_id=job_id, action="retry", how=f"started run {job.runs} of the workflow")
 
 
 def _refund_of(svc: deps.Services, job_id: str) -> Refund | None:
@@ -198,15 +201,15 @@ def _refund_of(svc: deps.Services, job_id: str) -> Refund | None:
         return session.get(Refund, job_id)
 
 
-async def refund(job_id: str, svc: deps.Services) -> dict:
+async def refund(job_id: str, svc: deps.Services) -> AdminAction:
     """An admin's refund: a running job is signalled to stop and refund; a finished one gets refund-<job_id>."""
     done = await run_in_threadpool(_refund_of, svc, job_id)
     if done is not None:
-        return {"job_id": job_id, "action": "refund", "how": f"already {done.status}; nothing more was paid back"}
+        return AdminAction(job_id=job_id, action="refund", how=f"already {done.status}; nothing more was paid back")
     handle, state = await _running_state(svc, job_id)
     if state is not None:
         await handle.signal(UpscaleWorkflow.admin_decision, Decision.REFUND)
-        return {"job_id": job_id, "action": "refund", "how": "signalled the running workflow"}
+        return AdminAction(job_id=job_id, action="refund", how="signalled the running workflow")
     client = await svc.temporal_client()
     try:
         await client.start_workflow(
@@ -219,7 +222,7 @@ async def refund(job_id: str, svc: deps.Services) -> dict:
         )
     except WorkflowAlreadyStartedError:
         pass
-    return {"job_id": job_id, "action": "refund", "how": f"started workflow refund-{job_id}"}
+    return AdminAction(job_id=job_id, action="refund", how=f"started workflow refund-{job_id}")
 
 
 # GDPR erasure. The address comes in the path, so it is masked in the access log (api/redact.py) and

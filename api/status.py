@@ -14,11 +14,12 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlmodel import Session, col, select
 
 from api import deps
 from api.errors import ApiError
+from api.models import StatusState
 from api.service import live_download_url
 from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
@@ -213,7 +214,7 @@ async def status_page(
     job_id: str,
     v: str | None = Query(None, description="the view token"),
     svc: deps.Services = Depends(deps.services),
-):
+) -> Response:
     state = await _checked_state(svc, job_id, v)
     nonce = secrets.token_urlsafe(16)
     headers = {
@@ -227,9 +228,13 @@ async def status_page(
     return deps.pages.TemplateResponse(request, "pages/status.html", {"state": state, "nonce": nonce}, headers=headers)
 
 
-@router.get("/status/{job_id}/state", summary="The status page's state as JSON (the page's polling fallback)")
-async def status_state(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)):
-    return await _checked_state(svc, job_id, v)
+@router.get(
+    "/status/{job_id}/state",
+    response_model=StatusState,
+    summary="The status page's state as JSON (the page's polling fallback)",
+)
+async def status_state(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)) -> StatusState:
+    return StatusState.model_validate(await _checked_state(svc, job_id, v))
 
 
 def _sse(state: dict) -> str:
@@ -243,7 +248,7 @@ class HeldStreamingResponse(deps.ReleasedWhenSent, StreamingResponse):
 @router.get("/status/{job_id}/events", summary="The status page's state as Server-Sent Events, on every change")
 async def status_events(
     request: Request, job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)
-):
+) -> StreamingResponse:
     first = await _checked_state(svc, job_id, v)
     release = svc.event_streams.acquire(deps.client_host(request))  # over the cap: 429, the page polls instead
     hub: StatusHub = svc.status_hub

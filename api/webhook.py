@@ -21,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api import deps
 from api.errors import ApiError
+from api.models import WebhookReceipt
 from smi import signing
 from smi.db import Job, Submission, as_utc
 from smi.upsampler import UpsamplerJob
@@ -80,11 +81,14 @@ async def _submission_recorded(svc: deps.Services, job_id: str, upsampler_id: st
 
 
 @router.post(
-    "/smi-webhook/upsampler/", summary="Upsampler's completion webhook", dependencies=[Depends(deps.public_rate_limit)]
+    "/smi-webhook/upsampler/",
+    response_model=WebhookReceipt,
+    summary="Upsampler's completion webhook",
+    dependencies=[Depends(deps.public_rate_limit)],
 )
 async def upsampler_webhook(
     request: Request, job: str = "", sig: str | None = None, svc: deps.Services = Depends(deps.services)
-):
+) -> WebhookReceipt:
     known = await run_in_threadpool(_known, svc, job) if signing.JOB_ID.fullmatch(job) else None
     if not signing.JOB_ID.fullmatch(job) or not _authentic(svc, job, sig, known):  # before the body is read
         raise ApiError(401, "bad_signature", "the webhook URL's signature does not match")
@@ -94,14 +98,14 @@ async def upsampler_webhook(
         raise ApiError(400, "malformed_webhook", f"the body is not an Upsampler status: {exc}") from None
     if known is None or known.finished:
         log.info("webhook for job %s ignored: the job is unknown or finished", job)
-        return {"received": True, "delivered": False}
+        return WebhookReceipt(received=True, delivered=False)
     if update.id not in known.submissions and not await _submission_recorded(svc, job, update.id):
         log.info("webhook for job %s ignored: it names no submission of the job", job)
-        return {"received": True, "delivered": False}
+        return WebhookReceipt(received=True, delivered=False)
     seen = (job, update.id, update.status)
     delivered = svc.webhooks_delivered
     if seen in delivered:
-        return {"received": True, "delivered": True}
+        return WebhookReceipt(received=True, delivered=True)
     handle = (await svc.temporal_client()).get_workflow_handle(f"upscale-{job}")
     try:
         await handle.signal(UpscaleWorkflow.upsampler_webhook, WebhookHint(update.id, update.status))
@@ -109,8 +113,8 @@ async def upsampler_webhook(
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise ApiError(503, "temporal_unavailable", "the workflow service is not reachable; try again") from None
         log.info("webhook for job %s ignored: its workflow is not running", job)
-        return {"received": True, "delivered": False}
+        return WebhookReceipt(received=True, delivered=False)
     delivered[seen] = None
     if len(delivered) > DELIVERED_REMEMBERED:
         delivered.popitem(last=False)
-    return {"received": True, "delivered": True}
+    return WebhookReceipt(received=True, delivered=True)
