@@ -22,6 +22,13 @@ UPSAMPLER_KEY = "test-upsampler-key"
 STOREFRONT_KEY = "test-storefront-key"
 ADMIN_KEY = "test-admin-key"
 WEBHOOK_SECRET = "test-webhook-secret"
+# The keys and secrets of every test stack, as Settings fields.
+KEYS = dict(
+    upsampler_api_key=UPSAMPLER_KEY,
+    storefront_api_key=STOREFRONT_KEY,
+    admin_api_key=ADMIN_KEY,
+    webhook_secret=WEBHOOK_SECRET,
+)
 
 
 def png_bytes(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
@@ -72,10 +79,7 @@ def make_settings(
         public_base_url=f"http://127.0.0.1:{api_port}",
         api_port=api_port,
         upsampler_base_url=f"{emulator_url}/api/v1",
-        upsampler_api_key=UPSAMPLER_KEY,
-        storefront_api_key=STOREFRONT_KEY,
-        admin_api_key=ADMIN_KEY,
-        webhook_secret=WEBHOOK_SECRET,
+        **KEYS,
         smtp_port=smtp_port,
         mail_from="Upscale <shop@127.0.0.1>",
         support_email="help@shop.test",

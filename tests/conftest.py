@@ -154,8 +154,14 @@ def site_factory(tmp_path):
 
     def build(**overrides) -> "Site":
         port = free_port()
-        settings = make_settings(tmp_path, temporal_address="127.0.0.1:9", api_port=port, smtp_port=9,
-                                 emulator_url="http://127.0.0.1:9", **overrides)
+        settings = make_settings(
+            tmp_path,
+            temporal_address="127.0.0.1:9",
+            api_port=port,
+            smtp_port=9,
+            emulator_url="http://127.0.0.1:9",
+            **overrides,
+        )
         app = create_app(settings)
         server = ServerThread(app, port=port).start()
         engine = make_engine(settings.database_url)
@@ -170,8 +176,9 @@ def site_factory(tmp_path):
 
 @pytest.fixture
 def site(site_factory):
-    return site_factory(webhook_secret_previous="old-secret", temporal_namespace="shop-ns",
-                        temporal_ui_url="http://ui.test:8233")
+    return site_factory(
+        webhook_secret_previous="old-secret", temporal_namespace="shop-ns", temporal_ui_url="http://ui.test:8233"
+    )
 
 
 @pytest.fixture

@@ -13,8 +13,12 @@ from worker import create_worker
 
 
 async def test_rotated_keys_and_secrets_are_both_accepted(dev_env, stack_factory):
-    stack = stack_factory(dev_env, storefront_api_keys="new-key-1, new-key-2",
-                          webhook_secret="new-secret", webhook_secret_previous=WEBHOOK_SECRET)
+    stack = stack_factory(
+        dev_env,
+        storefront_api_keys="new-key-1, new-key-2",
+        webhook_secret="new-secret",
+        webhook_secret_previous=WEBHOOK_SECRET,
+    )
     quote = {"width": 10, "height": 10, "scale_factor": 2}
     for key in (STOREFRONT_KEY, "new-key-1", "new-key-2"):
         assert stack.client(key).post("/v1/quotes", json=quote).status_code == 200, key
@@ -49,8 +53,11 @@ async def test_download_count_limit_and_per_client_rate_limit(dev_env, stack_fac
     stack = stack_factory(dev_env, download_max_count=2)
     client = stack.client()
     async with create_worker(dev_env.client, stack.settings):
-        job_id = (await asyncio.to_thread(client.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(20, 20)), "abuse-1"))).json()["job_id"]
+        job_id = (
+            await asyncio.to_thread(
+                client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(20, 20)), "abuse-1")
+            )
+        ).json()["job_id"]
         link = (await wait_for_status(client, job_id, {"completed"}))["download_url"]
     assert httpx.get(link, headers={"Range": "bytes=10-20"}).status_code == 206  # a resumed part: not counted
     assert httpx.head(link).status_code == 200

@@ -68,8 +68,9 @@ def make_site(tmp_path):
     engines = []
 
     def build(**overrides) -> Site:
-        settings = make_settings(tmp_path, temporal_address="127.0.0.1:9", api_port=9, smtp_port=9,
-                                 emulator_url=CLOSED, **overrides)
+        settings = make_settings(
+            tmp_path, temporal_address="127.0.0.1:9", api_port=9, smtp_port=9, emulator_url=CLOSED, **overrides
+        )
         engine = make_engine(settings.database_url)
         migrate(engine)
         engines.append(engine)
@@ -97,8 +98,9 @@ def job(site: Site, job_id: str) -> Job:
 
 def book_spend(site: Site, cost_usd: float) -> None:
     with Session(site.engine) as session:
-        session.add(LedgerEntry(job_id="other", purpose=f"upscale:{uuid.uuid4().hex}", cost_usd=cost_usd,
-                                created_at=utcnow()))
+        session.add(
+            LedgerEntry(job_id="other", purpose=f"upscale:{uuid.uuid4().hex}", cost_usd=cost_usd, created_at=utcnow())
+        )
         session.commit()
 
 
@@ -110,6 +112,7 @@ def failure(call) -> ApplicationError:
 
 # --- LedgerActivities -----------------------------------------------------------------------------
 
+
 def test_record_cost_books_each_submission_once_and_the_job_costs_their_sum(site):
     ledger, env = LedgerActivities(site.settings, site.engine), ActivityEnvironment()
     job_id = site.add_job("processing")
@@ -120,7 +123,9 @@ def test_record_cost_books_each_submission_once_and_the_job_costs_their_sum(site
 
     booked = rows(site, LedgerEntry, LedgerEntry.job_id == job_id)
     assert sorted((row.purpose, row.credits, row.cost_usd) for row in booked) == [
-        ("upscale:up-1", 2.0, 0.08), ("upscale:up-2", 1.5, 0.06)]
+        ("upscale:up-1", 2.0, 0.08),
+        ("upscale:up-2", 1.5, 0.06),
+    ]
     assert (job(site, job_id).cost_credits, job(site, job_id).cost_usd) == (3.5, 0.14)
 
 
@@ -132,7 +137,8 @@ def test_record_estimate_books_once(site):
     assert env.run(ledger.record_estimate, EstimateRecord(job_id, 2000, 1500, 4, 0.25, 0.04)) == 12.0
     env.run(ledger.record_estimate, EstimateRecord(job_id, 4000, 3000, 4, 0.25, 0.04))
     assert [(r.purpose, r.credits, r.cost_usd) for r in rows(site, LedgerEntry, LedgerEntry.job_id == job_id)] == [
-        ("estimate", 12.0, 0.48)]
+        ("estimate", 12.0, 0.48)
+    ]
 
 
 def test_issue_download_token_one_link_per_purpose_and_the_newest_replaces_the_older(site):
@@ -162,16 +168,26 @@ def test_update_job_writes_what_is_given_and_an_event_per_change(site):
     env.run(ledger.update_job, JobUpdate(job_id, "manual_review"))  # a retry: no second event, the error stays
     assert (job(site, job_id).error_code, job(site, job_id).error_message) == ("timeout", "no result")
     output = StoredImage("/data/upscaled_256x192.png", 256, 192, "png", 4096, "ab" * 32)
-    env.run(ledger.update_job, JobUpdate(job_id, "completed", output=output, upsampler_id="up-9",
-                                         error_code="", error_message=""))
+    env.run(
+        ledger.update_job,
+        JobUpdate(job_id, "completed", output=output, upsampler_id="up-9", error_code="", error_message=""),
+    )
 
     done = job(site, job_id)
     assert done.status == "completed" and done.error_code is None and done.error_message is None
     assert (done.output_width, done.output_height, done.result_path, done.upsampler_id) == (
-        256, 192, "/data/upscaled_256x192.png", "up-9")
+        256,
+        192,
+        "/data/upscaled_256x192.png",
+        "up-9",
+    )
     events = rows(site, JobEvent, JobEvent.job_id == job_id)
-    assert [e.status for e in sorted(events, key=lambda e: e.id)] == ["received", "queued", "manual_review",
-                                                                      "completed"]
+    assert [e.status for e in sorted(events, key=lambda e: e.id)] == [
+        "received",
+        "queued",
+        "manual_review",
+        "completed",
+    ]
     with pytest.raises(ValueError, match="has no record"):
         env.run(ledger.update_job, JobUpdate("no-such-job", "queued"))
 
@@ -218,9 +234,16 @@ def test_delete_expired_tokens_only_of_finished_or_unknown_jobs(make_site):
     now = utcnow()
     with Session(site.engine) as session:
         for job_id, generation, expired_hours_ago in [(done, 1, 5), (done, 2, 0.5), (running, 1, 5), ("gone", 1, 5)]:
-            session.add(DownloadToken(token_sha256=f"{job_id}-{generation}", job_id=job_id, purpose=f"p{generation}",
-                                      generation=generation, expires_at=now - timedelta(hours=expired_hours_ago),
-                                      created_at=now - timedelta(days=2)))
+            session.add(
+                DownloadToken(
+                    token_sha256=f"{job_id}-{generation}",
+                    job_id=job_id,
+                    purpose=f"p{generation}",
+                    generation=generation,
+                    expires_at=now - timedelta(hours=expired_hours_ago),
+                    created_at=now - timedelta(days=2),
+                )
+            )
         session.commit()
 
     assert env.run(ledger.delete_expired_tokens, RetentionRequest(as_of=now)) == 2
@@ -228,6 +251,7 @@ def test_delete_expired_tokens_only_of_finished_or_unknown_jobs(make_site):
 
 
 # --- UpsamplerActivities ----------------------------------------------------------------------------
+
 
 class FakeUpsampler:
     """The client's two calls, answered from a list (a job or an exception to raise); each call recorded."""
@@ -255,8 +279,11 @@ async def test_submit_upscale_answers_a_recorded_submission_without_calling_upsa
     calls, env = UpsamplerActivities(site.settings, site.engine, client), ActivityEnvironment()
     with Session(site.engine) as session:
         session.add(Submission(job_id="j", attempt=1, upsampler_id="up-1", credit_cost=1.5, created_at=utcnow()))
-        session.add(Submission(job_id="j", attempt=2, upsampler_id="up-2", error="Image too large for processing",
-                               created_at=utcnow()))
+        session.add(
+            Submission(
+                job_id="j", attempt=2, upsampler_id="up-2", error="Image too large for processing", created_at=utcnow()
+            )
+        )
         session.commit()
 
     assert await env.run(calls.submit_upscale, SubmitRequest("j", 1, 4)) == UpsamplerResult("up-1", "queued", 1.5)
@@ -295,7 +322,9 @@ async def test_upsampler_errors_become_typed_application_errors_and_are_counted(
     assert limited.value.next_retry_delay == timedelta(seconds=7)
     assert rows(site, Submission) == []  # nothing was accepted, nothing recorded
     assert sorted((c.kind, c.outcome) for c in rows(site, UpsamplerCall)) == [
-        ("status", "rate_limited"), ("submit", "upsampler_invalid_input")]
+        ("status", "rate_limited"),
+        ("submit", "upsampler_invalid_input"),
+    ]
 
 
 async def test_the_hourly_quota_stops_a_call_before_it_is_made(make_site):
@@ -318,6 +347,7 @@ async def test_the_hourly_quota_stops_a_call_before_it_is_made(make_site):
 
 # --- PaymentsActivities, NotifyActivities -----------------------------------------------------------
 
+
 def test_refund_without_an_adapter_is_owed_and_booked_once(site):
     payments, env = PaymentsActivities(site.settings, site.engine), ActivityEnvironment()
     job_id = site.add_job("failed", amount_paid_cents=1299, currency="USD")
@@ -325,7 +355,8 @@ def test_refund_without_an_adapter_is_owed_and_booked_once(site):
     payments._pay_back = lambda row, job: payouts.append(job.job_id) or pay_back(row, job)
 
     assert env.run(payments.refund, RefundRequest(job_id, "unsupported_format")) == RefundOutcome(
-        "owed", 1299, "USD", "none")
+        "owed", 1299, "USD", "none"
+    )
     assert env.run(payments.refund, RefundRequest(job_id, "admin_refund")) == RefundOutcome("owed", 1299, "USD", "none")
 
     assert payouts == [job_id]  # the second run finds the refund done: no second payout
@@ -347,8 +378,9 @@ async def test_an_email_sent_before_is_not_sent_again(site):
     notify, env = NotifyActivities(site.settings, site.engine), ActivityEnvironment()
     job_id = site.add_job("completed")
     with Session(site.engine) as session:
-        session.add(SentMail(job_id=job_id, purpose="completed:1", message_id="<m>", status="sent",
-                             created_at=utcnow()))
+        session.add(
+            SentMail(job_id=job_id, purpose="completed:1", message_id="<m>", status="sent", created_at=utcnow())
+        )
         session.commit()
 
     # The SMTP port is closed: sending would fail the test.
@@ -358,6 +390,7 @@ async def test_an_email_sent_before_is_not_sent_again(site):
 
 
 # --- StorageActivities ------------------------------------------------------------------------------
+
 
 def put_original(site: Site, job_id: str, width: int = 64, height: int = 48) -> None:
     folder = site.settings.storage_dir / "jobs" / job_id
@@ -395,7 +428,8 @@ def test_validate_result_wants_input_times_scale(site, tmp_path):
     result.write_bytes(png_bytes(256, 192))
 
     assert env.run(storage.validate_result, ValidateRequest("j", str(result), 256, 192)) == imaging.ImageInfo(
-        256, 192, "png")
+        256, 192, "png"
+    )
     wrong = failure(lambda: env.run(storage.validate_result, ValidateRequest("j", str(result), 512, 384)))
     assert (wrong.type, wrong.non_retryable) == ("invalid_result", True) and "expected 512x384" in wrong.message
 

@@ -23,8 +23,11 @@ def promtool(*args: str) -> str:
 
 
 def alert_names() -> set[str]:
-    return {rule["alert"] for group in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
-            for rule in group["rules"]}
+    return {
+        rule["alert"]
+        for group in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    }
 
 
 def test_rules_are_valid():
@@ -36,6 +39,10 @@ def test_rules_fire_when_they_should():
 
 
 def test_every_alert_is_seen_firing_by_a_unit_test():
-    fired = {case["alertname"] for test in yaml.safe_load((RULES / "alerts.test.yml").read_text())["tests"]
-             for case in test["alert_rule_test"] if case["exp_alerts"]}
+    fired = {
+        case["alertname"]
+        for test in yaml.safe_load((RULES / "alerts.test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
     assert alert_names() == fired

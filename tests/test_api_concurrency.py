@@ -28,8 +28,12 @@ def table(database_url: str, model) -> list:
 
 async def post_all(stack, bodies: list[dict]) -> tuple[list[httpx.Response], float]:
     """All at once; a request that got no answer in 30 s (a stalled API) fails the test with its timeout."""
-    async with httpx.AsyncClient(base_url=stack.api.url, headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
-                                 timeout=30, limits=httpx.Limits(max_connections=len(bodies))) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.api.url,
+        headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=len(bodies)),
+    ) as client:
         started = time.monotonic()
         replies = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies), return_exceptions=True)
         elapsed = time.monotonic() - started

@@ -19,8 +19,17 @@ from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, UPSAMPLER_KEY, WEBHOOK_SEC
 from tests.helpers import eventually, ledger_rows, order, wait_for_status
 from worker import create_worker
 
-TRICKS = ["..%2F..%2Fetc%2Fpasswd", "%2e%2e", "..", "%00", "a" * 300, "%2Fetc%2Fpasswd", "x%20OR%201%3D1",
-          "0" * 31 + "%2F", "%252e%252e%252f"]
+TRICKS = [
+    "..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e",
+    "..",
+    "%00",
+    "a" * 300,
+    "%2Fetc%2Fpasswd",
+    "x%20OR%201%3D1",
+    "0" * 31 + "%2F",
+    "%252e%252e%252f",
+]
 SECRETS = [STOREFRONT_KEY, ADMIN_KEY, WEBHOOK_SECRET, UPSAMPLER_KEY]
 
 
@@ -79,19 +88,31 @@ async def test_signed_webhook_naming_another_host_fetches_nothing_from_it(dev_en
     client = stack.client()
     with ServerThread(evil) as server:
         async with create_worker(dev_env.client, stack.settings):
-            job_id = (await asyncio.to_thread(client.post, "/v1/jobs", json=order(
-                stack.shop.publish(png_bytes(64, 48)), "attack-hook"))).json()["job_id"]
+            job_id = (
+                await asyncio.to_thread(
+                    client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(64, 48)), "attack-hook")
+                )
+            ).json()["job_id"]
             await wait_for_status(client, job_id, {"queued"})
-            submitted = await eventually(lambda: httpx.get(f"{stack.emulator.url}/_emulator/jobs").json(),
-                                         what="the submission at the emulator")
+            submitted = await eventually(
+                lambda: httpx.get(f"{stack.emulator.url}/_emulator/jobs").json(), what="the submission at the emulator"
+            )
             upsampler_id = submitted[0]["id"]
             hook = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, job_id)
-            lie = {"id": upsampler_id, "status": "SUCCESS", "creditCost": 0,
-                   "imageUrl": f"{server.url}/result.png", "compressedImageUrl": f"{server.url}/result.jpg"}
+            lie = {
+                "id": upsampler_id,
+                "status": "SUCCESS",
+                "creditCost": 0,
+                "imageUrl": f"{server.url}/result.png",
+                "compressedImageUrl": f"{server.url}/result.jpg",
+            }
             assert (await asyncio.to_thread(httpx.post, hook, json=lie)).status_code == 200
             handle = dev_env.client.get_workflow_handle(f"upscale-{job_id}")
-            await eventually(lambda: _waiting_again_after_a_signal(handle), timeout=30,
-                             what="the workflow woken by the hint and waiting again")
+            await eventually(
+                lambda: _waiting_again_after_a_signal(handle),
+                timeout=30,
+                what="the workflow woken by the hint and waiting again",
+            )
             job = (await asyncio.to_thread(client.get, f"/v1/jobs/{job_id}")).json()
     assert hits == []
     assert job["status"] in ("queued", "processing")  # Upsampler's status endpoint says not done: nothing moved

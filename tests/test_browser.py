@@ -31,10 +31,19 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALLER = Path(__file__).resolve().parent.parent / ".ci" / "install-chromium"
 # No first-run screens, no calls home, no updates: the browser only talks to our loopback servers.
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,1000",
-         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]  # no name resolves: loopback only
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]  # no name resolves: loopback only
 STEP_TIMEOUT = 90  # seconds; the machine is small and shared
 
 
@@ -142,8 +151,11 @@ async def test_status_page_and_dashboard_in_chromium(dev_env, stack_factory, fau
     base = stack.api.url
     async with create_worker(dev_env.client, stack.settings):
         # (a) The customer watches the order finish live (Server-Sent Events), then downloads it.
-        created = (await asyncio.to_thread(client.post, "/v1/jobs",
-                                           json=order(stack.shop.publish(png_bytes(60, 40)), "br-live"))).json()
+        created = (
+            await asyncio.to_thread(
+                client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(60, 40)), "br-live")
+            )
+        ).json()
         job_id = created["job_id"]
         first, transport = await in_browser(open_status_page, browser, created["status_page_url"])
         assert first in {"received", "queued", "processing"} and transport == "sse"
@@ -168,8 +180,11 @@ async def test_status_page_and_dashboard_in_chromium(dev_env, stack_factory, fau
 
         # (c) A job Upsampler fails twice waits in manual review; the admin's Retry sends it on.
         faults(fail_with="model crashed", delay_seconds=0.1)
-        created = (await asyncio.to_thread(client.post, "/v1/jobs",
-                                           json=order(stack.shop.publish(png_bytes(60, 40)), "br-review"))).json()
+        created = (
+            await asyncio.to_thread(
+                client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(60, 40)), "br-review")
+            )
+        ).json()
         review_id = created["job_id"]
         await wait_for_status(client, review_id, {"manual_review"}, timeout=STEP_TIMEOUT)
         await wait_awaiting_decision(dev_env, review_id)

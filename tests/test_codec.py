@@ -16,10 +16,11 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter
 
 from api.app import create_app
+from devstack import KEYS
 from smi.codec import EncryptionCodec, PayloadDecryptionError, data_converter, parse_key
 from smi.settings import Settings
 from smi.vocabulary import UpscaleInput
-from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, UPSAMPLER_KEY, WEBHOOK_SECRET, png_bytes
+from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, png_bytes
 from tests.helpers import order, wait_for_status
 from worker import create_worker
 
@@ -37,9 +38,12 @@ def codec_of(key: str = KEY, key_id: str = "k1", previous: dict[str, str] | None
 
 
 def settings_for(tmp_path, **overrides) -> Settings:
-    values = dict(env="test", database_url=f"sqlite:///{tmp_path}/smi.db", storefront_api_key=STOREFRONT_KEY,
-                  admin_api_key=ADMIN_KEY, webhook_secret=WEBHOOK_SECRET, upsampler_api_key=UPSAMPLER_KEY,
-                  payload_key=KEY)
+    values = dict(
+        env="test",
+        database_url=f"sqlite:///{tmp_path}/smi.db",
+        **KEYS,
+        payload_key=KEY,
+    )
     values.update(overrides)
     return Settings(**values)
 
@@ -102,18 +106,24 @@ async def test_plain_payloads_pass_through():
 def test_settings_and_data_converter(tmp_path, monkeypatch):
     assert data_converter(settings_for(tmp_path, payload_key=None).payload_codec()) is DataConverter.default
     assert data_converter(settings_for(tmp_path, payload_key="").payload_codec()) is DataConverter.default  # empty: off
-    converter = data_converter(settings_for(tmp_path, payload_key_id="2025-01", payload_keys_previous=f"k1:{OLD_KEY}").payload_codec())
+    converter = data_converter(
+        settings_for(tmp_path, payload_key_id="2025-01", payload_keys_previous=f"k1:{OLD_KEY}").payload_codec()
+    )
     assert isinstance(converter.payload_codec, EncryptionCodec)
     assert converter.payload_codec.key_ids == ["2025-01", "k1"]
     assert converter.payload_converter is not None
 
     padded = base64.urlsafe_b64encode(parse_key(KEY)).decode()  # with '=' padding, and standard base64 too
     assert parse_key(padded) == parse_key(base64.b64encode(parse_key(KEY)).decode()) == parse_key(KEY)
-    for bad in (dict(payload_key="too-short"), dict(payload_key="!!!" * 15),
-                dict(payload_key=secrets.token_urlsafe(16)),  # AES-128 size: refused, the codec is AES-256
-                dict(payload_key_id="a:b"), dict(payload_keys_previous="k0"),
-                dict(payload_keys_previous=f"k1:{OLD_KEY}"),  # the current key's id again
-                dict(payload_key=None, payload_keys_previous=f"k0:{OLD_KEY}")):
+    for bad in (
+        dict(payload_key="too-short"),
+        dict(payload_key="!!!" * 15),
+        dict(payload_key=secrets.token_urlsafe(16)),  # AES-128 size: refused, the codec is AES-256
+        dict(payload_key_id="a:b"),
+        dict(payload_keys_previous="k0"),
+        dict(payload_keys_previous=f"k1:{OLD_KEY}"),  # the current key's id again
+        dict(payload_key=None, payload_keys_previous=f"k0:{OLD_KEY}"),
+    ):
         with pytest.raises(ValidationError) as error:
             settings_for(tmp_path, **bad)
         assert KEY not in str(error.value) and OLD_KEY not in str(error.value)
@@ -157,7 +167,9 @@ async def test_codec_endpoint_protocol_auth_and_cors(tmp_path):
     sealed = await codec_of().encode(plain_payloads({"job_id": "j-1", "image_url": "https://shop.example/a.png"}))
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with api_from(create_app(settings)) as api:
-        decoded = await api.post("/codec/decode", json=payloads_json(sealed), headers={**admin, "X-Namespace": "default"})
+        decoded = await api.post(
+            "/codec/decode", json=payloads_json(sealed), headers={**admin, "X-Namespace": "default"}
+        )
         assert decoded.status_code == 200, decoded.text
         [item] = decoded.json()["payloads"]
         assert encoding_of(item) == "json/plain"
@@ -175,20 +187,32 @@ async def test_codec_endpoint_protocol_auth_and_cors(tmp_path):
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
 
         # The UI's preflight from its origin, then the request with credentials.
-        preflight = await api.options("/codec/decode", headers={
-            "Origin": "http://localhost:8233", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type,x-namespace,authorization"})
+        preflight = await api.options(
+            "/codec/decode",
+            headers={
+                "Origin": "http://localhost:8233",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,x-namespace,authorization",
+            },
+        )
         assert preflight.status_code == 204
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:8233"
         assert preflight.headers["access-control-allow-credentials"] == "true"
         assert "POST" in preflight.headers["access-control-allow-methods"]
         allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
         assert {"content-type", "x-namespace", "authorization"} <= allowed
-        assert (await api.options("/codec/encode", headers={"Origin": "http://127.0.0.1:8233",
-                                                     "Access-Control-Request-Method": "POST"})).status_code == 204
-        from_ui = await api.post("/codec/decode", json=payloads_json(sealed), headers={**admin, "Origin": "http://localhost:8233"})
+        assert (
+            await api.options(
+                "/codec/encode", headers={"Origin": "http://127.0.0.1:8233", "Access-Control-Request-Method": "POST"}
+            )
+        ).status_code == 204
+        from_ui = await api.post(
+            "/codec/decode", json=payloads_json(sealed), headers={**admin, "Origin": "http://localhost:8233"}
+        )
         assert from_ui.status_code == 200 and from_ui.headers["access-control-allow-origin"] == "http://localhost:8233"
-        unauthorized = await api.post("/codec/decode", json=payloads_json(sealed), headers={"Origin": "http://localhost:8233"})
+        unauthorized = await api.post(
+            "/codec/decode", json=payloads_json(sealed), headers={"Origin": "http://localhost:8233"}
+        )
         assert unauthorized.status_code == 401  # with CORS headers, so the UI can tell why
         assert unauthorized.headers["access-control-allow-origin"] == "http://localhost:8233"
 
@@ -199,10 +223,13 @@ async def test_codec_endpoint_protocol_auth_and_cors(tmp_path):
         assert stolen.status_code == 403 and "access-control-allow-origin" not in stolen.headers
 
         # Bad bodies and bad payloads.
-        as_text = await api.post("/codec/decode", content=json.dumps(payloads_json(sealed)),
-                                 headers={**admin, "Content-Type": "text/plain"})  # would need no preflight
+        as_text = await api.post(
+            "/codec/decode", content=json.dumps(payloads_json(sealed)), headers={**admin, "Content-Type": "text/plain"}
+        )  # would need no preflight
         assert as_text.status_code == 415
-        not_json = await api.post("/codec/decode", content=b"{not json", headers={**admin, "Content-Type": "application/json"})
+        not_json = await api.post(
+            "/codec/decode", content=b"{not json", headers={**admin, "Content-Type": "application/json"}
+        )
         assert not_json.status_code == 400
         tampered = payloads_json(sealed)
         tampered["payloads"][0]["data"] = base64.b64encode(data_of(tampered["payloads"][0])[:-1] + b"\0").decode()
@@ -219,9 +246,13 @@ async def test_codec_endpoint_in_dev_trusts_loopback_only(tmp_path):
         for client in (local, local6):
             answer = await client.post("/codec/decode", json=body, headers={"X-Namespace": "default"})
             assert answer.status_code == 200 and json.loads(data_of(answer.json()["payloads"][0])) == "secret order"
-        assert (await local.post("/codec/decode", json=body, headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (
+            await local.post("/codec/decode", json=body, headers={"Authorization": "Bearer wrong"})
+        ).status_code == 401
         assert (await remote.post("/codec/decode", json=body)).status_code == 401
-        assert (await remote.post("/codec/decode", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})).status_code == 200
+        assert (
+            await remote.post("/codec/decode", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        ).status_code == 200
 
 
 async def test_codec_endpoint_without_a_key(tmp_path):
@@ -238,8 +269,16 @@ async def test_codec_endpoint_without_a_key(tmp_path):
 
 
 # What the Temporal SDK writes in clear beside a local activity's (encrypted) result.
-LOCAL_ACTIVITY_META = {"seq", "attempt", "activity_id", "activity_type", "complete_time", "backoff",
-                       "original_schedule_time", "activation_index"}
+LOCAL_ACTIVITY_META = {
+    "seq",
+    "attempt",
+    "activity_id",
+    "activity_type",
+    "complete_time",
+    "backoff",
+    "original_schedule_time",
+    "activation_index",
+}
 
 
 def payloads_in(node, path: tuple = ()):
@@ -263,8 +302,9 @@ async def test_job_payloads_are_encrypted_in_temporal_and_decoded_by_the_endpoin
     target = dev_env.client.service_client.config.target_host
     with pytest.raises(ValueError, match="SMI_PAYLOAD_KEY"):  # a worker that would write clear payloads refuses
         create_worker(dev_env.client, stack.settings)
-    worker_client = await Client.connect(target, namespace=dev_env.client.namespace,
-                                         data_converter=data_converter(stack.settings.payload_codec()))
+    worker_client = await Client.connect(
+        target, namespace=dev_env.client.namespace, data_converter=data_converter(stack.settings.payload_codec())
+    )
     image_url = stack.shop.publish(png_bytes(60, 40))
     client = stack.client()
     admin = stack.client(ADMIN_KEY)
@@ -284,8 +324,15 @@ async def test_job_payloads_are_encrypted_in_temporal_and_decoded_by_the_endpoin
     workflow_ids = [w.id async for w in dev_env.client.list_workflows(f'TaskQueue="{stack.settings.task_queue}"')]
     assert f"upscale-{job_id}" in workflow_ids and any(w.startswith(f"resend-{job_id}") for w in workflow_ids)
     # (Long or with characters base64 never has: a chance match in ciphertext or base64 text is impossible.)
-    secrets_of_the_job = [job_id, image_url, stack.shop.url.split("//")[1], "enc-1042", "ana@example.com",
-                          "upscaled_120x80", "poll_initial_delay_seconds"]
+    secrets_of_the_job = [
+        job_id,
+        image_url,
+        stack.shop.url.split("//")[1],
+        "enc-1042",
+        "ana@example.com",
+        "upscaled_120x80",
+        "poll_initial_delay_seconds",
+    ]
     found: list[dict] = []
     for workflow_id in workflow_ids:
         raw = (await dev_env.client.get_workflow_handle(workflow_id).fetch_history()).to_json()  # a plain client
@@ -307,11 +354,17 @@ async def test_job_payloads_are_encrypted_in_temporal_and_decoded_by_the_endpoin
         rest = raw.replace(workflow_id, "")
         for value in secrets_of_the_job:
             assert value not in rest, (workflow_id, value)
-    upscale_history = json.loads((await dev_env.client.get_workflow_handle(f"upscale-{job_id}").fetch_history()).to_json())
+    upscale_history = json.loads(
+        (await dev_env.client.get_workflow_handle(f"upscale-{job_id}").fetch_history()).to_json()
+    )
     where_found = {key for where, _ in payloads_in(upscale_history) for key in where}
-    assert {"workflowExecutionStartedEventAttributes", "activityTaskScheduledEventAttributes",
-            "activityTaskCompletedEventAttributes", "workflowExecutionSignaledEventAttributes",
-            "workflowExecutionCompletedEventAttributes"} <= where_found, where_found
+    assert {
+        "workflowExecutionStartedEventAttributes",
+        "activityTaskScheduledEventAttributes",
+        "activityTaskCompletedEventAttributes",
+        "workflowExecutionSignaledEventAttributes",
+        "workflowExecutionCompletedEventAttributes",
+    } <= where_found, where_found
 
     # The codec endpoint gives them back to an admin, and to no one else.
     body = {"payloads": found}

@@ -30,8 +30,14 @@ def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path)
     for name in [k for k in env if k in ("SMI_UPSAMPLER_API_KEY", "SMI_STOREFRONT_API_KEY")]:
         del env[name]
     log = open(tmp_path / "dev.log", "w+")
-    dev = subprocess.Popen([SMI, "dev", "--emulator-port", str(ports["emulator"])], cwd=tmp_path, env=env,
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dev = subprocess.Popen(
+        [SMI, "dev", "--emulator-port", str(ports["emulator"])],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while "The upscale service is running" not in (tmp_path / "dev.log").read_text():
@@ -43,15 +49,21 @@ def test_smi_dev_runs_the_whole_service_and_smi_submit_completes_a_job(tmp_path)
         assert f"http://127.0.0.1:{ports['api']}/admin" in banner
 
         Image.effect_noise((90, 60), 40).convert("RGB").save(tmp_path / "photo.png")
-        submit = subprocess.run([SMI, "submit", "photo.png", "--scale", "3", "--email", "buyer@example.com"],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        submit = subprocess.run(
+            [SMI, "submit", "photo.png", "--scale", "3", "--email", "buyer@example.com"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "done: 270x180 png" in submit.stdout
         assert "/downloads/" in submit.stdout
         outbox = list((tmp_path / "var" / "outbox").glob("*.eml"))
         assert len(outbox) == 1 and b"buyer@example.com" in outbox[0].read_bytes()
         worker_metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics").text
-        assert 'smi_job_outcomes_total{' in worker_metrics and "temporal_workflow_completed_total" in worker_metrics
+        assert "smi_job_outcomes_total{" in worker_metrics and "temporal_workflow_completed_total" in worker_metrics
         _payloads_encrypted_and_the_ui_decodes_them(tmp_path, env, ports, submit.stdout)
     finally:
         os.killpg(dev.pid, signal.SIGINT)
@@ -85,8 +97,11 @@ def _payloads_encrypted_and_the_ui_decodes_them(tmp_path, env, ports, submitted:
     ui_settings = httpx.get(f"http://127.0.0.1:{ports['temporal'] + 1000}/api/v1/settings").json()
     assert ui_settings["Codec"]["Endpoint"] == f"http://127.0.0.1:{ports['api']}/codec"
     ui_origin = f"http://127.0.0.1:{ports['temporal'] + 1000}"
-    decoded = httpx.post(f"{ui_settings['Codec']['Endpoint']}/decode", headers={"Origin": ui_origin, "X-Namespace": "default"},
-                         json={"payloads": [json_format.MessageToDict(stored)]})
+    decoded = httpx.post(
+        f"{ui_settings['Codec']['Endpoint']}/decode",
+        headers={"Origin": ui_origin, "X-Namespace": "default"},
+        json={"payloads": [json_format.MessageToDict(stored)]},
+    )
     assert decoded.status_code == 200, decoded.text
     assert decoded.headers["access-control-allow-origin"] == ui_origin
     assert job_id.encode() in base64.b64decode(decoded.json()["payloads"][0]["data"])

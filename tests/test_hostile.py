@@ -44,8 +44,9 @@ def test_stalled_downloads_hold_no_database_connection(site_factory, big_result)
             assert time.monotonic() < deadline, downloads.open
             time.sleep(0.02)
         started = time.monotonic()
-        reply = httpx.get(f"{site.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
-                          timeout=10)
+        reply = httpx.get(
+            f"{site.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}, timeout=10
+        )
         assert reply.status_code == 200 and time.monotonic() - started < 3
     finally:
         for sock in stalled:
@@ -72,8 +73,14 @@ def test_open_downloads_are_capped_per_client_and_released(site_factory, big_res
 
 def test_every_range_spelling_of_the_whole_file_is_counted(site_factory, big_result):
     """Row 4: these served the whole file (or its first byte) without counting a download."""
-    tricks = ["bytes=00-", "bytes=-99999999", "BYTES=0-", "bytes=0000-10239", "bytes = 0-",
-              "bytes=" + ",".join(f"{i * 10}-{i * 10 + 1}" for i in range(101))]  # over 100 ranges: the whole file
+    tricks = [
+        "bytes=00-",
+        "bytes=-99999999",
+        "BYTES=0-",
+        "bytes=0000-10239",
+        "bytes = 0-",
+        "bytes=" + ",".join(f"{i * 10}-{i * 10 + 1}" for i in range(101)),
+    ]  # over 100 ranges: the whole file
     site = site_factory(download_max_count=len(tricks))
     link = site.complete(site.add_job("processing"), result_path=str(big_result))
     assert httpx.get(link, headers={"Range": "bytes=10-20"}).status_code == 206  # a resume: not counted
@@ -98,36 +105,56 @@ def test_non_ascii_signatures_and_tokens_are_refused_not_500(site):
         "dashboard": httpx.get(f"{site.url}/admin", headers=[(b"Cookie", f"smi_admin_session={exp}.ab.é".encode())]),
     }
     codes = {name: reply.status_code for name, reply in answers.items()}
-    assert codes == {"webhook": 401, "status page": 404, "status state": 404, "status events": 404,
-                     "signed file": 403, "dashboard": 303}
+    assert codes == {
+        "webhook": 401,
+        "status page": 404,
+        "status state": 404,
+        "status events": 404,
+        "signed file": 403,
+        "dashboard": 303,
+    }
 
 
 def test_unauthenticated_bodies_are_refused_before_they_are_read(site):
     """Row 2: a 300 MB body without a key was read (and parsed) before the 401. Here the body never comes:
     the answer must not wait for it."""
     for path in ("/v1/jobs", "/v1/quotes", "/v1/uploads", "/v1/admin/jobs/x/retry"):
-        sock = raw_request(site.url, f"POST {path} HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\n"
-                                     f"Content-Length: 300000000\r\n\r\n{{".encode())
+        sock = raw_request(
+            site.url,
+            f"POST {path} HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 300000000\r\n\r\n{{".encode(),
+        )
         with sock:
             assert reply_status(sock) == 401, path
-    with raw_request(site.url, f"POST /v1/admin/jobs/x/retry HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer "
-                               f"{STOREFRONT_KEY}\r\nContent-Length: 10\r\n\r\n".encode()) as sock:
+    with raw_request(
+        site.url,
+        f"POST /v1/admin/jobs/x/retry HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer "
+        f"{STOREFRONT_KEY}\r\nContent-Length: 10\r\n\r\n".encode(),
+    ) as sock:
         assert reply_status(sock) == 401  # the storefront's key is not the admin's
 
 
 def test_bodies_are_capped_while_they_stream(site):
     """With the key: over the route's cap by Content-Length at once, and without one while streaming."""
     headers = {"Authorization": f"Bearer {STOREFRONT_KEY}", "Content-Type": "application/json"}
-    with raw_request(site.url, f"POST /v1/jobs HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {STOREFRONT_KEY}\r\n"
-                               f"Content-Length: 300000000\r\n\r\n".encode()) as sock:
+    with raw_request(
+        site.url,
+        f"POST /v1/jobs HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {STOREFRONT_KEY}\r\n"
+        f"Content-Length: 300000000\r\n\r\n".encode(),
+    ) as sock:
         assert reply_status(sock) == 413
 
     # Chunked, no length: the first 70 KB chunk is over the 64 KiB cap; the rest of the body never comes,
     # so the answer cannot have waited for it.
     first = b'{"order_id": "' + b"a" * 70_000
-    with raw_request(site.url, f"POST /v1/jobs HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {STOREFRONT_KEY}\r\n"
-                               f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                               f"{len(first):x}\r\n".encode() + first + b"\r\n") as sock:
+    with raw_request(
+        site.url,
+        f"POST /v1/jobs HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer {STOREFRONT_KEY}\r\n"
+        f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"{len(first):x}\r\n".encode()
+        + first
+        + b"\r\n",
+    ) as sock:
         assert reply_status(sock) == 413
     uploads = site.settings.storage_dir / "uploads"
     big = httpx.post(f"{site.url}/v1/uploads", content=iter([b"x" * 1024 * 1024] * 60), headers=headers, timeout=30)
@@ -173,8 +200,11 @@ def test_a_view_token_is_not_a_webhook_signature(site, quick_early_webhooks):
     """Row 10: both signed under one key; the bare-id webhook message let `view:<id>` pass as a job id."""
     job_id = site.add_job("processing")
     view = signing.view_token(WEBHOOK_SECRET, job_id)
-    forged = httpx.post(f"{site.url}/smi-webhook/upsampler/", params={"job": f"view:{job_id}", "sig": view},
-                        json={"id": "u1", "status": "SUCCESS"})
+    forged = httpx.post(
+        f"{site.url}/smi-webhook/upsampler/",
+        params={"job": f"view:{job_id}", "sig": view},
+        json={"id": "u1", "status": "SUCCESS"},
+    )
     assert forged.status_code == 401
     signed = signing.webhook_url(site.url, WEBHOOK_SECRET, job_id)
     assert "sig=" + signing.sign(WEBHOOK_SECRET, f"webhook:{job_id}") in signed  # the message has its own prefix
@@ -200,16 +230,20 @@ def test_webhook_ids_are_bounded(site):
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "malformed_webhook", bad
 
 
-async def test_webhooks_naming_no_submission_add_nothing_to_history(dev_env, stack_factory, faults,
-                                                                    quick_early_webhooks):
+async def test_webhooks_naming_no_submission_add_nothing_to_history(
+    dev_env, stack_factory, faults, quick_early_webhooks
+):
     """Row 9: only a webhook naming one of the job's submissions (or one recorded within a few seconds:
     Upsampler may call before our submit has its reply) becomes a signal; Upsampler's duplicates once."""
     faults(delay_seconds=8, webhook="drop")
     stack = stack_factory(dev_env, poll_initial_delay_seconds=60)
     client = stack.client()
     async with create_worker(dev_env.client, stack.settings):
-        job_id = (await asyncio.to_thread(client.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(16, 16)), "hostile-webhooks"))).json()["job_id"]
+        job_id = (
+            await asyncio.to_thread(
+                client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(16, 16)), "hostile-webhooks")
+            )
+        ).json()["job_id"]
         await wait_for_status(client, job_id, {"queued", "processing"})
         hook = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, job_id)
 
@@ -226,4 +260,3 @@ async def test_webhooks_naming_no_submission_add_nothing_to_history(dev_env, sta
         handle = dev_env.client.get_workflow_handle(f"upscale-{job_id}")
         assert await event_count(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) == 1  # ... signalled once
         await handle.terminate()
-

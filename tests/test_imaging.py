@@ -16,8 +16,10 @@ from smi import imaging
 from smi.probe import read_header
 from tests.conftest import png_bytes
 
-SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-       b'<rect width="64" height="64" fill="red"/></svg>')
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+    b'<rect width="64" height="64" fill="red"/></svg>'
+)
 
 
 def pillow_bytes(fmt: str, size=(64, 48), mode="RGB") -> bytes:
@@ -42,15 +44,18 @@ HOSTILE = {  # name: the bytes; none is a PNG, JPEG or WebP
 }
 
 
-@pytest.mark.parametrize("data, fmt", [
-    pytest.param(png_bytes(8, 8), "png", id="png"),
-    pytest.param(pillow_bytes("JPEG"), "jpg", id="jpeg"),
-    pytest.param(pillow_bytes("WEBP"), "webp", id="webp"),
-    *[pytest.param(data, None, id=name) for name, data in HOSTILE.items()],
-    pytest.param(b"\x89PNG", None, id="too-short-to-tell"),
-])
+@pytest.mark.parametrize(
+    "data, fmt",
+    [
+        pytest.param(png_bytes(8, 8), "png", id="png"),
+        pytest.param(pillow_bytes("JPEG"), "jpg", id="jpeg"),
+        pytest.param(pillow_bytes("WEBP"), "webp", id="webp"),
+        *[pytest.param(data, None, id=name) for name, data in HOSTILE.items()],
+        pytest.param(b"\x89PNG", None, id="too-short-to-tell"),
+    ],
+)
 def test_the_format_is_told_by_the_first_bytes(data, fmt):
-    assert imaging.sniff(data[:imaging.MAGIC_BYTES]) == fmt
+    assert imaging.sniff(data[: imaging.MAGIC_BYTES]) == fmt
 
 
 @pytest.fixture
@@ -84,8 +89,10 @@ def test_a_tiff_libvips_would_decode_is_refused(tmp_path):
     path = tmp_path / "photo.png"
     path.write_bytes(pillow_bytes("TIFF", (64, 48)))
     # libvips as built, without smi.imaging's blocks, reads it (and would pick its TIFF loader by content) ...
-    read = ("import sys, pyvips; i = pyvips.Image.new_from_file(sys.argv[1]); "
-            "print(i.width, i.height, i.get('vips-loader'))")
+    read = (
+        "import sys, pyvips; i = pyvips.Image.new_from_file(sys.argv[1]); "
+        "print(i.width, i.height, i.get('vips-loader'))"
+    )
     plain = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True, text=True, check=True)
     assert plain.stdout.split() == ["64", "48", "tiffload"]
     # ... the service does not.
@@ -94,14 +101,18 @@ def test_a_tiff_libvips_would_decode_is_refused(tmp_path):
     assert caught.value.code == "unsupported_format"
 
 
-@pytest.mark.parametrize("load", [
-    lambda path: pyvips.Image.new_from_file(str(path)),
-    lambda path: pyvips.Image.tiffload(str(path)),
-    lambda path: pyvips.Image.new_from_buffer(path.read_bytes(), ""),
-    lambda path: pyvips.Image.svgload_buffer(SVG),
-    lambda path: pyvips.Image.gifload_buffer(pillow_bytes("GIF")),
-    lambda path: pyvips.Image.matrixload(str(path)),
-], ids=["new_from_file", "tiffload", "new_from_buffer", "svgload_buffer", "gifload_buffer", "matrixload"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda path: pyvips.Image.new_from_file(str(path)),
+        lambda path: pyvips.Image.tiffload(str(path)),
+        lambda path: pyvips.Image.new_from_buffer(path.read_bytes(), ""),
+        lambda path: pyvips.Image.svgload_buffer(SVG),
+        lambda path: pyvips.Image.gifload_buffer(pillow_bytes("GIF")),
+        lambda path: pyvips.Image.matrixload(str(path)),
+    ],
+    ids=["new_from_file", "tiffload", "new_from_buffer", "svgload_buffer", "gifload_buffer", "matrixload"],
+)
 def test_other_loaders_are_blocked_in_the_process(tmp_path, load):
     path = tmp_path / "photo.tif"
     path.write_bytes(pillow_bytes("TIFF"))

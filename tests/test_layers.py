@@ -97,8 +97,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
             elif nxt in stack:
                 low[node] = min(low[node], index[nxt])
         if low[node] == index[node]:
-            component = stack[stack.index(node):]
-            del stack[stack.index(node):]
+            component = stack[stack.index(node) :]
+            del stack[stack.index(node) :]
             if len(component) > 1:
                 found.append(sorted(component))
 
@@ -113,7 +113,9 @@ def test_no_import_points_up_or_into_the_development_kit():
 
 
 def test_benchmarks_do_not_import_the_tests():
-    assert [f"{m} -> {t}" for m, ts in graph().items() if m.startswith("bench") for t in ts if t.startswith("tests")] == []
+    assert [
+        f"{m} -> {t}" for m, ts in graph().items() if m.startswith("bench") for t in ts if t.startswith("tests")
+    ] == []
 
 
 def test_no_import_cycles():
@@ -121,8 +123,9 @@ def test_no_import_cycles():
 
 
 def test_routers_do_not_import_routers():
-    routers = {name for name, path in our_modules().items()
-               if name.startswith("api.") and "APIRouter(" in path.read_text()}
+    routers = {
+        name for name, path in our_modules().items() if name.startswith("api.") and "APIRouter(" in path.read_text()
+    }
     edges = graph()
     assert sorted(f"{r} -> {t}" for r in routers for t in edges[r] if t in routers) == []
 
@@ -132,8 +135,9 @@ def test_the_checks_see_what_they_forbid(tmp_path):
     fake = tmp_path / "wrong.py"
     fake.write_text("def f():\n    from activities.storage import StorageActivities\n")
     assert imports_of(fake, our_modules()) == {"activities.storage"}
-    assert violations({"smi.cli": {"worker", "api.app"}, "api.admin": {"activities.storage"},
-                       "smi.db": {"smi.vocabulary"}}) == ["api.admin -> activities.storage", "smi.cli -> api.app",
-                                                           "smi.cli -> worker"]
+    assert violations(
+        {"smi.cli": {"worker", "api.app"}, "api.admin": {"activities.storage"}, "smi.db": {"smi.vocabulary"}}
+    ) == ["api.admin -> activities.storage", "smi.cli -> api.app", "smi.cli -> worker"]
     assert cycles({"smi.settings": {"smi.codec"}, "smi.codec": {"smi.settings"}, "smi.db": set()}) == [
-        ["smi.codec", "smi.settings"]]
+        ["smi.codec", "smi.settings"]
+    ]

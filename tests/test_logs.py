@@ -80,8 +80,13 @@ def test_json_lines_carry_the_job_from_every_source():
     assert datetime.fromisoformat(plain["ts"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
     assert (plain["level"], plain["message"], plain["pid"]) == ("INFO", "no job here", os.getpid())
     assert explicit["job_id"] == JOB
-    assert from_activity == {**from_activity, "job_id": JOB, "workflow_id": f"upscale-{JOB}",
-                             "activity": "download_result", "attempt": 2}
+    assert from_activity == {
+        **from_activity,
+        "job_id": JOB,
+        "workflow_id": f"upscale-{JOB}",
+        "activity": "download_result",
+        "attempt": 2,
+    }
     assert refund["job_id"] == resend["job_id"] == JOB
     assert "job_id" not in retention and retention["workflow_id"] == "smi-retention-run"
     assert (request["level"], request["job_id"]) == ("WARNING", JOB)
@@ -117,8 +122,13 @@ def test_masking_keeps_the_arguments_other_formatters_unpack():
 
 def test_a_terminal_gets_readable_text():
     log, out = capture(Terminal())
-    log.info("downloading for %s", EMAIL, extra={"temporal_activity": {
-        "workflow_id": f"upscale-{JOB}", "activity_type": "download_result", "attempt": 1}})
+    log.info(
+        "downloading for %s",
+        EMAIL,
+        extra={
+            "temporal_activity": {"workflow_id": f"upscale-{JOB}", "activity_type": "download_result", "attempt": 1}
+        },
+    )
     log.info("started")
     first, second = out.getvalue().splitlines()
     assert not first.startswith("{")
@@ -141,10 +151,14 @@ async def test_api_requests_naming_a_job_log_its_job_id():
 
     app.add_middleware(JobIdFromRequest)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api") as client:
-        for response in [await client.get(f"/v1/jobs/{JOB}"), await client.post(f"/v1/admin/jobs/{JOB}/refund"),
-                         await client.post(f"/smi-webhook/upsampler/?job={JOB}&sig=x"),
-                         await client.get(f"/status/{JOB}/events?v=t"), await client.get("/healthz"),
-                         await client.get("/v1/jobs/not-a-job-id")]:
+        for response in [
+            await client.get(f"/v1/jobs/{JOB}"),
+            await client.post(f"/v1/admin/jobs/{JOB}/refund"),
+            await client.post(f"/smi-webhook/upsampler/?job={JOB}&sig=x"),
+            await client.get(f"/status/{JOB}/events?v=t"),
+            await client.get("/healthz"),
+            await client.get("/v1/jobs/not-a-job-id"),
+        ]:
             assert response.status_code == 200
     assert [line.get("job_id") for line in lines(out)] == [JOB, JOB, JOB, JOB, None, None]
     assert current_job_id.get() is None
@@ -185,9 +199,16 @@ async def test_workflow_and_activity_lines_of_a_real_run_carry_the_job_id(dev_en
 def test_smi_api_writes_json_lines_redacted_and_with_the_job_id(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMI_")}
-    env.update(SMI_ENV="dev", SMI_API_PORT=str(port), SMI_DATABASE_URL=f"sqlite:///{tmp_path}/smi.db",
-               SMI_STOREFRONT_API_KEY="k-store", SMI_ADMIN_API_KEY="k-admin", SMI_WEBHOOK_SECRET="k-hook",
-               SMI_STORAGE_DIR=str(tmp_path / "storage"), PYTHONUNBUFFERED="1")
+    env.update(
+        SMI_ENV="dev",
+        SMI_API_PORT=str(port),
+        SMI_DATABASE_URL=f"sqlite:///{tmp_path}/smi.db",
+        SMI_STOREFRONT_API_KEY="k-store",
+        SMI_ADMIN_API_KEY="k-admin",
+        SMI_WEBHOOK_SECRET="k-hook",
+        SMI_STORAGE_DIR=str(tmp_path / "storage"),
+        PYTHONUNBUFFERED="1",
+    )
     log_path = tmp_path / "api.log"
     with open(log_path, "wb") as log:
         api = subprocess.Popen([SMI, "api"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -29,14 +29,16 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}; the parser also proves the text is valid."""
     reply = httpx.get(url, headers=BEARER, timeout=10)  # the worker's port ignores the header
     assert reply.status_code == 200, reply.text
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels) -> float:
     """The sum over the samples of `name` whose labels include `labels`."""
-    return sum(v for (n, found), v in samples.items()
-               if n == name and set(labels.items()) <= set(found))
+    return sum(v for (n, found), v in samples.items() if n == name and set(labels.items()) <= set(found))
 
 
 async def scrape_until(url: str, condition, timeout: float = 30) -> dict:
@@ -61,12 +63,18 @@ async def test_worker_port_has_sdk_and_job_metrics(dev_env, stack_factory, fault
     api = stack.client()
 
     async with create_worker(client, stack.settings):
-        by_webhook = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(60, 40)), "metrics-1", scale_factor=2))).json()["job_id"]
+        by_webhook = (
+            await asyncio.to_thread(
+                api.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(60, 40)), "metrics-1", scale_factor=2)
+            )
+        ).json()["job_id"]
         first = await wait_for_status(api, by_webhook, {"completed", "failed", "manual_review"}, timeout=60)
         faults(delay_seconds=0.2, webhook="drop")  # the next job is found by polling
-        by_poll = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(50, 30)), "metrics-2", scale_factor=2))).json()["job_id"]
+        by_poll = (
+            await asyncio.to_thread(
+                api.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(50, 30)), "metrics-2", scale_factor=2)
+            )
+        ).json()["job_id"]
         second = await wait_for_status(api, by_poll, {"completed", "failed", "manual_review"}, timeout=60)
         assert first["status"] == second["status"] == "completed", (first, second)
         for job_id in (by_webhook, by_poll):  # "completed" comes before the email and the clean-up
@@ -104,12 +112,17 @@ async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
     stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN, daily_budget_usd=0.01)
     api = stack.client()
     queue = stack.settings.task_queue
-    job_id = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
-        stack.shop.publish(png_bytes(40, 40)), "backlog-1", scale_factor=2))).json()["job_id"]
+    job_id = (
+        await asyncio.to_thread(
+            api.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 40)), "backlog-1", scale_factor=2)
+        )
+    ).json()["job_id"]
 
     # No worker yet: the job's first workflow task waits in the queue, and ages.
-    samples = await scrape_until(f"{stack.api.url}/metrics", lambda found: value(
-        found, "smi_task_queue_backlog", task_queue=queue, type="workflow") >= 1)
+    samples = await scrape_until(
+        f"{stack.api.url}/metrics",
+        lambda found: value(found, "smi_task_queue_backlog", task_queue=queue, type="workflow") >= 1,
+    )
     assert value(samples, "smi_task_queue_up") == 1
     assert value(samples, "smi_task_queue_backlog_age_seconds", task_queue=queue, type="workflow") > 0
     assert value(samples, "smi_db_jobs", status="received") == 1
@@ -118,8 +131,10 @@ async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
         job = await wait_for_status(api, job_id, {"completed", "failed", "manual_review"}, timeout=60)
         assert job["status"] == "completed", job
         # Temporal's statistics are approximate and refreshed every few seconds.
-        samples = await scrape_until(f"{stack.api.url}/metrics", lambda found: value(
-            found, "smi_task_queue_backlog", task_queue=queue, type="workflow") == 0)
+        samples = await scrape_until(
+            f"{stack.api.url}/metrics",
+            lambda found: value(found, "smi_task_queue_backlog", task_queue=queue, type="workflow") == 0,
+        )
     assert value(samples, "smi_task_queue_pollers", task_queue=queue, type="workflow") >= 1
     assert value(samples, "smi_task_queue_pollers", task_queue=queue + "-upsampler", type="activity") >= 1
     assert value(samples, "smi_db_jobs", status="completed") == 1
@@ -134,8 +149,14 @@ async def test_api_metrics_show_the_backlog(dev_env, stack_factory):
 def api_alone(tmp_path, emulator, mailbox, **overrides):
     """A real API whose Temporal is down (nothing listens at its address); yields its URL."""
     port = free_port()
-    settings = make_settings(tmp_path, temporal_address=f"127.0.0.1:{free_port()}", api_port=port,
-                             smtp_port=mailbox.port, emulator_url=emulator.url, **overrides)
+    settings = make_settings(
+        tmp_path,
+        temporal_address=f"127.0.0.1:{free_port()}",
+        api_port=port,
+        smtp_port=mailbox.port,
+        emulator_url=emulator.url,
+        **overrides,
+    )
     server = ServerThread(create_app(settings), port=port).start()
     try:
         yield server.url
@@ -168,8 +189,13 @@ async def test_api_metrics_need_the_token_and_a_flood_costs_one_collection(dev_e
     url = f"{stack.api.url}/metrics"
     aggregates = aggregates_run_by(stack.api.server.config.app)
 
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {METRICS_TOKEN}"},
-                    {"Authorization": "Bearer \xe9t\xe9".encode("latin-1")}, {"Authorization": METRICS_TOKEN}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+        {"Authorization": "Bearer \xe9t\xe9".encode("latin-1")},
+        {"Authorization": METRICS_TOKEN},
+    ):
         refused = await asyncio.to_thread(httpx.get, url, headers=headers)
         assert refused.status_code == 401, (headers, refused.text)
         assert refused.json()["error"]["code"] == "unauthorized"
@@ -187,8 +213,11 @@ async def test_api_metrics_need_the_token_and_a_flood_costs_one_collection(dev_e
     assert len(aggregates) == one_collection
     # Figures older than the cache's few seconds are collected again, once.
     figures = stack.api.server.config.app.state.metrics
-    await eventually(lambda: time.monotonic() - figures.collected_at >= metrics.CACHE_SECONDS,
-                     timeout=2 * metrics.CACHE_SECONDS, what="the cached figures out of date")
+    await eventually(
+        lambda: time.monotonic() - figures.collected_at >= metrics.CACHE_SECONDS,
+        timeout=2 * metrics.CACHE_SECONDS,
+        what="the cached figures out of date",
+    )
     await asyncio.gather(*(asyncio.to_thread(scrape, url) for _ in range(5)))
     assert len(aggregates) == 2 * one_collection
 
@@ -208,8 +237,13 @@ async def test_revenue_and_refunds_are_two_counters(dev_env, stack_factory, faul
     stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN)
     api = stack.client()
     async with create_worker(dev_env.client, stack.settings):
-        job_id = (await asyncio.to_thread(api.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(40, 30)), "refunded-1", amount_paid_cents=1299))).json()["job_id"]
+        job_id = (
+            await asyncio.to_thread(
+                api.post,
+                "/v1/jobs",
+                json=order(stack.shop.publish(png_bytes(40, 30)), "refunded-1", amount_paid_cents=1299),
+            )
+        ).json()["job_id"]
         await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()
     job = (await asyncio.to_thread(api.get, f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["refund"]["amount_cents"] == 1299, job

@@ -123,15 +123,22 @@ def test_starters_migrating_at_once_all_succeed(tmp_path):
     """The API and three workers starting together on a fresh database: one migrates, the others wait for it."""
     url = database_url(tmp_path)
     go = tmp_path / "go"
-    starters = [subprocess.Popen([sys.executable, "-c", STARTER, url, str(tmp_path / f"ready{i}"), str(go)],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for i in range(4)]
+    starters = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, url, str(tmp_path / f"ready{i}"), str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
         time.sleep(0.01)
     go.touch()
     results = [starter.communicate(timeout=60) for starter in starters]
-    for starter, (out, err) in zip(starters, results):
+    for starter, (out, err) in zip(starters, results, strict=True):
         assert starter.returncode == 0, err
         assert out.strip() == head()
     assert _differences(create_engine(url)) == []

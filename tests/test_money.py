@@ -16,9 +16,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from smi import pricing
-from smi.db import BudgetAlert, Job, LedgerEntry, Refund
+from smi.db import BudgetAlert, LedgerEntry, Refund
 from tests.conftest import ADMIN_KEY, png_bytes
-from tests.helpers import event_count, eventually, order, wait_for_status
+from tests.helpers import event_count, eventually, job_row, order, wait_for_status
 from worker import create_worker
 from workflows.upscale import UpscaleWorkflow
 
@@ -48,8 +48,9 @@ def test_pricing_table(width, height, scale, credits, cost, price, accepted, max
 
 
 def test_pricing_follows_the_configured_rates():
-    quote = pricing.quote(2000, 1000, 2, credits_per_megapixel=0.5, credit_price_usd=0.10, markup_percent=100,
-                          min_price_usd=0.0)
+    quote = pricing.quote(
+        2000, 1000, 2, credits_per_megapixel=0.5, credit_price_usd=0.10, markup_percent=100, min_price_usd=0.0
+    )
     assert (quote.credits, quote.cost_usd, quote.price_usd) == (4.0, 0.4, 0.8)
 
 
@@ -59,17 +60,27 @@ async def test_quotes_through_the_api_for_both_body_forms(dev_env, stack_factory
     by_size = client.post("/v1/quotes", json={"width": 1000, "height": 1000, "scale_factor": 4})
     assert by_size.status_code == 200
     assert by_size.json() == {
-        "input": {"width": 1000, "height": 1000}, "scale_factor": 4,
+        "input": {"width": 1000, "height": 1000},
+        "scale_factor": 4,
         "output": {"width": 4000, "height": 4000, "megapixels": 16.0},
-        "credits": 4.0, "cost_usd": 0.16, "price_usd": 0.96, "accepted": True, "reason": None, "max_scale_factor": 7,
+        "credits": 4.0,
+        "cost_usd": 0.16,
+        "price_usd": 0.96,
+        "accepted": True,
+        "reason": None,
+        "max_scale_factor": 7,
     }
     by_url = client.post("/v1/quotes", json={"image_url": stack.shop.publish(png_bytes(1000, 1000)), "scale_factor": 4})
     assert by_url.json() == by_size.json()
-    both = client.post("/v1/quotes", json={"width": 10, "height": 10, "image_url": "http://x.test/a.png", "scale_factor": 2})
+    both = client.post(
+        "/v1/quotes", json={"width": 10, "height": 10, "image_url": "http://x.test/a.png", "scale_factor": 2}
+    )
     assert both.status_code == 422
     assert client.post("/v1/quotes", json={"width": 10, "scale_factor": 2}).status_code == 422
     assert client.post("/v1/quotes", json={"width": 10, "height": 10, "scale_factor": 1}).status_code == 422
-    assert httpx.post(f"{stack.api.url}/v1/quotes", json={"width": 1, "height": 1, "scale_factor": 2}).status_code == 401
+    assert (
+        httpx.post(f"{stack.api.url}/v1/quotes", json={"width": 1, "height": 1, "scale_factor": 2}).status_code == 401
+    )
 
 
 async def _finish(stack, env, order_id: str, **overrides) -> tuple[str, dict]:
@@ -92,8 +103,14 @@ async def test_ledger_of_a_clean_run_a_compression_and_a_refund(dev_env, stack_f
     async with create_worker(dev_env.client, stack.settings):
         faults(delay_seconds=0.1)
         clean, _ = await _finish(stack, dev_env, "m-clean")
-        assert await _money(stack, clean) == {"revenue_usd": 12.99, "cost_usd": 0.04, "credits": 1.0,
-                                              "estimated_credits": 1.0, "refunded_usd": 0.0, "margin_usd": 12.95}
+        assert await _money(stack, clean) == {
+            "revenue_usd": 12.99,
+            "cost_usd": 0.04,
+            "credits": 1.0,
+            "estimated_credits": 1.0,
+            "refunded_usd": 0.0,
+            "margin_usd": 12.95,
+        }
 
         image = png_bytes(240, 160)
         faults(max_input_bytes=len(image) // 2, delay_seconds=0.1)  # refused once as too large, then compressed
@@ -107,8 +124,14 @@ async def test_ledger_of_a_clean_run_a_compression_and_a_refund(dev_env, stack_f
         refund = await asyncio.to_thread(httpx.post, f"{stack.api.url}/v1/admin/jobs/{reviewed}/refund", headers=ADMIN)
         assert refund.status_code == 202
         await handle.result()
-        assert await _money(stack, reviewed) == {"revenue_usd": 5.0, "cost_usd": 0.08, "credits": 2.0,
-                                                 "estimated_credits": 1.0, "refunded_usd": 5.0, "margin_usd": -0.08}
+        assert await _money(stack, reviewed) == {
+            "revenue_usd": 5.0,
+            "cost_usd": 0.08,
+            "credits": 2.0,
+            "estimated_credits": 1.0,
+            "refunded_usd": 5.0,
+            "margin_usd": -0.08,
+        }
 
     engine = create_engine(stack.settings.database_url)
     with Session(engine) as session:
@@ -125,23 +148,48 @@ def _seed_usage(database_url: str) -> None:
     """Jobs and ledger rows on both sides of a UTC day and month boundary."""
     engine = create_engine(database_url)
     with Session(engine) as session:
-        for n, (moment, status, cents, credits) in enumerate([
-            ("2026-10-31 23:59:59", "completed", 1000, 2.0),
-            ("2026-10-31 12:00:00", "failed", 700, 1.0),
-            ("2026-11-01 00:00:00", "completed", 500, 4.0),
-        ]):
+        for n, (moment, status, cents, credits) in enumerate(
+            [
+                ("2026-10-31 23:59:59", "completed", 1000, 2.0),
+                ("2026-10-31 12:00:00", "failed", 700, 1.0),
+                ("2026-11-01 00:00:00", "completed", 500, 4.0),
+            ]
+        ):
             job_id = f"{n:032x}"
             at = _at(moment)
-            session.add(Job(job_id=job_id, order_id=f"seed-{n}", request_sha256="0" * 64, status=status,
-                            created_at=at, updated_at=at, image_url="http://x/i.png", scale_factor=2, format="auto",
-                            customer_email="seed@example.com", amount_paid_cents=cents, currency="USD"))
+            session.add(
+                job_row(
+                    job_id,
+                    status,
+                    at,
+                    order_id=f"seed-{n}",
+                    image_url="http://x/i.png",
+                    scale_factor=2,
+                    customer_email="seed@example.com",
+                    customer_name=None,
+                    amount_paid_cents=cents,
+                )
+            )
             session.add(LedgerEntry(job_id=job_id, purpose="revenue", revenue_usd=cents / 100, created_at=at))
             session.add(LedgerEntry(job_id=job_id, purpose="estimate", credits=99, cost_usd=9.9, created_at=at))
-            session.add(LedgerEntry(job_id=job_id, purpose=f"upscale:u{n}", credits=credits, cost_usd=credits * 0.04,
-                                    created_at=at))
+            session.add(
+                LedgerEntry(
+                    job_id=job_id, purpose=f"upscale:u{n}", credits=credits, cost_usd=credits * 0.04, created_at=at
+                )
+            )
             if status == "failed":
-                session.add(Refund(job_id=job_id, status="refunded", amount_cents=cents, currency="USD",
-                                   reason="timeout", adapter="none", created_at=at, completed_at=at))
+                session.add(
+                    Refund(
+                        job_id=job_id,
+                        status="refunded",
+                        amount_cents=cents,
+                        currency="USD",
+                        reason="timeout",
+                        adapter="none",
+                        created_at=at,
+                        completed_at=at,
+                    )
+                )
                 session.add(LedgerEntry(job_id=job_id, purpose="refund", revenue_usd=-cents / 100, created_at=at))
         session.commit()
     engine.dispose()
@@ -150,35 +198,93 @@ def _seed_usage(database_url: str) -> None:
 async def test_usage_report_splits_days_and_months_in_utc(dev_env, stack_factory, tmp_path):
     stack = stack_factory(dev_env)
     _seed_usage(stack.settings.database_url)
-    days = httpx.get(f"{stack.api.url}/v1/admin/usage", params={"period": "day", "from": "2026-10-30", "to": "2026-11-01"},
-                     headers=ADMIN).json()
+    days = httpx.get(
+        f"{stack.api.url}/v1/admin/usage",
+        params={"period": "day", "from": "2026-10-30", "to": "2026-11-01"},
+        headers=ADMIN,
+    ).json()
     assert days["rows"] == [
-        {"period": "2026-10-31", "jobs": 2, "completed": 1, "failed": 1, "refunded": 1, "credits": 3.0,
-         "cost_usd": 0.12, "revenue_usd": 10.0, "margin_usd": 9.88},
-        {"period": "2026-11-01", "jobs": 1, "completed": 1, "failed": 0, "refunded": 0, "credits": 4.0,
-         "cost_usd": 0.16, "revenue_usd": 5.0, "margin_usd": 4.84},
+        {
+            "period": "2026-10-31",
+            "jobs": 2,
+            "completed": 1,
+            "failed": 1,
+            "refunded": 1,
+            "credits": 3.0,
+            "cost_usd": 0.12,
+            "revenue_usd": 10.0,
+            "margin_usd": 9.88,
+        },
+        {
+            "period": "2026-11-01",
+            "jobs": 1,
+            "completed": 1,
+            "failed": 0,
+            "refunded": 0,
+            "credits": 4.0,
+            "cost_usd": 0.16,
+            "revenue_usd": 5.0,
+            "margin_usd": 4.84,
+        },
     ]
     assert set(days["upsampler_requests"]) == {"last_minute", "per_minute_limit", "last_hour", "per_hour_limit"}
-    months = httpx.get(f"{stack.api.url}/v1/admin/usage", params={"period": "month", "from": "2026-10-01",
-                                                                 "to": "2026-11-30"}, headers=ADMIN).json()
+    months = httpx.get(
+        f"{stack.api.url}/v1/admin/usage",
+        params={"period": "month", "from": "2026-10-01", "to": "2026-11-30"},
+        headers=ADMIN,
+    ).json()
     assert [(r["period"], r["jobs"], r["cost_usd"], r["margin_usd"]) for r in months["rows"]] == [
-        ("2026-10", 2, 0.12, 9.88), ("2026-11", 1, 0.16, 4.84)]
-    csv = httpx.get(f"{stack.api.url}/v1/admin/usage", params={"period": "month", "from": "2026-10-01",
-                                                              "to": "2026-11-30"}, headers={**ADMIN, "Accept": "text/csv"})
+        ("2026-10", 2, 0.12, 9.88),
+        ("2026-11", 1, 0.16, 4.84),
+    ]
+    csv = httpx.get(
+        f"{stack.api.url}/v1/admin/usage",
+        params={"period": "month", "from": "2026-10-01", "to": "2026-11-30"},
+        headers={**ADMIN, "Accept": "text/csv"},
+    )
     assert csv.headers["content-type"].startswith("text/csv")
-    assert csv.text.splitlines() == ["period,jobs,completed,failed,refunded,credits,cost_usd,revenue_usd,margin_usd",
-                                     "2026-10,2,1,1,1,3.0,0.12,10.0,9.88", "2026-11,1,1,0,0,4.0,0.16,5.0,4.84"]
+    assert csv.text.splitlines() == [
+        "period,jobs,completed,failed,refunded,credits,cost_usd,revenue_usd,margin_usd",
+        "2026-10,2,1,1,1,3.0,0.12,10.0,9.88",
+        "2026-11,1,1,0,0,4.0,0.16,5.0,4.84",
+    ]
     bad = httpx.get(f"{stack.api.url}/v1/admin/usage", params={"period": "week"}, headers=ADMIN)
     assert bad.status_code == 422
     assert httpx.get(f"{stack.api.url}/v1/admin/usage", params={"from": "yesterday"}, headers=ADMIN).status_code == 422
 
-    table = subprocess.run([str(Path(sys.executable).parent / "smi"), "usage", "--period", "month", "--from",
-                            "2026-10-01", "--to", "2026-11-30"], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "SMI_ENV": "dev", "SMI_DATABASE_URL": stack.settings.database_url}, cwd=tmp_path)
+    table = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "smi"),
+            "usage",
+            "--period",
+            "month",
+            "--from",
+            "2026-10-01",
+            "--to",
+            "2026-11-30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SMI_ENV": "dev", "SMI_DATABASE_URL": stack.settings.database_url},
+        cwd=tmp_path,
+    )
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["period", "jobs", "done", "failed", "refund", "credits", "cost", "$", "revenue", "$",
-                                "margin", "$"]
+    assert lines[0].split() == [
+        "period",
+        "jobs",
+        "done",
+        "failed",
+        "refund",
+        "credits",
+        "cost",
+        "$",
+        "revenue",
+        "$",
+        "margin",
+        "$",
+    ]
     assert lines[2].split() == ["2026-10", "2", "1", "1", "1", "3.00", "0.12", "10.00", "9.88"]
     assert lines[3].split() == ["2026-11", "1", "1", "0", "0", "4.00", "0.16", "5.00", "4.84"]
 
@@ -192,7 +298,10 @@ async def test_budget_alerts_once_per_threshold_with_two_workers(dev_env, stack_
     assert {job["status"] for _, job in results} == {"completed"}
     alerts = sorted(m["Subject"] for m in stack.mailbox.messages if m["To"] == "admin@localhost")
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    assert alerts == [f"[upscale] 100% of the day budget spent ({day})", f"[upscale] 80% of the day budget spent ({day})"]
+    assert alerts == [
+        f"[upscale] 100% of the day budget spent ({day})",
+        f"[upscale] 80% of the day budget spent ({day})",
+    ]
     engine = create_engine(stack.settings.database_url)
     with Session(engine) as session:
         assert sorted(a.key for a in session.exec(select(BudgetAlert))) == [f"day:{day}:100", f"day:{day}:80"]
@@ -235,11 +344,17 @@ async def test_quota_two_hundred_jobs_without_a_rate_limit_failure(dev_env, stac
 
     async with create_worker(dev_env.client, stack.settings):
         ids = await asyncio.gather(*(one(n) for n in range(200)))
-        states = await asyncio.gather(*(dev_env.client.get_workflow_handle_for(
-            UpscaleWorkflow.run, f"upscale-{job_id}").result() for job_id in ids))
+        states = await asyncio.gather(
+            *(
+                dev_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}").result()
+                for job_id in ids
+            )
+        )
     assert [s.status for s in states] == ["completed"] * 200
     counts = httpx.get(f"{stack.emulator.url}/_emulator/requests").json()
     assert counts["submit"] == 200 and counts["rate_limited"] == 0
     report = httpx.get(f"{stack.api.url}/v1/admin/usage", headers=ADMIN).json()
     assert report["upsampler_requests"]["last_hour"] >= 400  # submits and status calls, all counted
-    print(f"\nquota: {counts['submit']} submits, {counts['status']} status calls, {counts['rate_limited']} answered 429")
+    print(
+        f"\nquota: {counts['submit']} submits, {counts['status']} status calls, {counts['rate_limited']} answered 429"
+    )

@@ -24,8 +24,13 @@ async def test_no_secret_or_address_in_logs_or_histories(dev_env, stack_factory,
         await wait_for_status(client, job_id, {"completed"})
         await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()
         faults(refuse_with="unsupported image format")  # a failed, refunded job too
-        failed = (await asyncio.to_thread(client.post, "/v1/jobs", json=order(
-            stack.shop.publish(png_bytes(30, 20)), "leak-2", customer_email=EMAIL))).json()["job_id"]
+        failed = (
+            await asyncio.to_thread(
+                client.post,
+                "/v1/jobs",
+                json=order(stack.shop.publish(png_bytes(30, 20)), "leak-2", customer_email=EMAIL),
+            )
+        ).json()["job_id"]
         await dev_env.client.get_workflow_handle(f"upscale-{failed}").result()
         job = client.get(f"/v1/jobs/{job_id}").json()
 
@@ -51,17 +56,23 @@ def test_access_log_lines_are_redacted():
     from api.redact import RedactSensitive
 
     token = "ab" * 32
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
-        "127.0.0.1:5000", "GET", f"/downloads/{token}", "1.1", 200), None)
-    record2 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
-        "127.0.0.1:5000", "DELETE", f"/v1/admin/customers/{EMAIL}", "1.1", 200), None)
-    record3 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
-        "127.0.0.1:5000", "POST", f"/smi-webhook/upsampler/?job=x&sig={token}", "1.1", 200), None)
-    record4 = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
-        "127.0.0.1:5000", "GET", f"/status/{'c' * 32}/events?v={token}", "1.1", 200), None)
-    for item in (record, record2, record3, record4):
+
+    def access(method: str, path: str) -> logging.LogRecord:
+        """An access-log record as uvicorn writes one."""
+        arguments = ("127.0.0.1:5000", method, path, "1.1", 200)
+        return logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', arguments, None
+        )
+
+    records = [
+        access("GET", f"/downloads/{token}"),
+        access("DELETE", f"/v1/admin/customers/{EMAIL}"),
+        access("POST", f"/smi-webhook/upsampler/?job=x&sig={token}"),
+        access("GET", f"/status/{'c' * 32}/events?v={token}"),
+    ]
+    for item in records:
         assert RedactSensitive().filter(item)
-    lines = [r.getMessage() for r in (record, record2, record3, record4)]
+    lines = [r.getMessage() for r in records]
     assert all(token not in line and EMAIL not in line for line in lines)
     assert lines[0].endswith('"GET /downloads/<redacted> HTTP/1.1" 200')
     assert lines[3].endswith(f'"GET /status/{"c" * 32}/events?v=<redacted> HTTP/1.1" 200')

@@ -43,6 +43,7 @@ QUICK = {"upsampler_requests_per_minute": 6000}
 
 # --- local fixtures -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def mailbox(request):
     """Overrides conftest's SMTP server for this module: `reject` comes from indirect parametrization."""
@@ -88,9 +89,16 @@ def fake_stripe():
     async def create_refund(request: Request):
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()}
         seen.append({"headers": dict(request.headers), "form": form})
-        refund = {"id": "re_3LocalTest0001", "object": "refund", "amount": int(form["amount"]), "currency": "usd",
-                  "payment_intent": form.get("payment_intent"), "status": "succeeded", "created": 1700000000,
-                  "metadata": {k[len("metadata["):-1]: v for k, v in form.items() if k.startswith("metadata[")}}
+        refund = {
+            "id": "re_3LocalTest0001",
+            "object": "refund",
+            "amount": int(form["amount"]),
+            "currency": "usd",
+            "payment_intent": form.get("payment_intent"),
+            "status": "succeeded",
+            "created": 1700000000,
+            "metadata": {k[len("metadata[") : -1]: v for k, v in form.items() if k.startswith("metadata[")},
+        }
         return JSONResponse(refund, headers={"Request-Id": "req_local_1"})
 
     with ServerThread(app) as server:
@@ -99,6 +107,7 @@ def fake_stripe():
 
 
 # --- helpers --------------------------------------------------------------------------------
+
 
 async def call(client: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response:
     """A request off the event loop: the in-process worker must keep running meanwhile."""
@@ -155,11 +164,13 @@ def signature_ok(headers: dict, body: bytes) -> bool:
 
 # --- 1. refund adapters ---------------------------------------------------------------------
 
+
 async def test_webhook_refund_is_retried_until_2xx(time_skipping_env, stack_factory, faults, refund_endpoint):
     faults(refuse_with="unsupported image format")
     storefront = refund_endpoint(fail_first=2)
-    stack = stack_factory(time_skipping_env, **QUICK, refund_adapter="webhook",
-                          refund_webhook_url=storefront.refund_url)
+    stack = stack_factory(
+        time_skipping_env, **QUICK, refund_adapter="webhook", refund_webhook_url=storefront.refund_url
+    )
     async with create_worker(time_skipping_env.client, stack.settings):
         client, job_id = await start(stack, "rf-webhook")
         handle = time_skipping_env.client.get_workflow_handle_for(UpscaleWorkflow.run, f"upscale-{job_id}")
@@ -180,9 +191,15 @@ async def test_webhook_refund_is_retried_until_2xx(time_skipping_env, stack_fact
     assert {r["headers"]["idempotency-key"] for r in seen} == {f"smi-refund-{job_id}"}
     assert len({r["body"] for r in seen}) == 1  # every retry asks for exactly the same refund
     body = json.loads(seen[0]["body"])
-    assert body == {"job_id": job_id, "order_id": "rf-webhook", "payment_reference": "pi_test_123",
-                    "amount_cents": 1299, "currency": "USD", "reason": "unsupported_format",
-                    "idempotency_key": f"smi-refund-{job_id}"}
+    assert body == {
+        "job_id": job_id,
+        "order_id": "rf-webhook",
+        "payment_reference": "pi_test_123",
+        "amount_cents": 1299,
+        "currency": "USD",
+        "reason": "unsupported_format",
+        "idempotency_key": f"smi-refund-{job_id}",
+    }
     assert seen[0]["headers"]["content-type"] == "application/json"
 
     # The workflow has ended (its result is in hand above): no mail can follow the two counted here.
@@ -199,8 +216,9 @@ async def test_webhook_refund_is_retried_until_2xx(time_skipping_env, stack_fact
 
 async def test_stripe_refund_request(dev_env, stack_factory, faults, fake_stripe):
     faults(refuse_with="unsupported image format")
-    stack = stack_factory(dev_env, **QUICK, refund_adapter="stripe", stripe_api_key=STRIPE_KEY,
-                          stripe_api_base=fake_stripe.url)
+    stack = stack_factory(
+        dev_env, **QUICK, refund_adapter="stripe", stripe_api_key=STRIPE_KEY, stripe_api_base=fake_stripe.url
+    )
     async with create_worker(dev_env.client, stack.settings):
         client, job_id = await start(stack, "rf-stripe", amount_paid_cents=2499, payment_reference="pi_3NxStripeLocal")
         job = await wait_for_status(client, job_id, END)
@@ -246,6 +264,7 @@ async def test_no_adapter_records_the_refund_as_owed(dev_env, stack_factory, fau
 
 # --- 2. admin API ---------------------------------------------------------------------------
 
+
 async def test_admin_auth_listing_and_unknown_jobs(dev_env, stack_factory, faults):
     faults(refuse_with="unsupported image format", faulty_jobs=2)  # two refused jobs, then a normal one
     stack = stack_factory(dev_env, **QUICK)
@@ -261,9 +280,12 @@ async def test_admin_auth_listing_and_unknown_jobs(dev_env, stack_factory, fault
         # 401: no key, a wrong key, the storefront's key; on every admin endpoint, before anything else.
         anonymous = httpx.Client(base_url=stack.api.url, timeout=30)
         for who in (anonymous, stack.client("wrong-key"), stack.client(STOREFRONT_KEY)):
-            for method, path in (("GET", "/v1/admin/jobs"), ("POST", f"/v1/admin/jobs/{failed_id}/retry"),
-                                 ("POST", f"/v1/admin/jobs/{failed_id}/refund"),
-                                 ("POST", f"/v1/admin/jobs/{failed_id}/resend-email")):
+            for method, path in (
+                ("GET", "/v1/admin/jobs"),
+                ("POST", f"/v1/admin/jobs/{failed_id}/retry"),
+                ("POST", f"/v1/admin/jobs/{failed_id}/refund"),
+                ("POST", f"/v1/admin/jobs/{failed_id}/resend-email"),
+            ):
                 reply = await call(who, method, path)
                 assert reply.status_code == 401, (method, path, reply.text)
                 assert reply.json()["error"]["code"] == "unauthorized"
@@ -353,8 +375,11 @@ async def test_admin_resend_email_then_refund_a_completed_job(dev_env, stack_fac
     assert len(storefront.seen) == 1 and signature_ok(storefront.seen[0]["headers"], storefront.seen[0]["body"])
     [row] = refunds(stack, job_id)
     assert (row.status, row.reason, row.external_id) == ("refunded", "admin", "sf-refund-1")
-    assert job["status"] == "completed" and job["refund"] == {"status": "refunded", "amount_cents": 1299,
-                                                              "reason": "admin"}
+    assert job["status"] == "completed" and job["refund"] == {
+        "status": "refunded",
+        "amount_cents": 1299,
+        "reason": "admin",
+    }
     runs = [w.id async for w in dev_env.client.list_workflows(f'WorkflowId="refund-{job_id}"')]
     assert runs == [f"refund-{job_id}"]
 
@@ -408,6 +433,7 @@ async def test_admin_retry_from_manual_review_and_of_running_jobs(dev_env, stack
 
 # --- 3. a customer mailbox that refuses mail ------------------------------------------------
 
+
 @pytest.mark.parametrize("mailbox", [{CUSTOMER}], indirect=True, ids=["customer-refused"])
 async def test_refused_completion_email_keeps_the_job_completed(time_skipping_env, stack_factory, faults, mailbox):
     faults()
@@ -434,4 +460,6 @@ async def test_refused_completion_email_keeps_the_job_completed(time_skipping_en
     assert "mail_failed" in text_of(notice)
     assert len(mailbox.messages) == 1  # nothing reached the customer
     assert sorted((m.purpose, m.status) for m in mail_rows(stack.settings.database_url, job_id)) == [
-        ("admin:mail:1", "sent"), ("completed:1", "sending")]
+        ("admin:mail:1", "sent"),
+        ("completed:1", "sending"),
+    ]

@@ -25,7 +25,7 @@ import worker
 from smi.db import DownloadToken, Job, LedgerEntry, Refund, SentMail, utcnow
 from smi.vocabulary import RetentionReport, RetentionRequest
 from tests.conftest import ADMIN_KEY, png_bytes
-from tests.helpers import eventually, order, wait_for_status
+from tests.helpers import eventually, job_row, order, wait_for_status
 from worker import create_worker
 from workflows.retention import RETENTION_SCHEDULE_ID, RetentionWorkflow, ensure_retention_schedule
 
@@ -77,12 +77,29 @@ def busy_job(database_url: str, storage: Path, email: str, status: str) -> str:
     now = utcnow()
 
     def add(session):
-        session.add(Job(job_id=job_id, order_id=f"busy-{job_id[:8]}", request_sha256="0" * 64, status=status,
-                        created_at=now - timedelta(days=30), updated_at=now - timedelta(days=30),
-                        image_url="https://shop.test/img.png", scale_factor=2, format="auto", customer_email=email,
-                        amount_paid_cents=500, currency="USD"))
-        session.add(DownloadToken(token_sha256=uuid.uuid4().hex * 2, job_id=job_id, purpose="run:1", generation=1,
-                                  expires_at=now - timedelta(days=20), created_at=now - timedelta(days=21)))
+        session.add(
+            job_row(
+                job_id,
+                status,
+                now - timedelta(days=30),
+                order_id=f"busy-{job_id[:8]}",
+                image_url="https://shop.test/img.png",
+                scale_factor=2,
+                customer_email=email,
+                customer_name=None,
+                amount_paid_cents=500,
+            )
+        )
+        session.add(
+            DownloadToken(
+                token_sha256=uuid.uuid4().hex * 2,
+                job_id=job_id,
+                purpose="run:1",
+                generation=1,
+                expires_at=now - timedelta(days=20),
+                created_at=now - timedelta(days=21),
+            )
+        )
 
     db_edit(database_url, add)
     folder = storage / "jobs" / job_id
@@ -94,8 +111,11 @@ def busy_job(database_url: str, storage: Path, email: str, status: str) -> str:
 
 async def run_retention(dev_env, settings) -> RetentionReport:
     return await dev_env.client.execute_workflow(
-        RetentionWorkflow.run, RetentionRequest(), id=f"retention-test-{uuid.uuid4().hex[:8]}",
-        task_queue=settings.task_queue, execution_timeout=timedelta(minutes=2),
+        RetentionWorkflow.run,
+        RetentionRequest(),
+        id=f"retention-test-{uuid.uuid4().hex[:8]}",
+        task_queue=settings.task_queue,
+        execution_timeout=timedelta(minutes=2),
     )
 
 
@@ -129,16 +149,24 @@ async def test_retention_pass_deletes_exactly_what_is_due(dev_env, stack_factory
 
         db_edit(db, expire)
         before = files_under(storage)
-        assert {f"jobs/{stale['job_id']}/original.png", f"jobs/{stale['job_id']}/upscaled_160x120.png",
-                f"jobs/{fresh['job_id']}/original.png", f"jobs/{fresh['job_id']}/upscaled_60x40.png",
-                f"uploads/{uploaded['upload_id']}"} <= before
+        assert {
+            f"jobs/{stale['job_id']}/original.png",
+            f"jobs/{stale['job_id']}/upscaled_160x120.png",
+            f"jobs/{fresh['job_id']}/original.png",
+            f"jobs/{fresh['job_id']}/upscaled_60x40.png",
+            f"uploads/{uploaded['upload_id']}",
+        } <= before
 
         report = await run_retention(dev_env, settings)
         assert (report.originals, report.compressed, report.results, report.uploads, report.tokens) == (2, 0, 1, 2, 1)
         gone = before - files_under(storage)
-        assert gone == {f"jobs/{stale['job_id']}/original.png", f"jobs/{stale['job_id']}/upscaled_160x120.png",
-                        f"jobs/{fresh['job_id']}/original.png", f"uploads/{uploaded['upload_id']}",
-                        f"uploads/{old_upload.name}"}
+        assert gone == {
+            f"jobs/{stale['job_id']}/original.png",
+            f"jobs/{stale['job_id']}/upscaled_160x120.png",
+            f"jobs/{fresh['job_id']}/original.png",
+            f"uploads/{uploaded['upload_id']}",
+            f"uploads/{old_upload.name}",
+        }
         assert not (storage / "jobs" / stale["job_id"]).exists()  # its empty folder too
         assert (storage / "uploads" / recent_upload["upload_id"]).is_file()
         for job_id in busy:
@@ -163,8 +191,14 @@ async def test_retention_pass_deletes_exactly_what_is_due(dev_env, stack_factory
 
         # A second pass finds nothing more to delete.
         again = await run_retention(dev_env, settings)
-        assert (again.originals, again.compressed, again.temporary, again.results, again.uploads, again.tokens) == \
-               (0, 0, 0, 0, 0, 0)
+        assert (again.originals, again.compressed, again.temporary, again.results, again.uploads, again.tokens) == (
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
         assert before - files_under(storage) == gone
 
 
@@ -189,7 +223,9 @@ async def test_schedule_created_once_daily_at_three_utc(dev_env, stack_factory):
         (calendar,) = spec.calendars
         assert list(calendar.hour) == [ScheduleRange(3, 3)] and list(calendar.minute) == [ScheduleRange(0)]
         assert list(calendar.second) == [ScheduleRange(0)]
-        assert list(calendar.day_of_month) == [ScheduleRange(1, 31)] and list(calendar.day_of_week) == [ScheduleRange(0, 6)]
+        assert list(calendar.day_of_month) == [ScheduleRange(1, 31)] and list(calendar.day_of_week) == [
+            ScheduleRange(0, 6)
+        ]
         assert first.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
         action = first.schedule.action
         assert action.workflow == "RetentionWorkflow" and action.task_queue == stack.settings.task_queue
@@ -242,12 +278,26 @@ async def test_erase_customer(dev_env, stack_factory, faults, caplog):
     async with create_worker(dev_env.client, settings):
         other = await complete(stack, client, order(stack.shop.publish(png_bytes(30, 20)), "erase-other"), dev_env)
         uploaded = await upload(client, png_bytes(40, 30))
-        done = await complete(stack, client, order(uploaded["image_url"], "erase-1", customer_email=email,
-                                                   customer_name="Erin Example", payment_reference="pi_erase"), dev_env)
+        done = await complete(
+            stack,
+            client,
+            order(
+                uploaded["image_url"],
+                "erase-1",
+                customer_email=email,
+                customer_name="Erin Example",
+                payment_reference="pi_erase",
+            ),
+            dev_env,
+        )
         faults(refuse_with="unsupported image format", faulty_jobs=1)
-        failed = await complete(stack, client, order(stack.shop.publish(png_bytes(30, 20)), "erase-2",
-                                                     customer_email=email, customer_name="Erin Example"),
-                                dev_env, status="failed")
+        failed = await complete(
+            stack,
+            client,
+            order(stack.shop.publish(png_bytes(30, 20)), "erase-2", customer_email=email, customer_name="Erin Example"),
+            dev_env,
+            status="failed",
+        )
     assert failed["refund"]["status"] == "owed"
     # A third job of the address waits in manual review: all or nothing, so nothing is erased yet.
     waiting = busy_job(db, storage, email, "manual_review")
@@ -281,8 +331,9 @@ async def test_erase_customer(dev_env, stack_factory, faults, caplog):
     try:
         fresh_admin = stack.client(ADMIN_KEY)  # a new connection, which picks up the access log level
         erased = fresh_admin.delete(f"/v1/admin/customers/{email.upper()}")
-        await eventually(lambda: any("/v1/admin/customers/" in line for line in access.lines),
-                         what="the erasure's access log line")
+        await eventually(
+            lambda: any("/v1/admin/customers/" in line for line in access.lines), what="the erasure's access log line"
+        )
     finally:
         access_logger.removeHandler(access)
         access_logger.setLevel(level)

@@ -31,7 +31,10 @@ def test_upsampler_key_follows_the_mode(monkeypatch):
     monkeypatch.setenv("SMI_UPSAMPLER_API_KEY_LIVE", "live-key")
     assert Settings(env="dev", upsampler_mode="test").secret("upsampler_api_key") == "test-key"
     assert Settings(env="dev", upsampler_mode="live").secret("upsampler_api_key") == "live-key"
-    assert Settings(env="dev", upsampler_mode="live", upsampler_api_key="explicit").secret("upsampler_api_key") == "explicit"
+    assert (
+        Settings(env="dev", upsampler_mode="live", upsampler_api_key="explicit").secret("upsampler_api_key")
+        == "explicit"
+    )
     with pytest.raises(ValidationError):
         Settings(env="dev", upsampler_mode="staging")
 

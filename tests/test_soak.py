@@ -25,11 +25,17 @@ STREAMS = 300  # attempted; the per-client cap lets 200 open, the rest get 429
 BAD_WEBHOOKS = 400
 
 
-async def test_real_orders_complete_and_reads_stay_fast_under_abuse(dev_env, stack_factory, faults, tmp_path,
-                                                                    quick_early_webhooks):
+async def test_real_orders_complete_and_reads_stay_fast_under_abuse(
+    dev_env, stack_factory, faults, tmp_path, quick_early_webhooks
+):
     faults(delay_seconds=0.5)
-    stack = stack_factory(dev_env, max_input_bytes=4 * 1024 * 1024, status_streams_per_client=200,
-                          status_streams_total=250, downloads_per_client=40)
+    stack = stack_factory(
+        dev_env,
+        max_input_bytes=4 * 1024 * 1024,
+        status_streams_per_client=200,
+        status_streams_total=250,
+        downloads_per_client=40,
+    )
     engine = create_engine(stack.settings.database_url)
     site = Site(stack.api.url, engine, stack.settings, app=None)
     big = tmp_path / "big.png"
@@ -44,12 +50,19 @@ async def test_real_orders_complete_and_reads_stay_fast_under_abuse(dev_env, sta
     def huge_bodies() -> None:
         for i in range(40):
             key = f"Authorization: Bearer {STOREFRONT_KEY}\r\n" if i % 2 else ""
-            with raw_request(stack.api.url, f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{key}"
-                                            f"Content-Length: 300000000\r\n\r\n".encode()) as sock:
+            with raw_request(
+                stack.api.url, f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{key}Content-Length: 300000000\r\n\r\n".encode()
+            ) as sock:
                 outcomes["bodies"].append(reply_status(sock))
             chunks = iter([b"x" * 1024 * 1024] * 8)  # 8 MiB streamed upload, over the 4 MiB cap
-            outcomes["bodies"].append(httpx.post(f"{stack.api.url}/v1/uploads", content=chunks, timeout=30,
-                                                 headers={"Authorization": f"Bearer {STOREFRONT_KEY}"}).status_code)
+            outcomes["bodies"].append(
+                httpx.post(
+                    f"{stack.api.url}/v1/uploads",
+                    content=chunks,
+                    timeout=30,
+                    headers={"Authorization": f"Bearer {STOREFRONT_KEY}"},
+                ).status_code
+            )
 
     def bad_webhooks() -> None:
         hook = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, victim)
@@ -79,10 +92,16 @@ async def test_real_orders_complete_and_reads_stay_fast_under_abuse(dev_env, sta
         for thread in threads:
             thread.start()
         async with create_worker(dev_env.client, stack.settings):
-            replies = [await asyncio.to_thread(client.post, "/v1/jobs", json=order(
-                stack.shop.publish(png_bytes(32, 24)), f"soak-{i}")) for i in range(ORDERS)]
-            jobs = [await wait_for_status(client, r.json()["job_id"], {"completed", "failed", "manual_review"},
-                                          timeout=120) for r in replies]
+            replies = [
+                await asyncio.to_thread(
+                    client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(32, 24)), f"soak-{i}")
+                )
+                for i in range(ORDERS)
+            ]
+            jobs = [
+                await wait_for_status(client, r.json()["job_id"], {"completed", "failed", "manual_review"}, timeout=120)
+                for r in replies
+            ]
         for thread in threads[:2]:
             thread.join(timeout=120)
         stop.set()
@@ -95,6 +114,8 @@ async def test_real_orders_complete_and_reads_stay_fast_under_abuse(dev_env, sta
     assert outcomes["streams"].count(200) == 200 and outcomes["streams"].count(429) == STREAMS - 200
     assert set(outcomes["webhooks"]) <= {200, 401} and len(outcomes["webhooks"]) == BAD_WEBHOOKS
     p95 = statistics.quantiles(latencies, n=20)[-1]
-    print(f"GET /v1/jobs under abuse: {len(latencies)} reads, p50 {statistics.median(latencies) * 1000:.0f} ms, "
-          f"p95 {p95 * 1000:.0f} ms")
+    print(
+        f"GET /v1/jobs under abuse: {len(latencies)} reads, p50 {statistics.median(latencies) * 1000:.0f} ms, "
+        f"p95 {p95 * 1000:.0f} ms"
+    )
     assert p95 < 1.0

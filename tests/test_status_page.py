@@ -20,10 +20,11 @@ from tests.helpers import CUSTOMER_EMAIL, CUSTOMER_NAME, Site
 
 
 def events_of(lines: list[str]) -> list[dict]:
-    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
 
 
 # --- the view token --------------------------------------------------------------------------
+
 
 def test_view_token_is_per_job_and_purpose():
     job_id = "a" * 32
@@ -42,8 +43,14 @@ def test_bad_or_missing_view_token_is_the_same_404(site):
     job_id = site.add_job("processing")
     good = parse_qs(urlsplit(site.page_url(job_id)).query)["v"][0]
     unknown = uuid.uuid4().hex  # a job that does not exist, with a valid token for it
-    tries = [(job_id, None), (job_id, "0" * 64), (job_id, good[:-1]), (job_id, site.page_url(unknown)[-64:]),
-             (unknown, signing.view_token(WEBHOOK_SECRET, unknown)), ("not-a-job", "x")]
+    tries = [
+        (job_id, None),
+        (job_id, "0" * 64),
+        (job_id, good[:-1]),
+        (job_id, site.page_url(unknown)[-64:]),
+        (unknown, signing.view_token(WEBHOOK_SECRET, unknown)),
+        ("not-a-job", "x"),
+    ]
     bodies = set()
     for target, token in tries:
         for suffix in ("", "/state", "/events"):
@@ -58,8 +65,12 @@ def test_bad_or_missing_view_token_is_the_same_404(site):
 
 def test_status_page_shows_the_stage_and_nothing_personal(site):
     start = utcnow() - timedelta(seconds=20)
-    job_id = site.add_job("processing", created_at=start, estimated_completion=start + timedelta(seconds=40),
-                          events=[("received", start), ("queued", start), ("processing", start)])
+    job_id = site.add_job(
+        "processing",
+        created_at=start,
+        estimated_completion=start + timedelta(seconds=40),
+        events=[("received", start), ("queued", start), ("processing", start)],
+    )
     page = httpx.get(site.page_url(job_id))
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
@@ -72,7 +83,9 @@ def test_status_page_shows_the_stage_and_nothing_personal(site):
     assert f'<script nonce="{nonce}">' in html and "frame-ancestors" not in csp and "default-src 'none'" in csp
     assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
 
-    state = httpx.get(f"{site.url}/status/{job_id}/state", params={"v": signing.view_token(WEBHOOK_SECRET, job_id)}).json()
+    state = httpx.get(
+        f"{site.url}/status/{job_id}/state", params={"v": signing.view_token(WEBHOOK_SECRET, job_id)}
+    ).json()
     assert CUSTOMER_EMAIL not in json.dumps(state) and CUSTOMER_NAME not in json.dumps(state)
     assert state["status"] == "processing" and state["final"] is False and state["download_url"] is None
     assert 45 <= state["progress"] <= 65  # half way from entering processing (25) to the estimate (85)
@@ -83,7 +96,9 @@ def test_progress_follows_the_stage_and_the_estimate():
     now = utcnow()
     assert status._progress("received", now, None) == 5
     assert status._progress("processing", now - timedelta(seconds=5), None) == 25
-    assert status._progress("processing", now - timedelta(seconds=100), now - timedelta(seconds=1)) == 85  # late: capped
+    assert (
+        status._progress("processing", now - timedelta(seconds=100), now - timedelta(seconds=1)) == 85
+    )  # late: capped
     assert status._progress("downloading", now, now + timedelta(seconds=60)) == 90
     assert status._progress("completed", now, None) == 100
     assert status._progress("manual_review", now, None) is None
@@ -94,23 +109,38 @@ def test_completed_page_has_the_download_button(site):
     link = site.complete(job_id)
     page = httpx.get(site.page_url(job_id)).text
     assert f'id="download" class="download" href="{link}"' in page and "480×320 PNG" in page
-    state = httpx.get(f"{site.url}/status/{job_id}/state", params={"v": signing.view_token(WEBHOOK_SECRET, job_id)}).json()
+    state = httpx.get(
+        f"{site.url}/status/{job_id}/state", params={"v": signing.view_token(WEBHOOK_SECRET, job_id)}
+    ).json()
     assert state["final"] and state["download_url"] == link and state["progress"] == 100
     assert all(s["state"] == "done" for s in state["stages"])
 
 
 def test_manual_review_and_refunds_are_worded_for_the_customer(site):
     review = site.add_job("manual_review", error_code="upsampler_failed", error_message="model crashed")
-    state = httpx.get(f"{site.url}/status/{review}/state", params={"v": signing.view_token(WEBHOOK_SECRET, review)}).json()
+    state = httpx.get(
+        f"{site.url}/status/{review}/state", params={"v": signing.view_token(WEBHOOK_SECRET, review)}
+    ).json()
     assert state["headline"] == "We're looking into it" and state["progress"] is None and not state["final"]
     assert "model crashed" not in json.dumps(state)  # internal errors stay internal
 
     failed = site.add_job("failed", error_code="unsupported_format")
     with Session(site.engine) as session:
-        session.add(Refund(job_id=failed, status="refunded", amount_cents=1299, currency="USD", reason="x",
-                           adapter="stripe", created_at=utcnow()))
+        session.add(
+            Refund(
+                job_id=failed,
+                status="refunded",
+                amount_cents=1299,
+                currency="USD",
+                reason="x",
+                adapter="stripe",
+                created_at=utcnow(),
+            )
+        )
         session.commit()
-    state = httpx.get(f"{site.url}/status/{failed}/state", params={"v": signing.view_token(WEBHOOK_SECRET, failed)}).json()
+    state = httpx.get(
+        f"{site.url}/status/{failed}/state", params={"v": signing.view_token(WEBHOOK_SECRET, failed)}
+    ).json()
     assert state["headline"] == "Refunded" and state["final"] and state["download_url"] is None
 
 
@@ -167,6 +197,7 @@ def test_job_json_carries_the_status_page_url(site):
 
 # --- the admin dashboard ---------------------------------------------------------------------
 
+
 def login(site: Site) -> httpx.Client:
     client = httpx.Client(base_url=site.url)
     reply = client.post("/admin/login", data={"key": ADMIN_KEY})
@@ -192,14 +223,22 @@ def test_dashboard_needs_a_login_with_the_admin_key(site):
     assert reply.status_code == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/admin" in cookie
     page = anonymous.get("/admin")
     assert page.status_code == 200 and "Jobs by status" in page.text
-    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert (
+        page.headers["x-frame-options"] == "DENY"
+        and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    )
 
     # A session cookie with its expiry pushed out, or one already expired, is no session.
     value = anonymous.cookies.get(admin_pages.SESSION_COOKIE)
     expiry, salt, signature = value.split(".")
     past = int(time.time()) - 1
-    for forged in (f"{int(expiry) + 3600}.{salt}.{signature}", admin_pages.new_session("another-key"),
-                   f"{past}.{salt}.{signing.sign(ADMIN_KEY, f'dashboard:{past}:{salt}')}", "", "1.2"):
+    for forged in (
+        f"{int(expiry) + 3600}.{salt}.{signature}",
+        admin_pages.new_session("another-key"),
+        f"{past}.{salt}.{signing.sign(ADMIN_KEY, f'dashboard:{past}:{salt}')}",
+        "",
+        "1.2",
+    ):
         other = httpx.Client(base_url=site.url, cookies={admin_pages.SESSION_COOKIE: forged})
         assert other.get("/admin").status_code == 303, forged
 
@@ -216,7 +255,11 @@ def test_dashboard_actions_need_the_session_and_its_csrf_token(site):
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "login_required"
 
     client = login(site)
-    for form in ({}, {"csrf": "0" * 64}, {"csrf": admin_pages.csrf_token(ADMIN_KEY, admin_pages.new_session(ADMIN_KEY))}):
+    for form in (
+        {},
+        {"csrf": "0" * 64},
+        {"csrf": admin_pages.csrf_token(ADMIN_KEY, admin_pages.new_session(ADMIN_KEY))},
+    ):
         for action in ("retry", "refund"):
             refused = client.post(f"/admin/jobs/{job_id}/{action}", data=form)
             assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed", form
@@ -228,13 +271,29 @@ def test_dashboard_actions_need_the_session_and_its_csrf_token(site):
 def test_dashboard_figures(site):
     now = utcnow()
     t0 = now - timedelta(hours=1)
-    done = site.add_job("completed", created_at=t0, events=[
-        ("received", t0), ("queued", t0 + timedelta(seconds=10)), ("processing", t0 + timedelta(seconds=20)),
-        ("downloading", t0 + timedelta(seconds=50)), ("completed", t0 + timedelta(seconds=52))])
-    site.add_job("completed", created_at=t0, events=[
-        ("received", t0), ("queued", t0 + timedelta(seconds=30)), ("completed", t0 + timedelta(seconds=90))])
-    review = site.add_job("manual_review", created_at=t0, error_code="upsampler_failed", error_message="model crashed",
-                          events=[("received", t0), ("manual_review", now - timedelta(minutes=5))])
+    done = site.add_job(
+        "completed",
+        created_at=t0,
+        events=[
+            ("received", t0),
+            ("queued", t0 + timedelta(seconds=10)),
+            ("processing", t0 + timedelta(seconds=20)),
+            ("downloading", t0 + timedelta(seconds=50)),
+            ("completed", t0 + timedelta(seconds=52)),
+        ],
+    )
+    site.add_job(
+        "completed",
+        created_at=t0,
+        events=[("received", t0), ("queued", t0 + timedelta(seconds=30)), ("completed", t0 + timedelta(seconds=90))],
+    )
+    review = site.add_job(
+        "manual_review",
+        created_at=t0,
+        error_code="upsampler_failed",
+        error_message="model crashed",
+        events=[("received", t0), ("manual_review", now - timedelta(minutes=5))],
+    )
     site.add_job("failed", created_at=t0, events=[("received", t0), ("failed", t0 + timedelta(seconds=4))])
     site.add_job("completed", created_at=now - timedelta(days=3))  # older than a day: counted, no rate or medians
 

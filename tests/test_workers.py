@@ -23,12 +23,16 @@ import time
 import httpx
 
 from smi.settings import Settings
+from tests import test_crash_and_reset
 from tests.conftest import png_bytes
 from tests.helpers import ledger_rows, mail_rows, order, wait_for_status
-from tests.test_crash_and_reset import Workers, download_attempts, emulator_counts, pending_download, workers  # noqa: F401 (workers: the fixture of worker subprocesses)
+from tests.test_crash_and_reset import Workers, download_attempts, emulator_counts, pending_download
 from workflows.upscale import UpscaleWorkflow
 
 MB = 1024 * 1024
+# The fixture of worker subprocesses, shared with test_crash_and_reset (assigned, not imported: the tests
+# below take it by name as a parameter).
+workers = test_crash_and_reset.workers
 
 
 def log_lines(workers: Workers, proc: subprocess.Popen) -> list[dict]:
@@ -74,8 +78,12 @@ async def test_two_workers_share_the_jobs_and_stop_cleanly(dev_env, stack_factor
 
     job_ids = await asyncio.gather(*(submit(n) for n in range(10)))
     try:
-        jobs = await asyncio.gather(*(wait_for_status(client, job_id, {"completed", "failed", "manual_review"},
-                                                      timeout=45) for job_id in job_ids))
+        jobs = await asyncio.gather(
+            *(
+                wait_for_status(client, job_id, {"completed", "failed", "manual_review"}, timeout=45)
+                for job_id in job_ids
+            )
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{workers.logs()}") from None
     assert [job["status"] for job in jobs] == ["completed"] * 10
@@ -99,8 +107,10 @@ async def test_two_workers_share_the_jobs_and_stop_cleanly(dev_env, stack_factor
     assert ran[0] | ran[1] == set(job_ids)
     for job_id in job_ids:
         assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
-    print(f"\ntwo workers: 10 jobs in {finished - began:.1f} s; jobs with activities on each worker: "
-          f"{len(ran[0])} and {len(ran[1])}")
+    print(
+        f"\ntwo workers: 10 jobs in {finished - began:.1f} s; jobs with activities on each worker: "
+        f"{len(ran[0])} and {len(ran[1])}"
+    )
 
 
 async def start_slow_download(dev_env, stack_factory, faults, workers, grace: float, order_id: str):
@@ -130,8 +140,9 @@ async def start_slow_download(dev_env, stack_factory, faults, workers, grace: fl
 async def test_sigterm_mid_download_hands_the_rest_to_the_other_worker(dev_env, stack_factory, faults, workers):
     began = time.monotonic()
     grace = 1.0  # much shorter than the download
-    stack, job_id, handle, first = await start_slow_download(dev_env, stack_factory, faults, workers, grace,
-                                                             "wk-sigterm")
+    stack, job_id, handle, first = await start_slow_download(
+        dev_env, stack_factory, faults, workers, grace, "wk-sigterm"
+    )
     client = stack.client()
     second = workers.start(stack.settings)  # takes over once the first is gone
 
@@ -152,11 +163,15 @@ async def test_sigterm_mid_download_hands_the_rest_to_the_other_worker(dev_env, 
     assert job["status"] == "completed", (job, workers.logs())
 
     # The cancelled attempt was reported failed, so the retry started at once (no heartbeat timeout) ...
-    assert await download_attempts(handle) == [(2, "Worker is shutting down and this activity did not complete "
-                                                   "in time")]
+    assert await download_attempts(handle) == [
+        (2, "Worker is shutting down and this activity did not complete in time")
+    ]
     # ... on the second worker, resuming the file where a heartbeat left it, with a Range request.
-    resumed = [line for line in log_lines(workers, second)
-               if line.get("activity") == "download_result" and line["message"].startswith("resuming")]
+    resumed = [
+        line
+        for line in log_lines(workers, second)
+        if line.get("activity") == "download_result" and line["message"].startswith("resuming")
+    ]
     assert len(resumed) == 1 and resumed[0]["job_id"] == job_id and resumed[0]["attempt"] == 2, workers.logs()
     resumed_at = int(resumed[0]["message"].rsplit(" ", 1)[1])
     jobs, counts = emulator_counts(stack.emulator.url)
@@ -173,9 +188,11 @@ async def test_sigterm_mid_download_hands_the_rest_to_the_other_worker(dev_env, 
     assert len(stack.mailbox.messages) == 1
     assert [m.status for m in mail_rows(stack.settings.database_url, job_id)] == ["sent"]
     assert len(ledger_rows(stack.settings.database_url, job_id)) == 1
-    print(f"\nSIGTERM mid-download: stopped in {took:.1f} s (grace {grace:.0f} s), resumed at "
-          f"{resumed_at / MB:.1f} of {len(made) / MB:.1f} MB, completed {finished - stopped_at:.1f} s "
-          f"after the stop, {finished - began:.1f} s in all")
+    print(
+        f"\nSIGTERM mid-download: stopped in {took:.1f} s (grace {grace:.0f} s), resumed at "
+        f"{resumed_at / MB:.1f} of {len(made) / MB:.1f} MB, completed {finished - stopped_at:.1f} s "
+        f"after the stop, {finished - began:.1f} s in all"
+    )
 
 
 def test_the_shutdown_grace_period_is_a_setting():
@@ -185,8 +202,7 @@ def test_the_shutdown_grace_period_is_a_setting():
 
 async def test_sigterm_with_enough_grace_lets_the_download_finish_there(dev_env, stack_factory, faults, workers):
     grace = 30.0  # longer than the download
-    stack, job_id, handle, first = await start_slow_download(dev_env, stack_factory, faults, workers, grace,
-                                                             "wk-grace")
+    stack, job_id, handle, first = await start_slow_download(dev_env, stack_factory, faults, workers, grace, "wk-grace")
     second = workers.start(stack.settings)
     code, took = await asyncio.to_thread(stop, first, grace)
     assert code == 0, workers.logs()

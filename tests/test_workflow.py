@@ -121,8 +121,10 @@ async def test_duplicate_and_late_webhooks_change_nothing(time_skipping_env, sta
         emulated = httpx.get(f"{stack.emulator.url}/_emulator/jobs").json()
         sent = next(j for j in emulated if j["id"] == state.upsampler_id)
         assert [w["status"] for w in sent["webhooks_sent"]] == ["SUCCESS", "SUCCESS"]
-        status = httpx.get(f"{stack.emulator.url}/api/v1/status/{state.upsampler_id}",
-                           headers={"Authorization": f"Bearer {UPSAMPLER_KEY}"}).json()
+        status = httpx.get(
+            f"{stack.emulator.url}/api/v1/status/{state.upsampler_id}",
+            headers={"Authorization": f"Bearer {UPSAMPLER_KEY}"},
+        ).json()
         late = httpx.post(sent["webhook"], json=status)
         assert late.status_code == 200 and late.json()["delivered"] is False
 

@@ -206,10 +206,23 @@ class Fakes:
         return await self._answer(upsampler_id, completed(upsampler_id))
 
     def job_activities(self) -> list:
-        return [self.fetch_original, self.compress_original, self.download_result, self.validate_result,
-                self.store_result, self.cleanup, self.update_job, self.record_estimate, self.record_cost,
-                self.check_budget, self.budget_gate, self.issue_download_token, self.send_email,
-                self.send_budget_alert, self.refund]
+        return [
+            self.fetch_original,
+            self.compress_original,
+            self.download_result,
+            self.validate_result,
+            self.store_result,
+            self.cleanup,
+            self.update_job,
+            self.record_estimate,
+            self.record_cost,
+            self.check_budget,
+            self.budget_gate,
+            self.issue_download_token,
+            self.send_email,
+            self.send_budget_alert,
+            self.refund,
+        ]
 
     def upsampler_activities(self) -> list:
         return [self.submit_upscale, self.check_status]
@@ -226,12 +239,13 @@ async def running(fakes: Fakes, *, run: int = 1, attempts_before: int = 0, **pol
     env = fakes.env
     task_queue = f"fast-{uuid.uuid4().hex[:8]}"
     job = UpscaleInput(uuid.uuid4().hex, IMAGE_URL, 4, "auto", JobPolicy(**policy), run, attempts_before)
-    async with Worker(env.client, task_queue=task_queue, workflows=[UpscaleWorkflow],
-                      activities=fakes.job_activities()), \
-            Worker(env.client, task_queue=task_queue + UPSAMPLER_QUEUE_SUFFIX,
-                   activities=fakes.upsampler_activities()):
-        yield await env.client.start_workflow(UpscaleWorkflow.run, job, id=f"upscale-{job.job_id}",
-                                              task_queue=task_queue)
+    async with (
+        Worker(env.client, task_queue=task_queue, workflows=[UpscaleWorkflow], activities=fakes.job_activities()),
+        Worker(env.client, task_queue=task_queue + UPSAMPLER_QUEUE_SUFFIX, activities=fakes.upsampler_activities()),
+    ):
+        yield await env.client.start_workflow(
+            UpscaleWorkflow.run, job, id=f"upscale-{job.job_id}", task_queue=task_queue
+        )
 
 
 def job_id_of(handle: WorkflowHandle) -> str:
@@ -308,19 +322,34 @@ async def first_event_id(handle: WorkflowHandle, event_type, activity_name: str 
 
 # --- The fakes are what the workflow calls ------------------------------------------------------
 
+
 def test_every_fake_is_registered_under_the_real_activity_name(fakes):
-    real = [StorageActivities.fetch_original, StorageActivities.compress_original, StorageActivities.download_result,
-            StorageActivities.validate_result, StorageActivities.store_result, StorageActivities.cleanup,
-            LedgerActivities.update_job, LedgerActivities.record_estimate, LedgerActivities.record_cost,
-            LedgerActivities.check_budget, LedgerActivities.budget_gate, LedgerActivities.issue_download_token,
-            NotifyActivities.send_email, NotifyActivities.send_budget_alert, PaymentsActivities.refund,
-            UpsamplerActivities.submit_upscale, UpsamplerActivities.check_status]
+    real = [
+        StorageActivities.fetch_original,
+        StorageActivities.compress_original,
+        StorageActivities.download_result,
+        StorageActivities.validate_result,
+        StorageActivities.store_result,
+        StorageActivities.cleanup,
+        LedgerActivities.update_job,
+        LedgerActivities.record_estimate,
+        LedgerActivities.record_cost,
+        LedgerActivities.check_budget,
+        LedgerActivities.budget_gate,
+        LedgerActivities.issue_download_token,
+        NotifyActivities.send_email,
+        NotifyActivities.send_budget_alert,
+        PaymentsActivities.refund,
+        UpsamplerActivities.submit_upscale,
+        UpsamplerActivities.check_status,
+    ]
     names = lambda functions: sorted(activity._Definition.must_from_callable(f).name for f in functions)  # noqa: E731
     assert names(fakes.job_activities() + fakes.upsampler_activities()) == names(real)
     assert len(set(names(real))) == 17
 
 
 # --- A job that goes well -----------------------------------------------------------------------
+
 
 async def test_a_job_calls_every_step_with_the_right_arguments(fakes):
     async with running(fakes) as handle:
@@ -381,6 +410,7 @@ async def test_budget_alerts_are_sent_and_one_that_fails_does_not_stop_the_job(f
 
 # --- Waiting for Upsampler: polls, timeout, webhooks ----------------------------------------------
 
+
 async def test_first_poll_at_the_initial_delay_then_backoff_doubles_up_to_the_cap(fakes):
     fakes.script("check_status", *[UpsamplerResult("up-1", "processing")] * 4)
     async with running(fakes, poll_initial_delay_seconds=7, poll_max_interval_seconds=40) as handle:
@@ -395,8 +425,9 @@ async def test_first_poll_at_the_initial_delay_then_backoff_doubles_up_to_the_ca
 
 async def test_no_result_within_the_processing_timeout_goes_to_manual_review(fakes):
     fakes.always("check_status", lambda upsampler_id: UpsamplerResult(upsampler_id, "processing"))
-    async with running(fakes, poll_initial_delay_seconds=30, poll_max_interval_seconds=40,
-                       processing_timeout_seconds=100) as handle:
+    async with running(
+        fakes, poll_initial_delay_seconds=30, poll_max_interval_seconds=40, processing_timeout_seconds=100
+    ) as handle:
         # "refund" at the review: the job is refunded for the reason it was reviewed for.
         state = await finish(handle, fakes, "refund")
 
@@ -459,8 +490,9 @@ async def test_a_webhook_that_comes_before_the_submit_returns_is_kept(fakes):
         state = await finish(handle, fakes)  # time skips at once: a lost webhook would show as a fired timer
 
     assert state.status == "completed" and state.webhooks == 1 and state.polls == 1
-    assert await first_event_id(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) < \
-        await first_event_id(handle, EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED, "submit_upscale")
+    assert await first_event_id(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) < await first_event_id(
+        handle, EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED, "submit_upscale"
+    )
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 0
 
 
@@ -498,7 +530,8 @@ SEQUENCE_ROWS = {"too_large", "upsampler_failed", "invalid_result", "result_expi
 
 def test_every_row_of_the_failure_table_has_a_test():
     assert {str(code) for code in FAILURE_TABLE} == (set(REFUND_ROWS) | set(REVIEW_ROWS) | SEQUENCE_ROWS) - {
-        "a_code_the_table_does_not_know"}
+        "a_code_the_table_does_not_know"
+    }
 
 
 @pytest.mark.parametrize("code", REFUND_ROWS)
@@ -548,7 +581,11 @@ async def test_too_large_is_compressed_three_times_then_refunded(fakes):
 
     assert [request.quality for request in fakes.calls["compress_original"]] == [85, 70, 55]
     assert [(r.attempt, r.variant) for r in fakes.calls["submit_upscale"]] == [
-        (1, ""), (2, "q85"), (3, "q70"), (4, "q55")]
+        (1, ""),
+        (2, "q85"),
+        (3, "q70"),
+        (4, "q55"),
+    ]
     assert fakes.calls["check_status"] == []  # a refused submission is not waited for
     assert fakes.calls["refund"] == [RefundRequest(job_id_of(handle), "too_large")]
     assert state.status == "failed" and state.error_code == "too_large"
@@ -557,8 +594,10 @@ async def test_too_large_is_compressed_three_times_then_refunded(fakes):
 async def test_an_original_over_the_input_limit_is_compressed_until_it_fits_before_the_first_submit(fakes):
     sizes = {85: 25 * MB, 70: 15 * MB}
     fakes.script("fetch_original", StoredImage("/data/original.png", 64, 48, "png", 30 * MB, "ab" * 32))
-    fakes.always("compress_original", lambda request: StoredImage(
-        f"/data/q{request.quality}.jpg", 64, 48, "jpg", sizes[request.quality], ""))
+    fakes.always(
+        "compress_original",
+        lambda request: StoredImage(f"/data/q{request.quality}.jpg", 64, 48, "jpg", sizes[request.quality], ""),
+    )
     async with running(fakes, upsampler_max_input_bytes=20 * MB) as handle:
         state = await finish(handle, fakes)
 
@@ -571,8 +610,10 @@ async def test_an_original_over_the_input_limit_is_compressed_until_it_fits_befo
 async def test_upsampler_failed_is_resubmitted_then_reviewed_and_a_retry_starts_the_table_afresh(fakes):
     # up-1 and up-2 fail: resubmit, then review. After the admin's retry up-3 fails: the table starts
     # afresh, so that is a resubmission again, not a second review; up-4 succeeds.
-    fakes.always("check_status", lambda upsampler_id: upsampler_failed(upsampler_id) if upsampler_id != "up-4"
-                 else completed(upsampler_id))
+    fakes.always(
+        "check_status",
+        lambda upsampler_id: upsampler_failed(upsampler_id) if upsampler_id != "up-4" else completed(upsampler_id),
+    )
     async with running(fakes) as handle:
         state = await finish(handle, fakes, "retry")
 
@@ -594,8 +635,10 @@ async def test_invalid_result_is_resubmitted_then_reviewed_and_a_refund_decision
     job_id = job_id_of(handle)
 
     assert [request.attempt for request in fakes.calls["submit_upscale"]] == [1, 2]
-    assert fakes.calls["download_result"] == [DownloadRequest(job_id, result_url("up-1"), 1),
-                                              DownloadRequest(job_id, result_url("up-2"), 2)]
+    assert fakes.calls["download_result"] == [
+        DownloadRequest(job_id, result_url("up-1"), 1),
+        DownloadRequest(job_id, result_url("up-2"), 2),
+    ]
     assert [(r.width, r.height) for r in fakes.calls["validate_result"]] == [(256, 192)] * 2
     assert fakes.admin_notes() == ["Manual review needed (invalid_result)", "Refunded (invalid_result)"]
     assert fakes.calls["refund"] == [RefundRequest(job_id, "invalid_result")]
@@ -694,15 +737,30 @@ async def test_a_refused_refund_is_not_retried_and_leaves_the_job_in_manual_revi
 
 # --- Retries: final errors never, transient ones until the policy gives up --------------------------
 
-FINAL_ERRORS = ["unsupported_format", "too_large", "fetch_failed", "image_url_refused", "result_url_refused",
-                "invalid_result", "result_expired", "upsampler_unauthorized", "upsampler_invalid_input",
-                "upsampler_not_found", "refund_failed"]
+FINAL_ERRORS = [
+    "unsupported_format",
+    "too_large",
+    "fetch_failed",
+    "image_url_refused",
+    "result_url_refused",
+    "invalid_result",
+    "result_expired",
+    "upsampler_unauthorized",
+    "upsampler_invalid_input",
+    "upsampler_not_found",
+    "refund_failed",
+]
 REVIEWED_FIRST = {"result_url_refused", "upsampler_unauthorized", "upsampler_not_found", "refund_failed"}
 
 
-@pytest.mark.parametrize("name,code", [("download_result", code) for code in FINAL_ERRORS]
-                         + [("submit_upscale", code) for code in ("upsampler_unauthorized", "upsampler_invalid_input",
-                                                                  "upsampler_not_found")])
+@pytest.mark.parametrize(
+    "name,code",
+    [("download_result", code) for code in FINAL_ERRORS]
+    + [
+        ("submit_upscale", code)
+        for code in ("upsampler_unauthorized", "upsampler_invalid_input", "upsampler_not_found")
+    ],
+)
 async def test_final_errors_are_not_retried_even_when_raised_retryable(fakes, name, code):
     fakes.script(name, fail(code, retryable=True))  # only the retry policy can stop the retries
     async with running(fakes) as handle:
@@ -740,6 +798,7 @@ async def test_transient_errors_that_outlast_the_retries_go_to_manual_review(fak
 
 # --- Budget hard stop -------------------------------------------------------------------------------
 
+
 async def test_a_crossed_budget_holds_the_job_until_the_gate_opens(fakes):
     fakes.script("budget_gate", BudgetGate(False, 600.0))
     async with running(fakes, budget_hard_stop=True) as handle:
@@ -747,7 +806,10 @@ async def test_a_crossed_budget_holds_the_job_until_the_gate_opens(fakes):
 
     assert fakes.calls["budget_gate"] == [job_id_of(handle)] * 2
     assert [name for name in fakes.log if name in ("budget_gate", "submit_upscale")] == [
-        "budget_gate", "budget_gate", "submit_upscale"]
+        "budget_gate",
+        "budget_gate",
+        "submit_upscale",
+    ]
     assert await timer_seconds(handle) == [600.0, 30.0]  # the gate's recheck, then the first poll
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 2
     assert state.status == "completed"
@@ -766,8 +828,9 @@ async def test_a_budget_release_ends_the_hold_at_once(fakes):
     assert await timer_seconds(handle) == [3600.0, 30.0]
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 1  # only the poll's: the hold was cut short
     # Nothing went to Upsampler before the release.
-    assert await first_event_id(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) < \
-        await first_event_id(handle, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, "submit_upscale")
+    assert await first_event_id(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) < await first_event_id(
+        handle, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, "submit_upscale"
+    )
     assert state.status == "completed"
 
 
@@ -785,9 +848,16 @@ async def test_an_admin_refund_ends_a_budget_hold(fakes):
 
 # --- Mail ---------------------------------------------------------------------------------------------
 
+
 async def test_a_completion_email_that_will_not_go_keeps_the_job_completed_with_mail_failed(fakes):
-    fakes.always("send_email", lambda request: fail("SMTPRecipientsRefused", retryable=True, message="550 no such user")
-                 if request.kind == "completed" else True)
+    fakes.always(
+        "send_email",
+        lambda request: (
+            fail("SMTPRecipientsRefused", retryable=True, message="550 no such user")
+            if request.kind == "completed"
+            else True
+        ),
+    )
     async with running(fakes) as handle:
         state = await finish(handle, fakes)
 
