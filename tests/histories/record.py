@@ -24,7 +24,9 @@ HERE = Path(__file__).parent
 
 async def _job(stack, order_id: str) -> str:
     client = stack.client()
-    reply = await asyncio.to_thread(client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 30)), order_id))
+    reply = await asyncio.to_thread(
+        client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 30)), order_id)
+    )
     assert reply.status_code == 202, reply.text
     return reply.json()["job_id"]
 
@@ -53,6 +55,9 @@ async def test_record_histories(dev_env, stack_factory, faults):
             await asyncio.sleep(0.05)
         faults(delay_seconds=0.1)
         retried = await asyncio.to_thread(  # off the event loop: the in-process worker answers the API's query
-            httpx.post, f"{stack.api.url}/v1/admin/jobs/{job_id}/retry", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            httpx.post,
+            f"{stack.api.url}/v1/admin/jobs/{job_id}/retry",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
         assert retried.status_code == 202, retried.text
         await _save(dev_env, job_id, "review_then_retried")
