@@ -11,7 +11,7 @@ PIP_TOOLS := var/pip-tools
 PIP_COMPILE = $(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: dev test test-fast test-postgres install lock clean
+.PHONY: dev test test-fast test-postgres install lock lint clean
 
 # The Dockerfile's steps, with the dev and test extras: the build tools, then every locked package
 # (hash-checked, built with those tools), then this project from what is installed (--no-index: a
@@ -34,6 +34,13 @@ test: $(STAMP)
 # The tests marked `fast` (workflow logic with fake activities, activities alone): under a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
+
+# ruff's checks (pyflakes, bugbear, import order, complexity <= 12, pycodestyle) and its format, over every
+# Python file of the repository, then mypy on what ships; pyproject.toml's [tool.ruff] and [tool.mypy] say how.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Rewrites the locks from pyproject.toml and requirements-build.in, keeping the pins that still fit;
 # `make lock LOCK_ARGS=--upgrade` moves every package to its newest allowed version. Needs PyPI.
