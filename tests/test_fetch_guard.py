@@ -13,6 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from smi.fetch import FetchPolicy, FetchRefused, address_problem, check, guarded_stream
 from smi.serve import ServerThread
+from smi.settings import Settings
 from tests.conftest import png_bytes
 from tests.helpers import order
 
@@ -376,7 +377,7 @@ async def test_downloads_turn_httpx_errors_into_the_workflows_error_kinds(tmp_pa
     refused = "image_url_refused" if what == "original image" else "result_url_refused"
     for handler, kind in ((broken_gzip, code), (redirect_to_octal, refused)):
         async with mock_client(handler) as client:
-            storage = StorageActivities(settings=None, http=client)
+            storage = StorageActivities(Settings(env="dev", storage_dir=tmp_path / "storage"), http=client)
             with pytest.raises(ApplicationError) as caught:
                 await storage._stream_to("http://images.example/cat.png", tmp_path / "part", 10**6, what, PUBLIC)
         assert caught.value.type == kind and caught.value.non_retryable, handler.__name__
