@@ -100,10 +100,15 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
     dependencies=[Depends(deps.public_rate_limit)],
 )
 def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)) -> FileResponse:
-    path, filename = _checked_download(svc, token, request.method, request.headers)
+    release = svc.downloads.acquire(deps.client_host(request))  # first: a refused slot counts no download
+    try:
+        path, filename = _checked_download(svc, token, request.method, request.headers)
+    except BaseException:
+        release()
+        raise
     # FileResponse streams the file and answers Range requests with 206; no database session is open.
     response = HeldFileResponse(path, filename=filename, content_disposition_type="attachment")
-    response.release = svc.downloads.acquire(deps.client_host(request))  # held until the transfer ends
+    response.release = release  # held until the transfer ends
     return response
 
 

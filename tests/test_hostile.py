@@ -54,9 +54,9 @@ def test_stalled_downloads_hold_no_database_connection(site_factory, big_result)
 
 
 def test_open_downloads_are_capped_per_client_and_released(site_factory, big_result):
-    site = site_factory(downloads_per_client=2, downloads_total=50)
+    site = site_factory(downloads_per_client=2, downloads_total=50, download_max_count=3)
     link = site.complete(site.add_job("processing"), result_path=str(big_result))
-    first, second = stalled_download(link), stalled_download(link)
+    first, second = stalled_download(link), stalled_download(link)  # downloads 1 and 2 of the 3 allowed
     try:
         assert reply_status(first) == 200 and reply_status(second) == 200
         refused = httpx.get(link)
@@ -69,6 +69,7 @@ def test_open_downloads_are_capped_per_client_and_released(site_factory, big_res
     while (again := httpx.head(link)).status_code == 429 and time.monotonic() < deadline:
         time.sleep(0.1)  # the slots come back once the server sees the connections closed
     assert again.status_code == 200
+    assert httpx.get(link).status_code == 200  # the third: the refused request counted no download
 
 
 def test_every_range_spelling_of_the_whole_file_is_counted(site_factory, big_result):
