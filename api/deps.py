@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
+import logging
 import math
+import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import Table, delete, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from temporalio.client import Client
 
 from api.errors import ApiError
 from smi.codec import data_converter
+from smi.db import RateLimitCount
 from smi.mail import TEMPLATES
 from smi.settings import Settings
 
+log = logging.getLogger("smi.api")
 pages = Jinja2Templates(directory=TEMPLATES)  # the HTML pages: status page and dashboard
 
 
@@ -33,7 +42,6 @@ class Services:
     temporal: Client | None = None
     # Redirects are not followed by httpx: the fetch guard follows them, checking each.
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10.0))
-    limiter: "RateLimiter" = field(default_factory=lambda: RateLimiter())
     # api/webhook.py: webhooks waiting for their submission's record, and those delivered lately.
     early_webhooks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
     webhooks_delivered: OrderedDict = field(default_factory=OrderedDict)
@@ -42,6 +50,8 @@ class Services:
 
     def __post_init__(self) -> None:
         cfg = self.settings
+        # The key of the client pseudonyms: the webhook secret (the same in every replica) under its own prefix.
+        self.limiter = RateLimiter(self.engine, cfg.webhook_secret.get_secret_value() if cfg.webhook_secret else "")
         self.downloads = ConnectionCaps("downloads", cfg.downloads_per_client, cfg.downloads_total)
         self.event_streams = ConnectionCaps("status streams", cfg.status_streams_per_client, cfg.status_streams_total)
 
@@ -65,38 +75,86 @@ class Services:
 
 
 class RateLimiter:
-    """Requests per client and minute, in this API process (a sliding window).
+    """Requests per client, route group and UTC minute, counted in the database, so that every API process
+    behind a balancer counts into the same number (table rate_limit_counts).
 
-    Clients are kept in least-recently-seen order, so forgetting idle ones costs O(1) per request
-    however many sources an attacker uses; past MAX_CLIENTS the least recent is dropped.
+    A check is one upsert that adds the request and returns the minute's count, in the threadpool. What
+    this process keeps is a cheap first filter: the clients it saw refused this minute (refused they stay
+    until the minute ends, counts only grow), answered without the database; at most MAX_BLOCKED, forgotten
+    when the minute turns. The first check of each minute in each process also deletes minutes gone by, at
+    most PRUNE_BATCH rows a check until none is left, so the table holds about two minutes of clients.
     """
 
-    MAX_CLIENTS = 100_000
+    MAX_BLOCKED = 100_000
+    PRUNE_BATCH = 1000
 
-    def __init__(self) -> None:
-        self.seen: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+    def __init__(self, engine: Engine, secret: str, clock: Callable[[], float] = time.time) -> None:
+        self.engine, self.clock = engine, clock
+        self.secret = secret.encode()
+        self.table = table = cast(Table, RateLimitCount.__table__)  # type: ignore[attr-defined]
+        insert: Callable[[Table], postgresql.Insert | sqlite.Insert]
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self.upsert = (
+            insert(table)
+            .on_conflict_do_update(
+                index_elements=[table.c.minute, table.c.client, table.c.route_group],
+                set_={"requests": table.c.requests + 1},
+            )
+            .returning(table.c.requests)
+        )
+        self.blocked: set[tuple[str, str]] = set()
+        self.blocked_minute = -1
+        self.pruned_minute = -1  # minutes before this one are gone (as far as this process knows)
+        self._pruning = threading.Lock()
 
-    def check(self, client: str, group: str, limit: int) -> float | None:
-        """None when allowed, else the seconds until the client may ask again."""
-        now = time.monotonic()
-        self._forget_idle(now)
-        key = (client_key(client), group)
-        window = self.seen.pop(key, None) or deque()
-        self.seen[key] = window  # moved to the end: the most recently seen
-        while window and window[0] <= now - 60:
-            window.popleft()
-        if len(window) >= limit:
-            return window[0] + 60 - now
-        window.append(now)
-        return None
+    def pseudonym(self, host: str) -> str:
+        """The client's key (an IPv6 /64 as one) under a keyed hash: the table holds no address, and every
+        key has the same short length whatever a proxy forwarded."""
+        return hmac.new(self.secret, b"ratelimit:" + client_key(host).encode(), hashlib.sha256).hexdigest()[:32]
 
-    def _forget_idle(self, now: float) -> None:
-        """From the least recently seen on, until one still counts (amortised O(1) a request)."""
-        while self.seen:
-            key, window = next(iter(self.seen.items()))
-            if len(self.seen) < self.MAX_CLIENTS and window and window[-1] > now - 60:
-                return
-            del self.seen[key]
+    async def check(self, host: str, group: str, limit: int) -> float | None:
+        """None when allowed, else the seconds until the client may ask again (the minute's end)."""
+        now = self.clock()
+        minute = int(now // 60)
+        if minute != self.blocked_minute:
+            self.blocked, self.blocked_minute = set(), minute
+        key = (self.pseudonym(host), group)
+        if key not in self.blocked:
+            if await run_in_threadpool(self.count, minute, *key) <= limit:
+                return None
+            if len(self.blocked) < self.MAX_BLOCKED and self.blocked_minute == minute:
+                self.blocked.add(key)
+        return (minute + 1) * 60 - now
+
+    def count(self, minute: int, client: str, group: str) -> int:
+        """Adds one request to the minute's count and returns the count (blocking: run in a thread)."""
+        with self.engine.begin() as connection:
+            requests = connection.execute(
+                self.upsert, {"minute": minute, "client": client, "route_group": group, "requests": 1}
+            ).scalar_one()
+        if self.pruned_minute < minute:
+            self.prune(minute)
+        return requests
+
+    def prune(self, minute: int) -> int:
+        """Deletes at most PRUNE_BATCH rows of minutes before `minute`, oldest first; how many."""
+        if not self._pruning.acquire(blocking=False):
+            return 0  # another thread of this process is at it
+        try:
+            table = self.table
+            key = tuple_(table.c.minute, table.c.client, table.c.route_group)
+            oldest = select(table.c.minute, table.c.client, table.c.route_group).where(table.c.minute < minute)
+            batch = oldest.order_by(table.c.minute).limit(self.PRUNE_BATCH)
+            with self.engine.begin() as connection:
+                deleted = connection.execute(delete(table).where(key.in_(batch))).rowcount
+            if deleted < self.PRUNE_BATCH:
+                self.pruned_minute = max(self.pruned_minute, minute)
+            return deleted
+        except OperationalError as exc:  # another process deleting the same rows (a deadlock on PostgreSQL)
+            log.info("rate limit counts not pruned this time: %s", type(exc).__name__)
+            return 0
+        finally:
+            self._pruning.release()
 
 
 class ConnectionCaps:
@@ -159,10 +217,10 @@ def client_key(host: str) -> str:
     return str(address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else host
 
 
-def public_rate_limit(request: Request) -> None:
+async def public_rate_limit(request: Request) -> None:
     svc: Services = request.app.state.services
     group = request.url.path.split("/")[1]
-    wait = svc.limiter.check(client_host(request), group, svc.settings.public_rate_limit_per_minute)
+    wait = await svc.limiter.check(client_host(request), group, svc.settings.public_rate_limit_per_minute)
     if wait is not None:
         raise ApiError(
             429,

@@ -215,6 +215,19 @@ class SentMail(SQLModel, table=True):
     sent_at: datetime | None = _timestamp(nullable=True)
 
 
+class RateLimitCount(SQLModel, table=True):
+    """Requests of one client (an address, an IPv6 /64) to one group of public routes in one UTC minute,
+    counted by every API process alike (api/deps.py RateLimiter). Minutes before the current one are
+    deleted in batches; the key leads with the minute, so that deletion walks the primary key."""
+
+    __tablename__ = "rate_limit_counts"
+
+    minute: int = Field(primary_key=True)  # minutes since the Unix epoch
+    client: str = Field(primary_key=True, max_length=64)
+    route_group: str = Field(primary_key=True, max_length=32)  # the path's first segment: downloads, files, ...
+    requests: int
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
@@ -250,6 +263,7 @@ __all__ = [
     "Job",
     "JobEvent",
     "LedgerEntry",
+    "RateLimitCount",
     "Refund",
     "SentMail",
     "Session",

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from smi import signing
-from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, png_bytes
+from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, database_url, png_bytes
 from tests.helpers import order, wait_for_status
 from worker import create_worker
 
@@ -48,7 +48,7 @@ async def test_oversized_webhooks_are_refused(dev_env, stack_factory):
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "too_large"
 
 
-async def test_download_count_limit_and_per_client_rate_limit(dev_env, stack_factory, faults):
+async def test_download_count_limit_and_per_client_rate_limit(dev_env, stack_factory, faults, tmp_path):
     faults(delay_seconds=0.1)
     stack = stack_factory(dev_env, download_max_count=2)
     client = stack.client()
@@ -66,7 +66,9 @@ async def test_download_count_limit_and_per_client_rate_limit(dev_env, stack_fac
     used_up = httpx.get(link)
     assert used_up.status_code == 410 and used_up.json()["error"]["code"] == "download_limit"
 
-    limited = stack_factory(dev_env, public_rate_limit_per_minute=5)
+    # Its own database: APIs on one database are replicas that share their counts (tests/test_replicas.py),
+    # and the requests above were counted.
+    limited = stack_factory(dev_env, public_rate_limit_per_minute=5, database_url=database_url(tmp_path / "limited"))
     answers = [httpx.get(f"{limited.api.url}/downloads/{'e' * 64}") for _ in range(7)]
     assert [a.status_code for a in answers] == [404] * 5 + [429] * 2
     assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60

@@ -1,6 +1,7 @@
 """Several API replicas behind a proxy (issue 12, part 5): the client address is the forwarded one only
-from SMI_TRUSTED_PROXIES. Real APIs (uvicorn on loopback ports, no Temporal behind them); SQLite, or
-PostgreSQL with SMI_TEST_POSTGRES_URL set."""
+from SMI_TRUSTED_PROXIES, the public rate limits are counted in the database by every replica alike, and
+that table keeps only the current minute. Real APIs (uvicorn on loopback ports, no Temporal behind them);
+SQLite, or PostgreSQL with SMI_TEST_POSTGRES_URL set."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import event, func, insert, select
 
 from api.app import create_app
+from api.deps import RateLimiter
 from devstack import database_url, make_settings
+from smi.db import RateLimitCount, make_engine
+from smi.migrations import migrate
 from smi.serve import ServerThread, free_port
 from smi.settings import Settings
 
@@ -97,3 +102,77 @@ def test_a_malformed_trusted_proxy_stops_the_process_at_start(value):
     """uvicorn would take it as a host name no peer address ever equals: trusting nothing, silently."""
     with pytest.raises(ValueError, match="SMI_TRUSTED_PROXIES"):
         Settings(env="dev", trusted_proxies=value)
+
+
+def test_two_replicas_share_one_limit(replicas, tmp_path):
+    clear_of_minute_boundary()
+    database = database_url(tmp_path)
+    a = replicas(database, public_rate_limit_per_minute=6)
+    b = replicas(database, public_rate_limit_per_minute=6)
+    assert [statuses(server, [None])[0] for server in (a, b) * 3] == [404] * 6  # 3 + 3 of the 6
+    for server in (a, b):  # the 7th and 8th: refused by either, though each has seen only 3 or 4
+        refused = httpx.get(server.url + UNKNOWN_LINK, timeout=10)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60  # the minute's end
+    # Another group of routes has its own count, shared as well.
+    signed_file = "/files/originals/x.png?exp=1&sig=" + "0" * 64
+    assert statuses(a, [None] * 3, signed_file) + statuses(b, [None] * 4, signed_file) == [404] * 6 + [429]
+
+
+CLOCK_START = 29_000_000 * 60.0  # a minute's first second
+
+
+@pytest.fixture
+def counted(tmp_path):
+    """A limiter on a real (migrated) database, with its own clock, and the statements it runs."""
+    engine = make_engine(database_url(tmp_path))
+    migrate(engine)
+    now = [CLOCK_START]
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    yield RateLimiter(engine, "a secret", clock=lambda: now[0]), now, statements
+    engine.dispose()
+
+
+async def test_a_refused_client_costs_no_query_until_the_minute_ends(counted):
+    limiter, now, statements = counted
+    assert [await limiter.check("10.0.0.1", "downloads", 2) for _ in range(3)] == [None, None, 60.0]
+    queries = len(statements)
+    now[0] += 50
+    assert [await limiter.check("10.0.0.1", "downloads", 2) for _ in range(100)] == [10.0] * 100
+    assert len(statements) == queries  # refused from memory
+    now[0] += 10  # the next minute: counted afresh, in the database again
+    assert await limiter.check("10.0.0.1", "downloads", 2) is None and len(statements) > queries
+    # The database holds no address: the client is a keyed hash of it (of its /64 for IPv6).
+    with limiter.engine.connect() as connection:
+        clients = set(connection.scalars(select(RateLimitCount.client)))
+    assert clients and not any("10.0.0.1" in client for client in clients)
+
+
+def test_minutes_gone_by_are_deleted_in_bounded_batches(replicas, tmp_path):
+    database = database_url(tmp_path)
+    server = replicas(database)
+    engine = make_engine(database)
+    minute = int(time.time() // 60)
+    old_rows = 2 * RateLimiter.PRUNE_BATCH + 500  # as after a flood from that many sources
+    with engine.begin() as connection:  # three minutes gone by, each with its clients
+        connection.execute(
+            insert(RateLimitCount),
+            [
+                dict(minute=minute - 5 + i % 3, client=f"c{i}", route_group="downloads", requests=9)
+                for i in range(old_rows)
+            ],
+        )
+
+    def left() -> int:
+        with engine.connect() as connection:
+            return connection.scalar(select(func.count()).where(RateLimitCount.minute < minute - 1))
+
+    remaining = []
+    for _ in range(4):  # each request deletes one batch at most, oldest first, until none is left
+        assert statuses(server, [None]) == [404]
+        remaining.append(left())
+    assert remaining == [old_rows - RateLimiter.PRUNE_BATCH, old_rows - 2 * RateLimiter.PRUNE_BATCH, 0, 0]
+    with engine.connect() as connection:  # what is left: this minute's (or, past a minute's turn, the last one's)
+        assert connection.scalar(select(func.count()).select_from(RateLimitCount)) <= 2
+    engine.dispose()
