@@ -209,3 +209,12 @@ def stalled_download(link: str) -> socket.socket:
 def reply_status(sock: socket.socket, timeout: float = 5.0) -> int:
     sock.settimeout(timeout)
     return int(sock.recv(64).split(b" ")[1])
+
+
+def clear_of_minute_boundary(seconds: float = 15.0) -> None:
+    """The limits count per UTC minute: a sequence of requests that must fall into one minute starts with at
+    least `seconds` of it left (when less is left, this waits for the next minute to begin)."""
+    deadline = time.monotonic() + seconds + 5
+    while 60 - time.time() % 60 < seconds:
+        assert time.monotonic() < deadline, "the minute did not turn"
+        time.sleep(0.05)

@@ -8,7 +8,7 @@ import httpx
 
 from smi import signing
 from tests.conftest import STOREFRONT_KEY, WEBHOOK_SECRET, database_url, png_bytes
-from tests.helpers import order, wait_for_status
+from tests.helpers import clear_of_minute_boundary, order, wait_for_status
 from worker import create_worker
 
 
@@ -69,6 +69,7 @@ async def test_download_count_limit_and_per_client_rate_limit(dev_env, stack_fac
     # Its own database: APIs on one database are replicas that share their counts (tests/test_replicas.py),
     # and the requests above were counted.
     limited = stack_factory(dev_env, public_rate_limit_per_minute=5, database_url=database_url(tmp_path / "limited"))
+    clear_of_minute_boundary()  # the 7 requests must fall into one counted minute
     answers = [httpx.get(f"{limited.api.url}/downloads/{'e' * 64}") for _ in range(7)]
     assert [a.status_code for a in answers] == [404] * 5 + [429] * 2
     assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60

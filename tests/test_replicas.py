@@ -19,6 +19,7 @@ from smi.db import RateLimitCount, make_engine
 from smi.migrations import migrate
 from smi.serve import ServerThread, free_port
 from smi.settings import Settings
+from tests.helpers import clear_of_minute_boundary
 
 UNKNOWN_LINK = "/downloads/" + "e" * 64  # a public route (rate limited) that answers 404 for this token
 
@@ -53,15 +54,6 @@ def own_database(tmp_path: Path, name: str) -> str:
     folder = tmp_path / name
     folder.mkdir()
     return database_url(folder)
-
-
-def clear_of_minute_boundary(seconds: float = 15.0) -> None:
-    """The limits count per UTC minute: a sequence of requests that must fall into one minute starts with at
-    least `seconds` of it left (when less is left, this waits for the next minute to begin)."""
-    deadline = time.monotonic() + seconds + 5
-    while 60 - time.time() % 60 < seconds:
-        assert time.monotonic() < deadline, "the minute did not turn"
-        time.sleep(0.05)
 
 
 def statuses(server: ServerThread, forwarded_for: list[str | None], path: str = UNKNOWN_LINK) -> list[int]:
