@@ -60,6 +60,18 @@ def database_url(tmp_path: Path) -> str:
     return server.rsplit("/", 1)[0] + f"/{name}"
 
 
+def api_only_settings(tmp_path: Path, api_port: int, **overrides) -> Settings:
+    """Settings for an API with no Temporal, emulator or SMTP server behind it (nothing listens on port 9)."""
+    return make_settings(
+        tmp_path,
+        temporal_address="127.0.0.1:9",
+        api_port=api_port,
+        smtp_port=9,
+        emulator_url="http://127.0.0.1:9",
+        **overrides,
+    )
+
+
 def make_settings(
     tmp_path: Path,
     *,

@@ -22,6 +22,7 @@ from devstack import (  # noqa: F401 (tests import them from here)
     STOREFRONT_KEY,
     UPSAMPLER_KEY,
     WEBHOOK_SECRET,
+    api_only_settings,
     database_url,
     make_settings,
     png_bytes,
@@ -32,6 +33,7 @@ from smi.db import make_engine
 from smi.mailsink import MailSink
 from smi.serve import ServerThread, free_port
 from smi.settings import Settings
+from tests.helpers import Site
 from workflows.upscale import UPSCALE_STATUS
 
 
@@ -148,20 +150,11 @@ def stack_factory(tmp_path, emulator, shop, mailbox):
 def site_factory(tmp_path):
     """The real API on a loopback port with no Temporal behind it; tests write jobs straight into its
     database (tests.helpers.Site)."""
-    from tests.helpers import Site  # here: tests.helpers imports this module
-
     started: list[tuple[ServerThread, object]] = []
 
     def build(**overrides) -> "Site":
         port = free_port()
-        settings = make_settings(
-            tmp_path,
-            temporal_address="127.0.0.1:9",
-            api_port=port,
-            smtp_port=9,
-            emulator_url="http://127.0.0.1:9",
-            **overrides,
-        )
+        settings = api_only_settings(tmp_path, port, **overrides)
         app = create_app(settings)
         server = ServerThread(app, port=port).start()
         engine = make_engine(settings.database_url)

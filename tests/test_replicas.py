@@ -14,7 +14,7 @@ from sqlalchemy import event, func, insert, select
 
 from api.app import create_app
 from api.deps import RateLimiter
-from devstack import database_url, make_settings
+from devstack import api_only_settings, database_url
 from smi.db import RateLimitCount, make_engine
 from smi.migrations import migrate
 from smi.serve import ServerThread, free_port
@@ -32,12 +32,9 @@ def replicas(tmp_path):
 
     def serve(database: str, **overrides) -> ServerThread:
         port = free_port()
-        settings = make_settings(
+        settings = api_only_settings(
             tmp_path,
-            temporal_address="127.0.0.1:9",
-            api_port=port,
-            smtp_port=9,
-            emulator_url="http://127.0.0.1:9",
+            port,
             database_url=database,
             **overrides,
         )
