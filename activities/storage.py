@@ -1,17 +1,17 @@
-"""Disk side effects: the original, the downloaded result, checks, conversion, clean-up.
+"""Storage side effects: the original, the downloaded result, checks, conversion, clean-up.
 
-Every write goes to a temporary name and is renamed into place when whole, so a retry
-finds either nothing or a complete file.
+Every file is built under a scratch name and put in place when whole (smi/storage.py: a rename,
+or an upload to the bucket), so a retry finds either nothing or a complete file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 from smi import imaging, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
-from smi.storage import LocalStorage, compressed_name
+from smi.storage import PART_BYTES, S3Storage, compressed_name, job_key, open_storage
 from smi.vocabulary import (
     CompressRequest,
     DownloadedFile,
@@ -137,7 +137,7 @@ async def _copy_body(
 class StorageActivities:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None):
         self.settings = settings
-        self.storage = LocalStorage(settings.storage_dir)
+        self.storage = open_storage(settings)
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=60.0))
 
     async def _stream_to(
@@ -158,7 +158,7 @@ class StorageActivities:
             return asyncio.wrap_future(disk.submit(fn, *args))
 
         try:
-            async with guarded_stream(self.http, url, policy, headers) as response:
+            async with _fetching(self.http, url, policy, headers, what) as response:
                 start = _resumed_from(response, start, limit, what)
                 if start:
                     await on_disk(hash_file, part, hasher, start)
@@ -167,18 +167,6 @@ class StorageActivities:
                     written = await _copy_body(response, on_disk, hasher, out, start, limit, what)
                 finally:
                     await asyncio.shield(on_disk(out.close))  # runs after a batch still in the thread, if any
-        except FetchRefused as exc:
-            code = ErrorCode.RESULT_URL_REFUSED if what == "result" else ErrorCode.IMAGE_URL_REFUSED
-            raise _fail(code, f"the {what} URL was refused: {exc}") from None
-        except httpx.DecodingError:  # the server's Content-Encoding does not match its body: no retry mends that
-            code = ErrorCode.INVALID_RESULT if what == "result" else ErrorCode.FETCH_FAILED
-            raise _fail(
-                code, f"the {what} could not be decoded: its Content-Encoding does not match its body"
-            ) from None
-        except httpx.HTTPError as exc:  # network trouble; FetchRefused covers what httpx cannot request
-            raise _fail(
-                ErrorCode.TRANSIENT, f"fetching the {what} failed: {type(exc).__name__}", retryable=True
-            ) from None
         finally:
             disk.shutdown(wait=False)  # its queue, if any (an error), still runs: the close is last
         return written, hasher.hexdigest()
@@ -186,105 +174,163 @@ class StorageActivities:
     @activity.defn
     async def fetch_original(self, request: FetchRequest) -> StoredImage:
         """1. Download the image the storefront named, check it is an image, keep it."""
-        job_dir = self.storage.job_dir(request.job_id)
-        existing = self.storage.original(request.job_id)
-        if existing:  # a retry after the rename: the file is whole
-            return _describe(existing, imaging.probe(existing))
-        job_dir.mkdir(parents=True, exist_ok=True)
-        part = job_dir / "original.part"
-        await self._stream_to(
-            request.image_url, part, self.settings.max_input_bytes, "original image", self.settings.image_fetch_policy
-        )
+        existing = await asyncio.to_thread(self.storage.original, request.job_id)
+        if existing:  # a retry after it was stored: the file is whole
+            return await asyncio.to_thread(self._describe_stored, existing)
+        part = self.storage.scratch(job_key(request.job_id, "original"))
         try:
-            info = await asyncio.to_thread(imaging.probe, part)
-            if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
-                raise imaging.ImageError(
-                    ErrorCode.OUTPUT_TOO_LARGE,
-                    f"the image is {info.width}x{info.height}, too large to upscale within Upsampler's pixel limit",
-                )
-            await asyncio.to_thread(imaging.decode_fully, part, ErrorCode.UNSUPPORTED_FORMAT)
-        except imaging.ImageError as exc:
-            part.unlink(missing_ok=True)
-            raise _fail(exc.code, str(exc)) from None
-        final = job_dir / f"original.{imaging.EXTENSIONS[info.format]}"
-        os.replace(part, final)
+            await self._stream_to(
+                request.image_url,
+                part,
+                self.settings.max_input_bytes,
+                "original image",
+                self.settings.image_fetch_policy,
+            )
+            try:
+                info = await asyncio.to_thread(imaging.probe, part)
+                if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
+                    raise imaging.ImageError(
+                        ErrorCode.OUTPUT_TOO_LARGE,
+                        f"the image is {info.width}x{info.height}, too large to upscale within Upsampler's pixel limit",
+                    )
+                await asyncio.to_thread(imaging.decode_fully, part, ErrorCode.UNSUPPORTED_FORMAT)
+            except imaging.ImageError as exc:
+                raise _fail(exc.code, str(exc)) from None
+            key = job_key(request.job_id, f"original.{imaging.EXTENSIONS[info.format]}")
+            stored = await asyncio.to_thread(_describe, self.storage.location(key), part, info)
+            await asyncio.to_thread(self.storage.put, part, key)
+        finally:
+            part.unlink(missing_ok=True)  # after a failure; `put` took it otherwise
         activity.logger.info("original stored: %dx%d %s", info.width, info.height, info.format)
-        return _describe(final, info)
+        return stored
 
     @activity.defn
     def compress_original(self, request: CompressRequest) -> StoredImage:
         """A JPEG copy of the original at a lower quality, same pixel size, for Upsampler's input limit."""
-        final = self.storage.job_dir(request.job_id) / compressed_name(request.quality)
-        if not final.exists():
+        key = job_key(request.job_id, compressed_name(request.quality))
+        if not self.storage.exists(key):
             original = self.storage.original(request.job_id)
             if original is None:
                 raise _fail(ErrorCode.FETCH_FAILED, "the original is gone")
-            part = final.with_suffix(".part")
-            imaging.convert(original, part, "jpg", quality=request.quality)
-            os.replace(part, final)
-        return _describe(final, imaging.probe(final))
+            part = self.storage.scratch(key)
+            try:
+                with self.storage.local_copy(original) as source:
+                    imaging.convert(source, part, "jpg", quality=request.quality)
+                self.storage.put(part, key)
+            finally:
+                part.unlink(missing_ok=True)
+        return self._describe_stored(key)
 
     @activity.defn
     async def download_result(self, request: DownloadRequest) -> DownloadedFile:
-        """4. Stream Upsampler's result to a temporary file; resume after a crash from the heartbeat."""
-        tmp = self.storage.tmp_dir(request.job_id)
-        tmp.mkdir(parents=True, exist_ok=True)
-        final = tmp / f"result-{request.attempt}"
-        if final.exists():
-            return DownloadedFile(str(final), final.stat().st_size, await asyncio.to_thread(file_sha256, final))
-        part = tmp / f"result-{request.attempt}.part"
+        """4. Stream Upsampler's result into storage; resume after a crash from the heartbeat."""
+        key = job_key(request.job_id, f"tmp/result-{request.attempt}")
+        if await asyncio.to_thread(self.storage.exists, key):  # a retry after it was whole
+            size, digest = await asyncio.to_thread(self._hash_stored, key)
+            return DownloadedFile(self.storage.location(key), size, digest)
         details = activity.info().heartbeat_details if activity.in_activity() else ()
-        start = int(details[0]) if details and part.exists() and part.stat().st_size >= int(details[0]) else 0
-        if start:
-            activity.logger.info("resuming the result download at byte %d", start)
+        if isinstance(self.storage, S3Storage):
+            start, size, digest = await self._download_to_object(request.url, key, details)
         else:
-            activity.logger.info("downloading the result")
-        size, digest = await self._stream_to(
-            request.url, part, self.settings.max_result_bytes, "result", self.settings.result_fetch_policy, start
-        )
-        os.replace(part, final)
+            start, size, digest = await self._download_to_file(request.url, key, details)
         activity.logger.info("result downloaded: %d bytes", size)
         telemetry.count("smi_result_download_bytes", size - start, "Bytes of results downloaded from Upsampler.")
-        return DownloadedFile(str(final), size, digest)
+        return DownloadedFile(self.storage.location(key), size, digest)
+
+    async def _download_to_file(self, url: str, key: str, details) -> tuple[int, int, str]:
+        """Local: into `<key>.part`, resumed from the bytes a heartbeat reported on disk; renamed when whole."""
+        part = self.storage.scratch(key)
+        start = int(details[0]) if details and part.exists() and part.stat().st_size >= int(details[0]) else 0
+        _log_start(start)
+        size, digest = await self._stream_to(
+            url, part, self.settings.max_result_bytes, "result", self.settings.result_fetch_policy, start
+        )
+        self.storage.put(part, key)
+        return start, size, digest
+
+    async def _download_to_object(self, url: str, key: str, details) -> tuple[int, int, str]:
+        """s3: straight into a multipart upload, a part in flight while the next arrives. Each heartbeat
+        carries the bytes stored, the upload id and the parts' ETags: a worker that takes over asks
+        the CDN only for what follows. The SHA-256 of a resumed download is read back from the store."""
+        storage = self.storage
+        assert isinstance(storage, S3Storage)
+        resume = ResultUpload.from_details(details)
+        if resume is None:
+            resume = ResultUpload(0, await asyncio.to_thread(storage.create_multipart, key), [])
+        start = resume.stored
+        _log_start(start)
+        sender = ThreadPoolExecutor(1, thread_name_prefix="smi-upload")  # owns the hasher; parts go in order
+        try:
+            async with _fetching(
+                self.http, url, self.settings.result_fetch_policy, _range_from(start), "result"
+            ) as response:
+                if _resumed_from(response, start, self.settings.max_result_bytes, "result") != start:
+                    # The CDN sent the whole file again: a fresh upload (the old one is aborted).
+                    await asyncio.to_thread(storage.abort_multipart, key, resume.upload_id)
+                    resume = ResultUpload(0, await asyncio.to_thread(storage.create_multipart, key), [])
+                    start = 0
+                hasher = hashlib.sha256() if start == 0 else None
+                size = await _upload_body(
+                    response, storage, key, resume, sender, hasher, self.settings.max_result_bytes
+                )
+        except ApplicationError as exc:
+            if exc.non_retryable:  # no retry will use the parts
+                await asyncio.to_thread(storage.abort_multipart, key, resume.upload_id)
+            raise
+        finally:
+            sender.shutdown(wait=False)
+        await asyncio.to_thread(storage.complete_multipart, key, resume.upload_id, resume.etags)
+        if hasher is not None:
+            return start, size, hasher.hexdigest()
+        stored_size, digest = await asyncio.to_thread(self._hash_stored, key)
+        return start, stored_size, digest
 
     @activity.defn
     def validate_result(self, request: ValidateRequest) -> imaging.ImageInfo:
         """5. Dimensions equal input x scale, a format we know, every pixel decodes."""
         try:
-            return imaging.validate(request.path, request.width, request.height)
+            with self.storage.local_copy(self.storage.key_of(request.path)) as path:
+                return imaging.validate(path, request.width, request.height)
         except imaging.ImageError as exc:
             raise _fail(exc.code, str(exc)) from None
+        except FileNotFoundError:
+            raise _fail(ErrorCode.INVALID_RESULT, "the downloaded result is gone") from None
 
     @activity.defn
     def store_result(self, request: StoreRequest) -> StoredImage:
         """Put the checked result in place as jobs/{job_id}/upscaled_<W>x<H>.<ext>, converting if asked."""
-        src = Path(request.path)
-        job_dir = self.storage.job_dir(request.job_id)
-        info = imaging.probe(src) if src.exists() else None
-        if info is None:  # a retry after the move: the result is already in place
-            asked = request.format if request.format != "auto" else None
-            placed = sorted(job_dir.glob(f"upscaled_*.{asked}" if asked else "upscaled_*"))
+        source = self.storage.key_of(request.path)
+        asked = request.format if request.format != "auto" else None
+        if not self.storage.exists(source):  # a retry after the move: the result is already in place
+            placed = [k for k in self.storage.names(job_key(request.job_id, "upscaled_")) if not k.endswith(".part")]
+            placed = [k for k in placed if asked is None or k.endswith(f".{imaging.EXTENSIONS[asked]}")]
             if not placed:
                 raise _fail(ErrorCode.INVALID_RESULT, "the downloaded result is gone")
-            return _describe(placed[0], imaging.probe(placed[0]))
-        fmt = request.format if request.format != "auto" else info.format
-        final = job_dir / f"upscaled_{info.width}x{info.height}.{imaging.EXTENSIONS[fmt]}"
+            return self._describe_stored(placed[0])
+        with self.storage.local_copy(source) as path:
+            info = imaging.probe(path)
+            fmt = asked or info.format
+            final = job_key(request.job_id, f"upscaled_{info.width}x{info.height}.{imaging.EXTENSIONS[fmt]}")
+            if fmt == info.format:
+                stored = _describe(self.storage.location(final), path, info)
+            else:
+                part = self.storage.scratch(final)
+                try:
+                    imaging.convert(path, part, fmt)
+                    stored = _describe(self.storage.location(final), part, imaging.probe(part))
+                    self.storage.put(part, final)
+                finally:
+                    part.unlink(missing_ok=True)
         if fmt == info.format:
-            os.replace(src, final)
+            self.storage.move(source, final)
         else:
-            part = final.with_suffix(".part")
-            imaging.convert(src, part, fmt)
-            os.replace(part, final)
-            src.unlink()
-        return _describe(final, imaging.probe(final))
+            self.storage.delete(source)
+        return stored
 
     @activity.defn
     def cleanup(self, job_id: str) -> int:
-        """Remove the job's temporary files; returns how many there were."""
-        tmp = self.storage.tmp_dir(job_id)
-        count = sum(1 for _ in tmp.iterdir()) if tmp.exists() else 0
-        shutil.rmtree(tmp, ignore_errors=True)
-        return count
+        """Remove the job's temporary files (and unfinished uploads); returns how many there were."""
+        return self.storage.delete_prefix(job_key(job_id, "tmp/"))
 
     # Retention (workflows/retention.py): what is stored, and deleting what is due (smi/storage.py).
 
@@ -300,9 +346,110 @@ class StorageActivities:
         """Delete what the plan makes due; returns how many files of each kind were there."""
         return self.storage.delete_retained(plan)
 
+    def _describe_stored(self, key: str) -> StoredImage:
+        with self.storage.local_copy(key) as path:
+            return _describe(self.storage.location(key), path, imaging.probe(path))
 
-def _describe(path: Path, info: imaging.ImageInfo) -> StoredImage:
-    return StoredImage(str(path), info.width, info.height, info.format, path.stat().st_size, file_sha256(path))
+    def _hash_stored(self, key: str) -> tuple[int, str]:
+        with self.storage.local_copy(key) as path:
+            return path.stat().st_size, file_sha256(path)
+
+
+@dataclass
+class ResultUpload:
+    """A result's multipart upload as heartbeats carry it: bytes stored, upload id, the parts' ETags."""
+
+    stored: int
+    upload_id: str
+    etags: list[str]
+
+    @classmethod
+    def from_details(cls, details) -> ResultUpload | None:
+        if len(details) == 3 and isinstance(details[1], str) and details[1]:
+            return cls(int(details[0]), details[1], list(details[2]))
+        return None
+
+
+async def _upload_body(
+    response: httpx.Response,
+    storage: S3Storage,
+    key: str,
+    upload: ResultUpload,
+    sender: ThreadPoolExecutor,
+    hasher: hashlib._Hash | None,
+    limit: int,
+) -> int:
+    """The body, which follows byte `upload.stored`, sent as parts of PART_BYTES (the last may be
+    shorter), one in the sender thread while the next is read; each finished part is heartbeated.
+    Returns the result's size."""
+    received = upload.stored
+    buffer = bytearray()
+    sending: asyncio.Future | None = None
+
+    def send(number: int, data: bytes) -> str:
+        if hasher is not None:
+            hasher.update(data)
+        return storage.upload_part(key, upload.upload_id, number, data)
+
+    async def finish_sending() -> None:
+        nonlocal sending
+        if sending is not None:
+            etag, size = await sending
+            sending = None
+            upload.etags.append(etag)
+            upload.stored += size
+            if activity.in_activity():
+                activity.heartbeat(upload.stored, upload.upload_id, upload.etags)
+
+    async def send_next(data: bytes) -> None:
+        nonlocal sending
+        await finish_sending()  # the part before: its number is known, and at most one is in flight
+        number = len(upload.etags) + 1
+        sending = asyncio.wrap_future(sender.submit(lambda: (send(number, data), len(data))))
+
+    async for chunk in response.aiter_bytes():
+        received += len(chunk)
+        if received > limit:  # capped while streaming, not after
+            raise _fail(ErrorCode.TOO_LARGE, f"the result is larger than {limit} bytes")
+        buffer += chunk
+        if len(buffer) >= PART_BYTES:
+            await send_next(bytes(buffer[:PART_BYTES]))
+            del buffer[:PART_BYTES]
+    if buffer or not upload.etags and sending is None:  # the last part (an empty file is one empty part)
+        await send_next(bytes(buffer))
+    await finish_sending()
+    return received
+
+
+@contextlib.asynccontextmanager
+async def _fetching(http: httpx.AsyncClient, url: str, policy: FetchPolicy, headers: dict, what: str):
+    """`guarded_stream`, its failures made into the workflow's error codes."""
+    try:
+        async with guarded_stream(http, url, policy, headers) as response:
+            yield response
+    except FetchRefused as exc:
+        code = ErrorCode.RESULT_URL_REFUSED if what == "result" else ErrorCode.IMAGE_URL_REFUSED
+        raise _fail(code, f"the {what} URL was refused: {exc}") from None
+    except httpx.DecodingError:  # the server's Content-Encoding does not match its body: no retry mends that
+        code = ErrorCode.INVALID_RESULT if what == "result" else ErrorCode.FETCH_FAILED
+        raise _fail(code, f"the {what} could not be decoded: its Content-Encoding does not match its body") from None
+    except httpx.HTTPError as exc:  # network trouble; FetchRefused covers what httpx cannot request
+        raise _fail(ErrorCode.TRANSIENT, f"fetching the {what} failed: {type(exc).__name__}", retryable=True) from None
+
+
+def _range_from(start: int) -> dict:
+    return {"Range": f"bytes={start}-"} if start else {}
+
+
+def _log_start(start: int) -> None:
+    if start:
+        activity.logger.info("resuming the result download at byte %d", start)
+    else:
+        activity.logger.info("downloading the result")
+
+
+def _describe(location: str, path: Path, info: imaging.ImageInfo) -> StoredImage:
+    return StoredImage(location, info.width, info.height, info.format, path.stat().st_size, file_sha256(path))
 
 
 def _http_failure(status: int, what: str) -> ApplicationError:

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 from smi import signing, telemetry
 from smi.db import Submission, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
+from smi.storage import S3Storage, compressed_name, job_key, open_storage
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
 from smi.vocabulary import ErrorCode, JobStatus, SubmitRequest, UpsamplerResult
 
@@ -42,6 +43,25 @@ class UpsamplerActivities:
         self.settings = settings
         self.engine = engine
         self.client = client
+        self.storage = open_storage(settings)
+
+    def _original_url(self, request: SubmitRequest) -> str:
+        """A temporary URL of the image Upsampler is to fetch: presigned by the bucket (s3), else ours, signed."""
+        ttl = self.settings.original_url_ttl_seconds
+        if isinstance(self.storage, S3Storage):
+            key = (
+                job_key(request.job_id, compressed_name(int(request.variant.removeprefix("q"))))
+                if request.variant
+                else self.storage.original(request.job_id)
+            )
+            if key is None:
+                raise ApplicationError("the original is gone", type=ErrorCode.FETCH_FAILED, non_retryable=True)
+            return self.storage.presigned_get(key, ttl)
+        secret = self.settings.secret("webhook_secret")
+        expires = int(time.time()) + ttl
+        return signing.signed_file_url(
+            self.settings.public_base_url, secret, "originals", original_name(request), expires
+        )
 
     @activity.defn
     async def submit_upscale(self, request: SubmitRequest) -> UpsamplerResult:
@@ -63,13 +83,11 @@ class UpsamplerActivities:
 
         secret = self.settings.secret("webhook_secret")
         base = self.settings.public_base_url
-        expires = int(time.time()) + self.settings.original_url_ttl_seconds
+        image_url = await asyncio.to_thread(self._original_url, request)
         job = await self._call(
             "submit",
             lambda: self.client.submit(
-                signing.signed_file_url(base, secret, "originals", original_name(request), expires),
-                request.scale_factor,
-                signing.webhook_url(base, secret, request.job_id),
+                image_url, request.scale_factor, signing.webhook_url(base, secret, request.job_id)
             ),
         )
         with Session(self.engine) as session:

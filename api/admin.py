@@ -24,7 +24,6 @@ from api.models import AdminAction, AdminJob, AdminJobs, BudgetReleased, Erasure
 from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
 from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, rows_changed, utcnow
-from smi.storage import LocalStorage
 from smi.vocabulary import FINISHED, JobStatus, ResendInput
 from workflows.admin import ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
@@ -275,7 +274,7 @@ async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)
         )
 
     # Files first: should anything fail after them, calling again finds the jobs and finishes the work.
-    storage = LocalStorage(svc.settings.storage_dir)
+    storage = svc.storage
     uploads = {upload_id for job in jobs if (upload_id := signing.upload_id_of(job.image_url))}
 
     def delete_files() -> int:

@@ -30,6 +30,7 @@ from smi.codec import data_converter
 from smi.db import RateLimitCount
 from smi.mail import TEMPLATES
 from smi.settings import Settings
+from smi.storage import Storage, open_storage
 
 log = logging.getLogger("smi.api")
 pages = Jinja2Templates(directory=TEMPLATES)  # the HTML pages: status page and dashboard
@@ -51,6 +52,7 @@ class Services:
     def __post_init__(self) -> None:
         cfg = self.settings
         # The key of the client pseudonyms: the webhook secret (the same in every replica) under its own prefix.
+        self.storage: Storage = open_storage(cfg)
         self.limiter = RateLimiter(self.engine, cfg.webhook_secret.get_secret_value() if cfg.webhook_secret else "")
         self.downloads = ConnectionCaps("downloads", cfg.downloads_per_client, cfg.downloads_total)
         self.event_streams = ConnectionCaps("status streams", cfg.status_streams_per_client, cfg.status_streams_total)

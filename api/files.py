@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import mimetypes
 import re
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import update
 from sqlmodel import Session, col
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
@@ -16,8 +20,7 @@ from api import deps
 from api.errors import ApiError
 from smi import signing
 from smi.db import DownloadToken, Job, as_utc, rows_changed, utcnow
-from smi.settings import Settings
-from smi.storage import LocalStorage, compressed_name
+from smi.storage import LocalStorage, S3Storage, Storage, compressed_name, job_key, upload_key
 
 router = APIRouter(tags=["files"])
 
@@ -44,7 +47,15 @@ def serves_first_byte(method: str, headers, size: int) -> bool:
     return not ranges or ranges[0][0] == 0  # merged ranges come sorted; none: the whole file
 
 
-def _checked_download(svc: deps.Services, token: str, method: str, headers) -> tuple[Path, str]:
+@dataclass
+class Download:
+    key: str  # in storage (smi/storage.py)
+    filename: str  # what the customer's browser saves it as
+    size: int
+    expires: datetime  # the link's
+
+
+def _checked_download(svc: deps.Services, token: str, method: str, headers) -> Download:
     """The file a download link gives, counted when this request takes the whole file; one short session."""
     cfg = svc.settings
     with Session(svc.engine) as session:
@@ -63,10 +74,10 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
                 f"this download link expired at {expires:%Y-%m-%d %H:%M} UTC; ask support for a fresh link",
             )
         job = session.get(Job, row.job_id)
-        path = Path(job.result_path) if job and job.result_path else None
-        if job is None or path is None or not path.is_file():
+        size = _stored_size(svc.storage, job.result_path, job.output_bytes) if job and job.result_path else None
+        if job is None or job.result_path is None or size is None:
             raise ApiError(410, "file_gone", "the file is no longer stored; ask support for help")
-        if cfg.download_max_count is not None and serves_first_byte(method, headers, path.stat().st_size):
+        if cfg.download_max_count is not None and serves_first_byte(method, headers, size):
             # Counted in the database in one statement, so parallel requests cannot slip past the limit.
             counted = rows_changed(
                 session,
@@ -84,7 +95,16 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
                     "download_limit",
                     f"this link was used {cfg.download_max_count} times, its limit; ask support for a fresh link",
                 )
-        return path, f"{job.order_id}-{path.name}"
+        key = svc.storage.key_of(job.result_path)
+        return Download(key, f"{job.order_id}-{key.rsplit('/', 1)[-1]}", size, expires)
+
+
+def _stored_size(storage: Storage, location: str, recorded: int | None) -> int | None:
+    """The result's size; None when it is gone. A bucket is not asked: retention clears the record."""
+    if isinstance(storage, LocalStorage):
+        path = Path(location)
+        return path.stat().st_size if path.is_file() else None
+    return recorded
 
 
 @router.get(
@@ -99,17 +119,46 @@ def _checked_download(svc: deps.Services, token: str, method: str, headers) -> t
     summary="The file's headers alone",
     dependencies=[Depends(deps.public_rate_limit)],
 )
-def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)) -> FileResponse:
+def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)) -> Response:
     release = svc.downloads.acquire(deps.client_host(request))  # first: a refused slot counts no download
     try:
-        path, filename = _checked_download(svc, token, request.method, request.headers)
+        found = _checked_download(svc, token, request.method, request.headers)
+        handed_off = _handed_off(svc, found, request.method)
     except BaseException:
         release()
         raise
+    if handed_off is not None:  # the bytes go out elsewhere: the slot is free at once
+        release()
+        return handed_off
     # FileResponse streams the file and answers Range requests with 206; no database session is open.
-    response = HeldFileResponse(path, filename=filename, content_disposition_type="attachment")
+    assert isinstance(svc.storage, LocalStorage)
+    response = HeldFileResponse(
+        svc.storage.path(found.key), filename=found.filename, content_disposition_type="attachment"
+    )
     response.release = release  # held until the transfer ends
     return response
+
+
+def _handed_off(svc: deps.Services, found: Download, method: str) -> Response | None:
+    """s3: 303 to a presigned GET (HEAD: the headers, here); local behind nginx: X-Accel-Redirect.
+    None: the API streams the file itself."""
+    storage, cfg = svc.storage, svc.settings
+    disposition = {"Content-Disposition": _attachment(found.filename)}
+    if isinstance(storage, S3Storage):
+        if method == "HEAD":
+            media = mimetypes.guess_type(found.filename)[0] or "application/octet-stream"
+            headers = {"Content-Length": str(found.size), "Accept-Ranges": "bytes", **disposition}
+            return Response(status_code=200, headers=headers, media_type=media)
+        lifetime = min(cfg.presigned_ttl_seconds, int((found.expires - utcnow()).total_seconds()))
+        return RedirectResponse(storage.presigned_get(found.key, lifetime, found.filename), status_code=303)
+    if cfg.accel_redirect_prefix and method == "GET":
+        target = f"{cfg.accel_redirect_prefix.rstrip('/')}/{quote(found.key)}"
+        return Response(status_code=200, headers={"X-Accel-Redirect": target, **disposition})
+    return None
+
+
+def _attachment(filename: str) -> str:
+    return f"attachment; filename=\"{filename}\"; filename*=utf-8''{quote(filename)}"
 
 
 @router.get(
@@ -117,20 +166,24 @@ def download(token: str, request: Request, svc: deps.Services = Depends(deps.ser
     summary="A stored original or upload, by a temporary signed URL",
     dependencies=[Depends(deps.public_rate_limit)],
 )
-def signed_file(kind: str, name: str, exp: int, sig: str, cfg: Settings = Depends(deps.settings)) -> FileResponse:
+def signed_file(kind: str, name: str, exp: int, sig: str, svc: deps.Services = Depends(deps.services)) -> Response:
+    cfg, storage = svc.settings, svc.storage
     match = NAME.match(name)
     if kind not in ("originals", "uploads") or not match or (kind == "uploads" and match["quality"]):
         raise ApiError(404, "not_found", "no such file")
     if exp < time.time() or not signing.verify_file(cfg.webhook_secrets(), kind, name, exp, sig):
         raise ApiError(403, "bad_signature", "this file link is expired or its signature is wrong")
-    storage = LocalStorage(cfg.storage_dir)
-    path: Path | None
+    key: str | None
     if kind == "uploads":
-        path = storage.uploads_dir() / name
+        key = upload_key(name)
     elif match["quality"]:
-        path = storage.job_dir(match["id"]) / compressed_name(int(match["quality"]))
+        key = job_key(match["id"], compressed_name(int(match["quality"])))
     else:
-        path = storage.original(match["id"])
-    if path is None or not path.is_file() or path.suffix == ".part":
+        key = storage.original(match["id"])
+    if key is None or not storage.exists(key):
         raise ApiError(404, "not_found", "no such file")
-    return FileResponse(path)
+    if isinstance(storage, S3Storage):
+        lifetime = min(cfg.presigned_ttl_seconds, exp - int(time.time()) + 1)
+        return RedirectResponse(storage.presigned_get(key, lifetime), status_code=303)
+    assert isinstance(storage, LocalStorage)
+    return FileResponse(storage.path(key))

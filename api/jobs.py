@@ -22,7 +22,7 @@ from api.service import EMAIL, get_job, job_url, job_view, start_workflow, statu
 from smi import pricing, probe, signing
 from smi.db import Job, JobEvent, LedgerEntry, Refund, utcnow
 from smi.settings import Settings
-from smi.storage import LocalStorage
+from smi.storage import upload_key
 from smi.vocabulary import ErrorCode, JobStatus
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
@@ -173,25 +173,23 @@ async def read_job(job_id: str, svc: deps.Services = Depends(deps.services)) -> 
     response_model=Upload,
     summary="Upload an image; returns an image_url for POST /v1/jobs",
 )
-async def upload(request: Request, cfg: Settings = Depends(deps.settings)) -> Upload:
+async def upload(request: Request, svc: deps.Services = Depends(deps.services)) -> Upload:
+    cfg = svc.settings
     # The body is capped at SMI_MAX_INPUT_BYTES while it streams (api/guard.py).
     upload_id = uuid.uuid4().hex
-    folder = LocalStorage(cfg.storage_dir).uploads_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    part = folder / f"{upload_id}.part"
+    storage = svc.storage
+    part = storage.scratch(upload_key(upload_id))
     size = 0
     try:
         with open(part, "wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
                 out.write(chunk)
-    except BaseException:  # over the cap, or the client went away: nothing half-written stays
+        if size == 0:
+            raise ApiError(400, "empty_upload", "the request body must be the image's bytes")
+        await run_in_threadpool(storage.put, part, upload_key(upload_id))  # a rename, or an upload to the bucket
+    finally:  # over the cap, empty, or the client went away: nothing half-written stays
         part.unlink(missing_ok=True)
-        raise
-    if size == 0:
-        part.unlink()
-        raise ApiError(400, "empty_upload", "the request body must be the image's bytes")
-    part.rename(folder / upload_id)
     expires = int(time.time()) + cfg.original_url_ttl_seconds
     url = signing.signed_file_url(cfg.public_base_url, cfg.secret("webhook_secret"), "uploads", upload_id, expires)
     return Upload(upload_id=upload_id, image_url=url, bytes=size)

@@ -39,7 +39,21 @@ class Settings(BaseSettings):
     worker_shutdown_seconds: float = Field(30.0, ge=0)
 
     database_url: str = "sqlite:///var/smi.db"
-    storage_dir: Path = Path("var/storage")
+    storage_dir: Path = Path("var/storage")  # the files (local), or this process's scratch copies (s3)
+    # Where the files live (smi/storage.py): `local` (SMI_STORAGE_DIR) or s3://bucket/prefix, an S3-compatible
+    # store reached with the four SMI_S3_* settings (the endpoint empty: AWS's own for the region).
+    storage_url: str = "local"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # s3: a download answers 303 to a presigned GET URL living this long (never past the link's expiry),
+    # on SMI_DOWNLOAD_BASE_URL's origin when set (a CDN passing path and query on to the store).
+    presigned_ttl_seconds: int = Field(300, gt=0, le=7 * 24 * 3600)
+    download_base_url: str | None = None
+    # local behind nginx: a download answers X-Accel-Redirect: <prefix>/<file under SMI_STORAGE_DIR>, and
+    # nginx sends the file (an `internal` location aliased to the folder); empty: the API streams it.
+    accel_redirect_prefix: str = ""
     public_base_url: str = "http://127.0.0.1:8000"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -129,6 +143,14 @@ class Settings(BaseSettings):
             if path and not values.get(name):
                 values[name] = Path(path).read_text().strip()
         return values
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_known(cls, value: str) -> str:
+        from smi.storage import parse_storage_url  # smi.storage reads these settings
+
+        parse_storage_url(value)
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -223,7 +245,8 @@ class Settings(BaseSettings):
 SECRET_FIELDS = [
     name for name, info in Settings.model_fields.items() if info.annotation in (SecretStr | None, SecretStr)
 ]
-FILE_FIELDS = SECRET_FIELDS + ["database_url"]  # the database URL carries its password
+# The database URL carries its password; the store's coordinates come with its keys.
+FILE_FIELDS = SECRET_FIELDS + ["database_url", "storage_url", "s3_endpoint_url", "s3_region"]
 for _name in FILE_FIELDS:  # declare SMI_<SECRET>_FILE beside each secret, so the environment source reads it
     Settings.model_fields[f"{_name}_file"] = FieldInfo(annotation=str | None, default=None)
 Settings.model_rebuild(force=True)

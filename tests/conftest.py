@@ -22,6 +22,7 @@ from devstack import (  # noqa: F401 (tests import them from here)
     STOREFRONT_KEY,
     UPSAMPLER_KEY,
     WEBHOOK_SECRET,
+    S3Server,
     api_only_settings,
     database_url,
     make_settings,
@@ -56,6 +57,20 @@ async def dev_env():
     env = await start_dev_server()
     yield env
     await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible store on loopback (SeaweedFS), shared by the session: each test uses its own prefix."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server):
+    """The settings of the s3 storage backend, under a prefix of this test's own."""
+    return {**s3_server.storage_settings, "storage_url": f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"}
 
 
 @pytest.fixture(scope="session")
