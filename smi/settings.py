@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
-    # s3: a download answers 303 to a presigned GET URL living this long (never past the link's expiry),
-    # on SMI_DOWNLOAD_BASE_URL's origin when set (a CDN passing path and query on to the store).
+    # s3: a download answers 303 to a presigned GET URL living this long (never past the link's expiry), signed
+    # for SMI_DOWNLOAD_BASE_URL when set: the store's public address (or a proxy or CDN keeping the Host header).
     presigned_ttl_seconds: int = Field(300, gt=0, le=7 * 24 * 3600)
     download_base_url: str | None = None
     # local behind nginx: a download answers X-Accel-Redirect: <prefix>/<file under SMI_STORAGE_DIR>, and

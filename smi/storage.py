@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from smi.settings import Settings
 from smi.vocabulary import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
@@ -290,7 +290,6 @@ class S3Storage(Storage):
 
         self.bucket, self.prefix = bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.scratch_dir = scratch_dir
-        self.public_base_url = public_base_url
         config = Config(
             signature_version="s3v4",
             # Path style on any endpoint but AWS's own: MinIO, SeaweedFS, R2 and B2 all take it.
@@ -300,14 +299,20 @@ class S3Storage(Storage):
             read_timeout=60,
             max_pool_connections=32,
         )
-        self.client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=endpoint_url or None,
-            region_name=region or "us-east-1",
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            config=config,
-        )
+
+        def client(endpoint: str | None):
+            return botocore.session.get_session().create_client(
+                "s3",
+                endpoint_url=endpoint or None,
+                region_name=region or "us-east-1",
+                aws_access_key_id=access_key_id or None,
+                aws_secret_access_key=secret_access_key or None,
+                config=config,
+            )
+
+        self.client = client(endpoint_url)
+        # URLs handed to customers and Upsampler are signed for the address they will use.
+        self.signer = client(public_base_url) if public_base_url else self.client
         self._scratch_lock = threading.Lock()
 
     def object_key(self, key: str) -> str:
@@ -437,19 +442,16 @@ class S3Storage(Storage):
     # ---- handing bytes to others ----
 
     def presigned_get(self, key: str, ttl_seconds: int, filename: str | None = None) -> str:
-        """A URL that GETs `key` for `ttl_seconds` (computed here, no request made), with the
-        download's file name; its origin is SMI_DOWNLOAD_BASE_URL's when one is set (a CDN that
-        passes path and query on to the store)."""
+        """A URL that GETs `key` for `ttl_seconds` (computed here, no request made; at most SigV4's 7 days),
+        with the download's file name. Signed for SMI_DOWNLOAD_BASE_URL when set: the store's public
+        address, or a proxy or CDN in front of it that passes the Host header on unchanged."""
         params = {"Bucket": self.bucket, "Key": self.object_key(key)}
         if filename:
             params["ResponseContentDisposition"] = (
                 f"attachment; filename=\"{filename}\"; filename*=UTF-8''{quote(filename)}"
             )
-        url = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=max(1, int(ttl_seconds)))
-        if not self.public_base_url:
-            return url
-        base, parts = urlsplit(self.public_base_url), urlsplit(url)
-        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+        lifetime = min(max(1, int(ttl_seconds)), 7 * 24 * 3600)
+        return self.signer.generate_presigned_url("get_object", Params=params, ExpiresIn=lifetime)
 
 
 def open_storage(settings: Settings) -> Storage:
