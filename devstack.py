@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
@@ -48,6 +49,7 @@ async def start_dev_server() -> WorkflowEnvironment:
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=[UPSCALE_STATUS],
         dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
+        dev_server_startup_timeout=timedelta(seconds=60),  # the SDK's 5 s default fails on a busy 2-core machine
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from smi import imaging, telemetry
+from smi import imaging, signing, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
-from smi.storage import PART_BYTES, S3Storage, compressed_name, job_key, open_storage
+from smi.storage import PART_BYTES, S3Storage, compressed_name, job_key, open_storage, upload_key
 from smi.vocabulary import (
     CompressRequest,
     DownloadedFile,
@@ -178,14 +179,17 @@ class StorageActivities:
         if existing:  # a retry after it was stored: the file is whole
             return await asyncio.to_thread(self._describe_stored, existing)
         part = self.storage.scratch(job_key(request.job_id, "original"))
+        cfg = self.settings
         try:
-            await self._stream_to(
-                request.image_url,
-                part,
-                self.settings.max_input_bytes,
-                "original image",
-                self.settings.image_fetch_policy,
+            upload_id = signing.own_upload_id(
+                request.image_url, cfg.public_base_url, cfg.webhook_secrets(), time.time()
             )
+            if upload_id:  # uploaded to us: read from storage, whichever host stored it
+                await asyncio.to_thread(self._copy_upload, upload_id, part)
+            else:
+                await self._stream_to(
+                    request.image_url, part, cfg.max_input_bytes, "original image", cfg.image_fetch_policy
+                )
             try:
                 info = await asyncio.to_thread(imaging.probe, part)
                 if info.width * info.height > imaging.MAX_INPUT_PIXELS:  # before decoding: a bomb stays unopened
@@ -345,6 +349,13 @@ class StorageActivities:
     def delete_retained(self, plan: RetentionPlan) -> RetentionDeleted:
         """Delete what the plan makes due; returns how many files of each kind were there."""
         return self.storage.delete_retained(plan)
+
+    def _copy_upload(self, upload_id: str, part: Path) -> None:
+        try:
+            with self.storage.local_copy(upload_key(upload_id)) as upload:
+                shutil.copyfile(upload, part)
+        except FileNotFoundError:
+            raise _fail(ErrorCode.FETCH_FAILED, "the uploaded image is gone (uploads are kept for a while)") from None
 
     def _describe_stored(self, key: str) -> StoredImage:
         with self.storage.local_copy(key) as path:

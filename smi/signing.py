@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import re
 from datetime import datetime, timezone
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -97,6 +97,26 @@ def token_sha256(token: str) -> str:
 
 
 _UPLOAD_PATH = re.compile(r"/files/uploads/([0-9a-f]{32})(?:[?#]|$)")
+
+
+def own_upload_id(image_url: str, public_base_url: str, secrets: str | list[str], now: float) -> str | None:
+    """The upload a signed, unexpired upload URL of ours (on our public address) names; else None."""
+    parts = urlsplit(image_url)
+    base = urlsplit(public_base_url)
+    upload_id = upload_id_of(image_url)
+    query = parse_qs(parts.query)
+    if upload_id is None or (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+        return None
+    if parts.path != f"{base.path.rstrip('/')}/files/uploads/{upload_id}":
+        return None
+    expires, signature = query.get("exp", [""])[0], query.get("sig", [""])[0]
+    if (
+        not expires.isdigit()
+        or int(expires) < now
+        or not verify_file(secrets, "uploads", upload_id, int(expires), signature)
+    ):
+        return None
+    return upload_id
 
 
 def upload_id_of(image_url: str | None) -> str | None:

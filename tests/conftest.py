@@ -4,6 +4,7 @@ a shop serving images, and an SMTP server, all on loopback."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from dataclasses import dataclass
 
 import httpx
@@ -41,7 +42,9 @@ from workflows.upscale import UPSCALE_STATUS
 @pytest.fixture
 async def time_skipping_env():
     """A fresh test server per test: its time-skipping lock count is global to the server."""
-    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(BIN / "temporal-test-server"))
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(BIN / "temporal-test-server"), test_server_startup_timeout=timedelta(seconds=60)
+    )
     await env.client.operator_service.add_search_attributes(
         AddSearchAttributesRequest(
             namespace=env.client.namespace,
