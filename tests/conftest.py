@@ -4,8 +4,8 @@ a shop serving images, and an SMTP server, all on loopback."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 import pytest
