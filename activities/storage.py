@@ -259,6 +259,8 @@ class StorageActivities:
         storage = self.storage
         assert isinstance(storage, S3Storage)
         resume = ResultUpload.from_details(details)
+        if resume is not None and not await asyncio.to_thread(storage.multipart_alive, key, resume.upload_id):
+            resume = None  # aborted meanwhile (a clean-up): start over
         if resume is None:
             resume = ResultUpload(0, await asyncio.to_thread(storage.create_multipart, key), [])
         start = resume.stored

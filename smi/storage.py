@@ -435,6 +435,14 @@ class S3Storage(Storage):
             MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]},
         )
 
+    def multipart_alive(self, key: str, upload_id: str) -> bool:
+        """Whether the upload can still take parts (not completed, aborted or expired)."""
+        try:
+            self.client.list_parts(Bucket=self.bucket, Key=self.object_key(key), UploadId=upload_id, MaxParts=1)
+            return True
+        except self.client.exceptions.NoSuchUpload:
+            return False
+
     def abort_multipart(self, key: str, upload_id: str) -> None:
         with contextlib.suppress(self.client.exceptions.NoSuchUpload):
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.object_key(key), UploadId=upload_id)
