@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -314,6 +315,7 @@ class S3Storage(Storage):
         # URLs handed to customers and Upsampler are signed for the address they will use.
         self.signer = client(public_base_url) if public_base_url else self.client
         self._scratch_lock = threading.Lock()
+        _sweep(scratch_dir, older_than_seconds=24 * 3600)
 
     def object_key(self, key: str) -> str:
         return self.prefix + key
@@ -460,6 +462,15 @@ class S3Storage(Storage):
             )
         lifetime = min(max(1, int(ttl_seconds)), 7 * 24 * 3600)
         return self.signer.generate_presigned_url("get_object", Params=params, ExpiresIn=lifetime)
+
+
+def _sweep(folder: Path, older_than_seconds: float) -> None:
+    """Scratch copies a killed process left (no activity lives a day); another process's current ones stay."""
+    cutoff = time.time() - older_than_seconds
+    for path in folder.glob("*.part") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def open_storage(settings: Settings) -> Storage:
