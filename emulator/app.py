@@ -10,8 +10,10 @@ entry is consumed once; `cdn_bytes_per_second` is read live too, when a CDN requ
 (the file is then streamed at that pace, `Range` still honoured). Job-level faults (delays,
 webhooks, results, failures, link lifetime) are copied into the job when it is submitted, so
 changing them later does not affect it. `/_emulator/requests` counts `cdn_range`: CDN
-requests that carried a `Range` header. `/_emulator/timeline` gives each job's wall-clock
-moments (`time.time()`: submitted, finished, webhook_sent just before the first webhook POST,
+requests that carried a `Range` header. `/_emulator/cdn` lists the CDN requests that passed the
+checks, each with its `Range` header and the body bytes handed out (`bytes`, counted as they go:
+a request the client leaves early counts what went out before). `/_emulator/timeline` gives each
+job's wall-clock moments (`time.time()`: submitted, finished, webhook_sent just before the first webhook POST,
 webhook_answered, cdn_first just as the first CDN request for its files arrives), for the
 benchmarks (bench/webhook_latency.py).
 """
@@ -172,8 +174,32 @@ async def _paced(path: Path, start: int, length: int, rate: float):
                 await asyncio.sleep(ahead)
 
 
-def _throttled_file(path: Path, media_type: str, rate: float, range_header: str | None, head: bool) -> Response:
-    """What FileResponse does for one range, but streamed at `rate` bytes per second."""
+class _Counted(Response):
+    """A response adding the body bytes it hands to the server to `served["bytes"]`."""
+
+    served: dict
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def counting(message) -> None:
+            if message["type"] == "http.response.body":
+                self.served["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        await super().__call__(scope, receive, counting)
+
+
+class _CountedFile(_Counted, FileResponse):
+    pass
+
+
+class _CountedStream(_Counted, StreamingResponse):
+    pass
+
+
+def _throttled_file(
+    path: Path, media_type: str, rate: float, range_header: str | None, head: bool, served: dict
+) -> Response:
+    """What FileResponse does for one range, but streamed at `rate` bytes per second (counted in `served`)."""
     size = path.stat().st_size
     headers = {"Accept-Ranges": "bytes"}
     span = _byte_range(range_header, size)
@@ -186,9 +212,11 @@ def _throttled_file(path: Path, media_type: str, rate: float, range_header: str 
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     if head:
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(
+    response = _CountedStream(
         _paced(path, first, length, rate), status_code=status, headers=headers, media_type=media_type
     )
+    response.served = served
+    return response
 
 
 def _render(source: bytes, size: tuple[int, int], result: str, out_dir: Path) -> None:
@@ -221,6 +249,7 @@ class Emulator:
         self.storage_dir = storage_dir
         self.jobs: dict[str, Job] = {}
         self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+        self.cdn_served: list[dict] = []  # each CDN request that passed the checks: its Range, the bytes sent
         self.recent: deque[float] = deque()
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
@@ -309,6 +338,7 @@ class Emulator:
             shutil.rmtree(self.storage_dir / job_id, ignore_errors=True)
         self.jobs.clear()
         self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
+        self.cdn_served = []
         self.recent = deque()
         self.faults = Faults()
 
@@ -536,10 +566,21 @@ async def cdn(request: Request, job_id: str, name: str, emu: Emu, exp: str = "",
         return _error(403, "bad signature")
     if time.time() > int(exp):
         return _error(403, "link expired")
+    served: dict[str, Any] = {
+        "job_id": job_id,
+        "name": name,
+        "method": request.method,
+        "range": request.headers.get("range"),
+        "bytes": 0,
+    }
+    emu.cdn_served.append(served)
     rate = emu.faults.cdn_bytes_per_second
     if rate is not None:
-        return _throttled_file(path, RESULT_FILES[name], rate, request.headers.get("range"), request.method == "HEAD")
-    return FileResponse(path, media_type=RESULT_FILES[name])
+        head = request.method == "HEAD"
+        return _throttled_file(path, RESULT_FILES[name], rate, request.headers.get("range"), head, served)
+    response = _CountedFile(path, media_type=RESULT_FILES[name])
+    response.served = served
+    return response
 
 
 @router.get("/_emulator/faults")
@@ -577,6 +618,11 @@ async def list_jobs(emu: Emu) -> list[dict]:
 @router.get("/_emulator/timeline")
 async def timeline(emu: Emu) -> dict[str, dict[str, float]]:
     return {j.id: dict(j.timeline) for j in emu.jobs.values()}
+
+
+@router.get("/_emulator/cdn")
+async def cdn_served(emu: Emu) -> list[dict]:
+    return [dict(served) for served in emu.cdn_served]
 
 
 @router.get("/_emulator/requests")

@@ -608,6 +608,44 @@ async def test_cdn_throttled_with_ranges(env, client):
     assert counts["cdn"] == 10 and counts["cdn_range"] == 7
 
 
+async def test_cdn_bytes_served_counted_per_request(env, client):
+    """`/_emulator/cdn` lists each CDN request with its Range and the body bytes that went out, throttled
+    or not; a client that leaves early counts only what was sent before (the crash tests bound what
+    the CDN served twice with it)."""
+    env.faults(delay_seconds=0.1)
+    job = await client.submit(env.image(400, 300), 2, None)
+    done, _ = await wait_for(client, job.id, "completed")
+    async with httpx.AsyncClient() as http:
+        size = len((await http.get(done.image_url)).content)  # unthrottled: FileResponse
+        assert size > 200_000
+        await http.get(done.image_url, headers={"Range": "bytes=1000-"})
+        await http.head(done.image_url)
+        env.faults(cdn_bytes_per_second=size)  # the whole file in about 1 s
+        await http.get(done.image_url, headers={"Range": "bytes=100-1099"})
+        async with http.stream("GET", done.image_url) as left_early:  # read one chunk, then hang up
+            await left_early.aiter_raw().__anext__()
+        await asyncio.sleep(1.5)  # longer than the whole file takes: had the server gone on, all of it is counted
+    assert (await http_get_json(f"{env.url}/_emulator/cdn"))[:4] == [
+        {"job_id": job.id, "name": "result.png", "method": "GET", "range": None, "bytes": size},
+        {"job_id": job.id, "name": "result.png", "method": "GET", "range": "bytes=1000-", "bytes": size - 1000},
+        {"job_id": job.id, "name": "result.png", "method": "HEAD", "range": None, "bytes": 0},
+        {"job_id": job.id, "name": "result.png", "method": "GET", "range": "bytes=100-1099", "bytes": 1000},
+    ]
+    served = await http_get_json(f"{env.url}/_emulator/cdn")
+    assert len(served) == 5 and served[4]["range"] is None
+    assert 0 < served[4]["bytes"] < size // 2  # left early: far from the whole file went out
+    # A request refused by the checks serves nothing and is not listed; reset empties the list.
+    assert (await download(with_query(done.image_url, sig="0" * 64))).status_code == 403
+    assert len(await http_get_json(f"{env.url}/_emulator/cdn")) == 5
+    httpx.post(f"{env.url}/_emulator/reset").raise_for_status()
+    assert await http_get_json(f"{env.url}/_emulator/cdn") == []
+
+
+async def http_get_json(url: str):
+    async with httpx.AsyncClient() as http:
+        return (await http.get(url)).json()
+
+
 async def test_public_base_url_and_storage_dir(tmp_path):
     port = free_port()
     app = create_app(
