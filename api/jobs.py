@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -65,7 +66,7 @@ class JobRequest(BaseModel):
 
 async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_factor: int) -> None:
     """422 before anything is written when the image's header already shows the job cannot succeed."""
-    found = await probe.probe_url(svc.http, image_url, svc.settings.image_fetch_policy)
+    found = await probe_image(svc, image_url)
     if found.problem:
         raise ApiError(422, found.problem, f"image_url: {found.detail}")
     if found.width and found.height:
@@ -77,6 +78,27 @@ async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_f
                 verdict.reason or "the output is too large for Upsampler",  # a refusal always gives its reason
                 {"max_scale_factor": verdict.max_scale_factor},
             )
+
+
+async def probe_image(svc: deps.Services, image_url: str) -> probe.Probe:
+    """The image's header: an upload of ours is read from storage (in s3 mode its URL answers 303 to the
+    store, an address the fetch guard rightly refuses), any other URL is fetched."""
+    cfg = svc.settings
+    upload_id = signing.own_upload_id(image_url, cfg.public_base_url, cfg.webhook_secrets(), time.time())
+    if upload_id is None:
+        return await probe.probe_url(svc.http, image_url, cfg.image_fetch_policy)
+
+    def read() -> probe.Probe:
+        try:
+            with svc.storage.local_copy(upload_key(upload_id)) as path, open(path, "rb") as file:
+                data = file.read(probe.STEPS[-1])
+        except FileNotFoundError:
+            return probe.Probe(problem="image_unreachable", detail="the upload is gone (uploads are kept for a while)")
+        return probe.read_header(data) or probe.Probe(
+            problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the file is not a PNG, JPEG or WebP image"
+        )
+
+    return await asyncio.to_thread(read)
 
 
 def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
@@ -210,7 +232,7 @@ class QuoteRequest(BaseModel):
 async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)) -> Quote:
     width, height = body.width, body.height
     if body.image_url is not None and width is None and height is None:
-        found = await probe.probe_url(svc.http, body.image_url, svc.settings.image_fetch_policy)
+        found = await probe_image(svc, body.image_url)
         if found.problem:
             raise ApiError(422, found.problem, f"image_url: {found.detail}")
         if not found.width or not found.height:
