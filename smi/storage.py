@@ -36,7 +36,8 @@ from urllib.parse import quote, urlsplit
 from smi.settings import Settings
 from smi.vocabulary import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
 
-STORED_ID = re.compile(r"^[0-9a-f]{32}$")  # job ids and upload ids: nothing else under jobs/ and uploads/ is touched
+# Job ids and upload ids: nothing else under jobs/ and uploads/ is touched (\Z: `$` would let a trailing newline in).
+STORED_ID = re.compile(r"^[0-9a-f]{32}\Z")
 PART_BYTES = 8 * 1024 * 1024  # multipart part size (S3's minimum is 5 MiB, all parts but the last)
 COPY_CHUNK = 1024 * 1024
 
@@ -175,16 +176,17 @@ class Storage:
         return self.delete_prefix(job_key(job_id)) if STORED_ID.match(job_id) else 0
 
     def erase_upload(self, upload_id: str) -> int:
-        """The upload (and a partial one); returns how many files there were."""
+        """The upload (and a partial one, or an unfinished multipart upload); returns how many files there were."""
         if not STORED_ID.match(upload_id):
             return 0
+        aborted = self._abort_unfinished(upload_key(upload_id))
         keys = [
             k
             for k in self.names(upload_key(upload_id))
             if k in (upload_key(upload_id), f"{upload_key(upload_id)}.part")
         ]
         self._delete_all(keys)
-        return len(keys)
+        return aborted + len(keys)
 
     def _delete_all(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
