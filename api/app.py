@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         "/readyz",
         response_model=Readiness,
         tags=["operators"],
-        summary="Readiness: Temporal and the database reachable",
+        summary="Readiness: Temporal, the database and the storage reachable",
         responses={503: {"description": "a dependency is unreachable: the error body, with the checks as details"}},
     )
     async def readyz(svc: deps.Services = Depends(deps.services)) -> Readiness | JSONResponse:
@@ -77,6 +77,11 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {type(exc).__name__}"
+        try:
+            await run_in_threadpool(svc.storage.check)
+            checks["storage"] = "ok"
+        except Exception as exc:
+            checks["storage"] = f"unreachable: {type(exc).__name__}"
         try:
             client = await svc.temporal_client()
             await client.service_client.check_health()

@@ -230,7 +230,7 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     status: str  # ready
-    checks: dict[str, str]  # database, temporal: ok
+    checks: dict[str, str]  # database, storage, temporal: ok
 
 
 # --- the Temporal UI's remote codec (api/codec.py) -----------------------------------------------------

@@ -102,6 +102,10 @@ class Storage:
 
     # ---- built on them ----
 
+    def check(self) -> None:
+        """Raises when the storage cannot be reached (the API's readiness)."""
+        raise NotImplementedError
+
     def delete(self, key: str) -> None:
         self._delete([key])
 
@@ -231,6 +235,11 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise PermissionError("the storage folder is not writable")
 
     def _list(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
         # The folder holding the prefix, walked in key order; only names that start with the prefix.
@@ -388,8 +397,8 @@ class S3Storage(Storage):
         )
         self._delete([src])
 
-    def size(self, key: str) -> int:
-        return int(self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))["ContentLength"])
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
 
     def _list(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
         pages = self.client.get_paginator("list_objects_v2").paginate(

@@ -213,5 +213,5 @@ async def test_download_links_expire_and_unknown_tokens_are_404(dev_env, stack_f
     assert httpx.get(f"{stack.api.url}/downloads/not-a-token").status_code == 404
     assert httpx.get(f"{stack.api.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.api.url}/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "temporal": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "storage": "ok", "temporal": "ok"}
     assert "/v1/jobs" in httpx.get(f"{stack.api.url}/openapi.json").json()["paths"]

@@ -16,8 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
+from devstack import S3_ACCESS_KEY, S3_SECRET_KEY
 from smi.settings import Settings
 from smi.storage import (
     PART_BYTES,
@@ -418,3 +420,20 @@ def test_open_storage_of_an_s3_url_keeps_its_scratch_under_the_storage_dir(tmp_p
 def test_open_storage_of_s3_settings_writes_into_their_bucket_and_prefix(s3_server, s3_storage):
     key, _ = stored_result(s3_storage)
     assert s3_server.keys(s3_storage.prefix) == [s3_storage.object_key(key)]
+
+
+def test_check_reaches_the_store_or_says_why(s3_server, tmp_path):
+    """The API's /readyz asks each backend whether it can be reached."""
+    LocalStorage(tmp_path / "files").check()
+    assert (tmp_path / "files").is_dir()
+    s3_server.storage(tmp_path / "scratch").check()
+    missing = S3Storage(
+        "no-such-bucket",
+        "",
+        tmp_path / "scratch",
+        endpoint_url=s3_server.endpoint,
+        access_key_id=S3_ACCESS_KEY,
+        secret_access_key=S3_SECRET_KEY,
+    )
+    with pytest.raises(ClientError, match="404"):
+        missing.check()
