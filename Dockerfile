@@ -22,7 +22,8 @@ COPY templates templates
 RUN pip install --no-index --no-build-isolation -e '.[postgres]' \
  && useradd --system --uid 10001 --home-dir /app smi \
  && mkdir -p /data/storage && chown -R smi /data
-# /data is the storage volume; a new named volume takes this folder's owner, so `smi` may write.
+# /data/storage: the files (local backend, a volume) or this container's scratch copies (s3); a new named
+# volume takes this folder's owner, so `smi` may write.
 USER smi
 ENV SMI_ENV=production SMI_STORAGE_DIR=/data/storage SMI_API_HOST=0.0.0.0 SMI_API_PORT=8000
 EXPOSE 8000

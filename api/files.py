@@ -104,6 +104,8 @@ def _stored_size(storage: Storage, location: str, recorded: int | None) -> int |
     if isinstance(storage, LocalStorage):
         path = Path(location)
         return path.stat().st_size if path.is_file() else None
+    if not location.startswith(storage.location("")):  # stored by a former backend (a local path): not here
+        return None
     return recorded
 
 
