@@ -143,14 +143,7 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         """The settings as SMI_* environment variables, for a worker in a subprocess (`smi worker`)."""
-        env = {}
-        for name, value in self.settings.model_dump().items():
-            if value is None or name.endswith("_file"):
-                continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            env[f"SMI_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-        return env
+        return settings_env(self.settings)
 
     def upload(self, data: bytes) -> str:
         """POST /v1/uploads: the signed image_url jobs can be ordered from (fetched by the API and the emulator)."""
@@ -164,6 +157,18 @@ class Stack:
         )
         answer.raise_for_status()
         return answer.json()["image_url"]
+
+
+def settings_env(settings) -> dict[str, str]:
+    """`settings` as SMI_* environment variables, for a process of ours in a subprocess (`smi worker`, `smi api`)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None or name.endswith("_file"):
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"SMI_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def order(image_url: str, order_id: str, scale_factor: int = 2) -> dict:
@@ -257,6 +262,11 @@ def children_cpu() -> dict[str, float]:
             label = "temporal" if name.startswith("temporal") else "emulator" if name.startswith("python") else name
             found[label] = found.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return found
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU seconds (user + system, every thread) one process has used so far, from /proc/<pid>/stat."""
+    return _cpu_of(str(pid), os.sysconf("SC_CLK_TCK"))
 
 
 def _cpu_of(pid: str, tick: int) -> float:
