@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -109,10 +109,11 @@ def busy_job(database_url: str, storage: Path, email: str, status: str) -> str:
     return job_id
 
 
-async def run_retention(dev_env, settings) -> RetentionReport:
+async def run_retention(dev_env, settings, as_of: datetime | None = None) -> RetentionReport:
+    """One pass, as of `as_of` (default: the workflow's now)."""
     return await dev_env.client.execute_workflow(
         RetentionWorkflow.run,
-        RetentionRequest(),
+        RetentionRequest(as_of),
         id=f"retention-test-{uuid.uuid4().hex[:8]}",
         task_queue=settings.task_queue,
         execution_timeout=timedelta(minutes=2),
