@@ -7,6 +7,7 @@ or an upload to the bucket), so a retry finds either nothing or a complete file.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import shutil
@@ -23,7 +24,7 @@ from temporalio.exceptions import ApplicationError
 from smi import imaging, signing, telemetry
 from smi.fetch import FetchPolicy, FetchRefused, guarded_stream
 from smi.settings import Settings
-from smi.storage import PART_BYTES, S3Storage, compressed_name, job_key, open_storage, upload_key
+from smi.storage import PART_BYTES, PARTS_IN_FLIGHT, S3Storage, compressed_name, job_key, open_storage, upload_key
 from smi.vocabulary import (
     CompressRequest,
     DownloadedFile,
@@ -253,7 +254,7 @@ class StorageActivities:
         return start, size, digest
 
     async def _download_to_object(self, url: str, key: str, details) -> tuple[int, int, str]:
-        """s3: straight into a multipart upload, a part in flight while the next arrives. Each heartbeat
+        """s3: straight into a multipart upload, parts in flight while the next arrives. Each heartbeat
         carries the bytes stored, the upload id and the parts' ETags: a worker that takes over asks
         the CDN only for what follows. The SHA-256 of a resumed download is read back from the store."""
         storage = self.storage
@@ -265,7 +266,7 @@ class StorageActivities:
             resume = ResultUpload(0, await asyncio.to_thread(storage.create_multipart, key), [])
         start = resume.stored
         _log_start(start)
-        sender = ThreadPoolExecutor(1, thread_name_prefix="smi-upload")  # owns the hasher; parts go in order
+        sender: _PartSender | None = None
         try:
             async with _fetching(
                 self.http, url, self.settings.result_fetch_policy, _range_from(start), "result"
@@ -276,15 +277,15 @@ class StorageActivities:
                     resume = ResultUpload(0, await asyncio.to_thread(storage.create_multipart, key), [])
                     start = 0
                 hasher = hashlib.sha256() if start == 0 else None
-                size = await _upload_body(
-                    response, storage, key, resume, sender, hasher, self.settings.max_result_bytes
-                )
+                sender = _PartSender(storage, key, resume, hasher)
+                size = await _upload_body(response, sender, self.settings.max_result_bytes)
         except ApplicationError as exc:
             if exc.non_retryable:  # no retry will use the parts
                 await asyncio.to_thread(storage.abort_multipart, key, resume.upload_id)
             raise
         finally:
-            sender.shutdown(wait=False)
+            if sender is not None:
+                sender.close()
         await asyncio.to_thread(storage.complete_multipart, key, resume.upload_id, resume.etags)
         if hasher is not None:
             return start, size, hasher.hexdigest()
@@ -383,54 +384,65 @@ class ResultUpload:
         return None
 
 
-async def _upload_body(
-    response: httpx.Response,
-    storage: S3Storage,
-    key: str,
-    upload: ResultUpload,
-    sender: ThreadPoolExecutor,
-    hasher: hashlib._Hash | None,
-    limit: int,
-) -> int:
+class _PartSender:
+    """Sends parts of a multipart upload, up to PARTS_IN_FLIGHT at once, hashing them in order in a thread
+    of its own; a part counts as stored (and is heartbeated) once it and every part before it are."""
+
+    def __init__(self, storage: S3Storage, key: str, upload: ResultUpload, hasher: hashlib._Hash | None):
+        self.storage, self.key, self.upload, self.hasher = storage, key, upload, hasher
+        self.senders = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="smi-upload")
+        self.hashing = ThreadPoolExecutor(1, thread_name_prefix="smi-hash")  # one thread: the order is kept
+        self.in_flight: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.hashed: asyncio.Future | None = None
+
+    async def send(self, data: bytearray) -> None:
+        while len(self.in_flight) >= PARTS_IN_FLIGHT:
+            await self._retire_oldest()
+        number = len(self.upload.etags) + len(self.in_flight) + 1
+        if self.hasher is not None:
+            if self.hashed is not None:
+                await self.hashed  # the part before is hashed: memory stays at the parts in flight
+            self.hashed = asyncio.wrap_future(self.hashing.submit(self.hasher.update, data))
+        sent = self.senders.submit(self.storage.upload_part, self.key, self.upload.upload_id, number, data)
+        self.in_flight.append((asyncio.wrap_future(sent), len(data)))
+
+    async def finish(self) -> None:
+        while self.in_flight:
+            await self._retire_oldest()
+        if self.hashed is not None:
+            await self.hashed
+
+    async def _retire_oldest(self) -> None:
+        sent, size = self.in_flight[0]
+        etag = await sent
+        self.in_flight.popleft()
+        self.upload.etags.append(etag)
+        self.upload.stored += size
+        if activity.in_activity():
+            activity.heartbeat(self.upload.stored, self.upload.upload_id, self.upload.etags)
+
+    def close(self) -> None:
+        self.senders.shutdown(wait=False)
+        self.hashing.shutdown(wait=False)
+
+
+async def _upload_body(response: httpx.Response, sender: _PartSender, limit: int) -> int:
     """The body, which follows byte `upload.stored`, sent as parts of PART_BYTES (the last may be
-    shorter), one in the sender thread while the next is read; each finished part is heartbeated.
-    Returns the result's size."""
-    received = upload.stored
+    shorter) while the next is read. Returns the result's size."""
+    received = sender.upload.stored
     buffer = bytearray()
-    sending: asyncio.Future | None = None
-
-    def send(number: int, data: bytes) -> str:
-        if hasher is not None:
-            hasher.update(data)
-        return storage.upload_part(key, upload.upload_id, number, data)
-
-    async def finish_sending() -> None:
-        nonlocal sending
-        if sending is not None:
-            etag, size = await sending
-            sending = None
-            upload.etags.append(etag)
-            upload.stored += size
-            if activity.in_activity():
-                activity.heartbeat(upload.stored, upload.upload_id, upload.etags)
-
-    async def send_next(data: bytes) -> None:
-        nonlocal sending
-        await finish_sending()  # the part before: its number is known, and at most one is in flight
-        number = len(upload.etags) + 1
-        sending = asyncio.wrap_future(sender.submit(lambda: (send(number, data), len(data))))
-
     async for chunk in response.aiter_bytes():
         received += len(chunk)
         if received > limit:  # capped while streaming, not after
             raise _fail(ErrorCode.TOO_LARGE, f"the result is larger than {limit} bytes")
         buffer += chunk
-        if len(buffer) >= PART_BYTES:
-            await send_next(bytes(buffer[:PART_BYTES]))
-            del buffer[:PART_BYTES]
-    if buffer or not upload.etags and sending is None:  # the last part (an empty file is one empty part)
-        await send_next(bytes(buffer))
-    await finish_sending()
+        if len(buffer) >= PART_BYTES:  # the buffer itself becomes the part (no copy); what is over starts the next
+            part, buffer = buffer, buffer[PART_BYTES:]
+            del part[PART_BYTES:]
+            await sender.send(part)
+    if buffer or not sender.upload.etags and not sender.in_flight:  # the last part (an empty file: one empty part)
+        await sender.send(buffer)
+    await sender.finish()
     return received
 
 

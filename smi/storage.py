@@ -39,6 +39,7 @@ from smi.vocabulary import InventoryRequest, RetentionDeleted, RetentionPlan, St
 # Job ids and upload ids: nothing else under jobs/ and uploads/ is touched (\Z: `$` would let a trailing newline in).
 STORED_ID = re.compile(r"^[0-9a-f]{32}\Z")
 PART_BYTES = 8 * 1024 * 1024  # multipart part size (S3's minimum is 5 MiB, all parts but the last)
+PARTS_IN_FLIGHT = 2  # a part upload waits on the store; two overlap that wait (bench/s3_download.py)
 COPY_CHUNK = 1024 * 1024
 
 
@@ -434,9 +435,9 @@ class S3Storage(Storage):
     def create_multipart(self, key: str) -> str:
         return self.client.create_multipart_upload(Bucket=self.bucket, Key=self.object_key(key))["UploadId"]
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | memoryview) -> str:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         reply = self.client.upload_part(
-            Bucket=self.bucket, Key=self.object_key(key), UploadId=upload_id, PartNumber=number, Body=bytes(data)
+            Bucket=self.bucket, Key=self.object_key(key), UploadId=upload_id, PartNumber=number, Body=data
         )
         return reply["ETag"]
 
