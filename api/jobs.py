@@ -90,8 +90,7 @@ async def probe_image(svc: deps.Services, image_url: str) -> probe.Probe:
 
     def read() -> probe.Probe:
         try:
-            with svc.storage.local_copy(upload_key(upload_id)) as path, open(path, "rb") as file:
-                data = file.read(probe.STEPS[-1])
+            data = svc.storage.read_start(upload_key(upload_id), probe.STEPS[-1])
         except FileNotFoundError:
             return probe.Probe(problem="image_unreachable", detail="the upload is gone (uploads are kept for a while)")
         return probe.read_header(data) or probe.Probe(

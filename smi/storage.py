@@ -90,6 +90,10 @@ class Storage:
     def move(self, src: str, dst: str) -> None:
         raise NotImplementedError
 
+    def read_start(self, key: str, size: int) -> bytes:
+        """The first `size` bytes of `key` (FileNotFoundError when there is none)."""
+        raise NotImplementedError
+
     def _list(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
         """The files under `prefix`, in key order, after `start_after`."""
         raise NotImplementedError
@@ -236,6 +240,10 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def read_start(self, key: str, size: int) -> bytes:
+        with open(self.path(key), "rb") as file:
+            return file.read(size)
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -384,12 +392,6 @@ class S3Storage(Storage):
             for chunk in body.iter_chunks(COPY_CHUNK):
                 out.write(chunk)
 
-    def read(self, key: str) -> Iterator[bytes]:
-        """`key`'s bytes, streamed (validation hashes them without a local copy)."""
-        body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"]
-        with body:
-            yield from body.iter_chunks(COPY_CHUNK)
-
     def move(self, src: str, dst: str) -> None:
         self.client.copy_object(
             Bucket=self.bucket,
@@ -400,6 +402,14 @@ class S3Storage(Storage):
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def read_start(self, key: str, size: int) -> bytes:
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key), Range=f"bytes=0-{size - 1}")
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(key) from None
+        with reply["Body"] as body:
+            return body.read()
 
     def _list(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
         pages = self.client.get_paginator("list_objects_v2").paginate(

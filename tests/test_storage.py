@@ -156,6 +156,15 @@ def test_local_copy_of_a_missing_key_is_file_not_found(backend):
     with pytest.raises(FileNotFoundError):
         with backend.storage.local_copy(job_key(uuid.uuid4().hex, "original.png")):
             pass
+    with pytest.raises(FileNotFoundError):
+        backend.storage.read_start(job_key(uuid.uuid4().hex, "original.png"), 10)
+
+
+def test_read_start_gives_the_first_bytes_only(backend):
+    key, data = job_key(uuid.uuid4().hex, "original.png"), os.urandom(100_000)
+    store(backend.storage, key, data)
+    assert backend.storage.read_start(key, 64) == data[:64]
+    assert backend.storage.read_start(key, 200_000) == data  # a short file: all of it
 
 
 def test_exists_names_move_and_original(backend):
