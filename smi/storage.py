@@ -21,6 +21,7 @@ Payloads and the database record a stored file by its `location`: the file's pat
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import re
 import shutil
@@ -101,6 +102,10 @@ class Storage:
     def _delete(self, keys: list[str]) -> None:
         raise NotImplementedError
 
+    def _unfinished(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
+        """Writes begun under `prefix` and never finished, in key order, that only a listing of their own shows."""
+        return iter(())
+
     def _abort_unfinished(self, prefix: str) -> int:
         """Multipart uploads begun under `prefix` and never finished (their parts are stored too)."""
         return 0
@@ -142,7 +147,9 @@ class Storage:
         found: dict[str, datetime] = {}
         # "0" sorts after "/": the listing starts past every key of the job (or upload) named `after`.
         start = f"{request.kind}/{request.after}0" if request.after else ""
-        for item in self._list(f"{request.kind}/", start):
+        stored = self._list(f"{request.kind}/", start)
+        unfinished = self._unfinished(f"{request.kind}/", start)  # a job may hold nothing else
+        for item in heapq.merge(stored, unfinished, key=lambda item: item.key):
             name = item.key.split("/")[1].removesuffix(".part")
             if not STORED_ID.match(name):
                 continue
@@ -427,6 +434,16 @@ class S3Storage(Storage):
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": self.object_key(k)} for k in keys], "Quiet": True},
             )
+
+    def _unfinished(self, prefix: str, start_after: str = "") -> Iterator[Stored]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket,
+            Prefix=self.object_key(prefix),
+            **({"KeyMarker": self.object_key(start_after)} if start_after else {}),
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                yield Stored(upload["Key"].removeprefix(self.prefix), 0, upload["Initiated"])
 
     def _abort_unfinished(self, prefix: str) -> int:
         aborted = 0

@@ -226,6 +226,15 @@ def test_job_inventory_pages_by_name_past_a_thousand_files(backend):
     assert storage.erase_job_files(big) == 0
 
 
+def test_a_job_holding_only_an_unfinished_write_is_inventoried_and_retained_away(backend):
+    """A worker killed mid-download whose job was then ended by hand leaves no object, only the write."""
+    storage, (job_id,) = backend.storage, new_ids(1)
+    backend.interrupt(job_key(job_id, "tmp/result-1"))
+    assert storage.inventory(InventoryRequest("jobs", limit=10)).names == [job_id]
+    assert storage.delete_retained(RetentionPlan(inputs=[job_id])).temporary == 1
+    assert backend.held() == [] and storage.inventory(InventoryRequest("jobs", limit=10)).names == []
+
+
 def test_upload_inventory_counts_a_partial_upload_as_its_upload(backend):
     storage, (whole, partial, both) = backend.storage, new_ids(3)
     store_many(storage, [upload_key(whole), f"{upload_key(partial)}.part", upload_key(both), "uploads/readme"])
