@@ -61,6 +61,7 @@ class Stored:
     key: str
     size: int
     modified: datetime
+    upload_id: str = ""  # of an unfinished multipart upload
 
 
 class Storage:
@@ -293,10 +294,6 @@ class LocalStorage(Storage):
             shutil.rmtree(self.path(prefix), ignore_errors=True)
         return count
 
-    # The job folder of the old layout: downloads in progress are written there directly (activities/storage.py).
-    def job_dir(self, job_id: str) -> Path:
-        return self.path(job_key(job_id))
-
 
 class S3Storage(Storage):
     """A bucket of an S3-compatible store, through botocore's client (thread-safe; calls in threads)."""
@@ -443,19 +440,13 @@ class S3Storage(Storage):
         )
         for page in pages:
             for upload in page.get("Uploads", []):
-                yield Stored(upload["Key"].removeprefix(self.prefix), 0, upload["Initiated"])
+                yield Stored(upload["Key"].removeprefix(self.prefix), 0, upload["Initiated"], upload["UploadId"])
 
     def _abort_unfinished(self, prefix: str) -> int:
-        aborted = 0
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=self.object_key(prefix)
-        )
-        for page in pages:
-            for upload in page.get("Uploads", []):
-                key = upload["Key"].removeprefix(self.prefix)
-                self.abort_multipart(key, upload["UploadId"])
-                aborted += 1
-        return aborted
+        uploads = list(self._unfinished(prefix))
+        for upload in uploads:
+            self.abort_multipart(upload.key, upload.upload_id)
+        return len(uploads)
 
     # ---- multipart, for the result download (activities/storage.py): resumable by upload id and parts ----
 
