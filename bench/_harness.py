@@ -1,4 +1,5 @@
-"""What the benchmarks share: a Temporal dev server, our stack on loopback, the bare job's steps.
+"""What the benchmarks share: a Temporal dev server, our stack on loopback, the bare job's steps;
+for the download benchmarks a static server standing for the CDN, the test file and the verdicts.
 
 The stack is assembled as tests/conftest.py does (make_settings, stack_factory): the API and
 an SMTP sink served on loopback ports in this process, SQLite in a temporary folder, quotas
@@ -9,6 +10,8 @@ charged to our process's interpreter lock.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from devstack import BIN, STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, start_dev_server  # noqa: E402, F401 (after the path)
+from devstack import BIN, STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, settings_variables, start_dev_server  # noqa: E402, F401 (after the path)
 
 
 def quiet() -> None:
@@ -98,6 +101,87 @@ class EmulatorProcess:
             self.process.kill()
 
 
+STATIC_SERVER = """
+import sys
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        self.connection.sendfile(source)  # the kernel copies; the server costs next to nothing
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(Handler, directory=sys.argv[1])).serve_forever()
+"""
+
+
+class StaticServer:
+    """The files of `folder` served on a loopback port by a small server in a process of its own (`sendfile`):
+    it stands for Upsampler's CDN in the download benchmarks."""
+
+    def __init__(self, folder: Path):
+        from smi.serve import free_port
+
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-c", STATIC_SERVER, str(folder), str(self.port)], cwd=ROOT)
+        try:
+            wait_for_port(self.port, process=self.process)
+        except BaseException:
+            self.stop()
+            raise
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def make_file(path: Path, megabytes: int) -> str:
+    """Random bytes (nothing compresses or repeats), written a MiB at a time; returns the SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for _ in range(megabytes * 1_000_000 // (1 << 20)):
+            block = os.urandom(1 << 20)
+            digest.update(block)
+            out.write(block)
+        rest = os.urandom(megabytes * 1_000_000 % (1 << 20))
+        digest.update(rest)
+        out.write(rest)
+    return digest.hexdigest()
+
+
+def speed_and_growth(results: dict[str, list[dict]], size: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per contender, from its runs of `size` bytes (each with seconds, peak_kib and base_kib): the median MB/s
+    and the largest peak RSS growth in MiB."""
+    speed = {n: statistics.median(size / 1e6 / one["seconds"] for one in runs) for n, runs in results.items()}
+    growth = {n: max((one["peak_kib"] - one["base_kib"]) / 1024 for one in runs) for n, runs in results.items()}
+    return speed, growth
+
+
+def download_verdicts(speed: dict[str, float], growth: dict[str, float], baseline: str, seconds: float,
+                      below: bool = False) -> dict:  # fmt: skip
+    """A download benchmark's end: ours / `baseline` throughput against 0.8, ours' peak RSS growth against
+    64 MiB (at most, or below it with `below`), and the run time, printed; the figures returned."""
+    ratio = speed["ours"] / speed[baseline]
+    print(f"throughput ratio ours / {baseline}: {ratio:.2f}   (target >= 0.8)   {verdict(ratio >= 0.8)}")
+    ok, sign = (growth["ours"] < 64, "<") if below else (growth["ours"] <= 64, "<=")
+    print(f"ours peak RSS growth: {growth['ours']:.1f} MiB   (target {sign} 64 MiB)   {verdict(ok)}")
+    print(f"run time {seconds:.0f} s")
+    return {"ratio": ratio, "growth": growth["ours"], "speed": speed}
+
+
+def download_arguments(doc: str | None) -> argparse.Namespace:
+    """The command line of a download benchmark: --megabytes (default 200), --rounds (default 5)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megabytes", type=int, default=200, help="size of the result in MB (default 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    return parser.parse_args()
+
+
 class Stack:
     """Emulator, mail sink and API on loopback ports in this process; settings for a worker."""
 
@@ -143,7 +227,7 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         """The settings as SMI_* environment variables, for a worker in a subprocess (`smi worker`)."""
-        return settings_env(self.settings)
+        return settings_variables(self.settings)
 
     def upload(self, data: bytes) -> str:
         """POST /v1/uploads: the signed image_url jobs can be ordered from (fetched by the API and the emulator)."""
@@ -157,18 +241,6 @@ class Stack:
         )
         answer.raise_for_status()
         return answer.json()["image_url"]
-
-
-def settings_env(settings) -> dict[str, str]:
-    """`settings` as SMI_* environment variables, for a process of ours in a subprocess (`smi worker`, `smi api`)."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None or name.endswith("_file"):
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"SMI_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
 
 
 def order(image_url: str, order_id: str, scale_factor: int = 2) -> dict:

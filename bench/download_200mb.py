@@ -1,6 +1,6 @@
 """A 200 MB result through our download activity vs a bare httpx streamed copy to a file.
 
-    .venv/bin/python bench/download_200mb.py [--megabytes 200] [--rounds 3]
+    .venv/bin/python bench/download_200mb.py [--megabytes 200] [--rounds 5]
 
 A small static server (its own process, `sendfile`) serves one file of random bytes on a
 loopback port. Ours: `StorageActivities.download_result` (activities/storage.py: the fetch
@@ -16,10 +16,7 @@ of the bare copy's throughput, peak RSS growth < 64 MiB.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,25 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, verdict, wait_for_port  # noqa: E402
-
-TARGET_RATIO = 0.8
-TARGET_GROWTH_MIB = 64
-
-SERVER = """
-import sys
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(SimpleHTTPRequestHandler):
-    def copyfile(self, source, outputfile):
-        self.connection.sendfile(source)  # the kernel copies; the server costs next to nothing
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(Handler, directory=sys.argv[1])).serve_forever()
-"""
+from _harness import ROOT, StaticServer, download_arguments, download_verdicts, make_file, speed_and_growth  # noqa: E402
 
 COMMON = """
 import asyncio, json, sys, time
@@ -111,20 +90,6 @@ LABELS = {
 }
 
 
-def make_file(path: Path, megabytes: int) -> str:
-    """Random bytes (nothing compresses or repeats), written a MiB at a time; returns the SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        for _ in range(megabytes * 1_000_000 // (1 << 20)):
-            block = os.urandom(1 << 20)
-            digest.update(block)
-            out.write(block)
-        rest = os.urandom(megabytes * 1_000_000 % (1 << 20))
-        digest.update(rest)
-        out.write(rest)
-    return digest.hexdigest()
-
-
 def run(code: str, url: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -140,8 +105,6 @@ def run(code: str, url: str, folder: Path) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from smi.serve import free_port
-
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="smi-bench-download-") as tmp:
         served = Path(tmp) / "served"
@@ -149,11 +112,9 @@ def main(args: argparse.Namespace) -> dict:
         made = time.perf_counter()
         expected = make_file(served / "result.png", args.megabytes)
         print(f"test file: {args.megabytes} MB of random bytes (made in {time.perf_counter() - made:.1f} s)")
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(served), str(port)])
+        server = StaticServer(served)
         try:
-            wait_for_port(port, process=server)
-            url = f"http://127.0.0.1:{port}/result.png"
+            url = server.url("result.png")
             names = list(CONTENDERS)
             results: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.rounds):
@@ -168,20 +129,15 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 print("   ".join(line), flush=True)
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            server.stop()
 
     size = args.megabytes * 1_000_000
     for name, runs in results.items():
         for one in runs:
             if one["bytes"] != size or (one["sha256"] is not None and one["sha256"] != expected):
                 raise RuntimeError(f"{name}: wrong bytes: {one}")
-    speed = {
-        name: statistics.median(one["bytes"] / 1e6 / one["seconds"] for one in runs) for name, runs in results.items()
-    }
-    growth = {name: max((one["peak_kib"] - one["base_kib"]) / 1024 for one in runs) for name, runs in results.items()}
+    speed, growth = speed_and_growth(results, size)
     peak = {name: max(one["peak_kib"] / 1024 for one in runs) for name, runs in results.items()}
-    ratio = speed["ours"] / speed["bare"]
     beats = [one["heartbeats"] for one in results["ours"]]
     print(
         f"\n{args.megabytes} MB over loopback, {args.rounds} alternating rounds, medians; the SHA-256 "
@@ -192,17 +148,8 @@ def main(args: argparse.Namespace) -> dict:
             f"{LABELS[name]:47s} {speed[name]:7.1f} MB/s   peak RSS growth {growth[name]:5.1f} MiB "
             f"(process peak {peak[name]:5.1f} MiB)"
         )
-    print(f"throughput ratio ours / bare: {ratio:.2f}   (target >= {TARGET_RATIO})   {verdict(ratio >= TARGET_RATIO)}")
-    print(
-        f"ours peak RSS growth: {growth['ours']:.1f} MiB   (target < {TARGET_GROWTH_MIB} MiB)   "
-        f"{verdict(growth['ours'] < TARGET_GROWTH_MIB)}"
-    )
-    print(f"run time {time.perf_counter() - began:.0f} s")
-    return {"ratio": ratio, "growth": growth["ours"], "speed": speed}
+    return download_verdicts(speed, growth, "bare", time.perf_counter() - began, below=True)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--megabytes", type=int, default=200, help="size of the result in MB (default 200)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
-    main(parser.parse_args())
+    main(download_arguments(__doc__))

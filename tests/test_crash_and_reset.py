@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,11 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from pydantic import SecretStr
 from sqlmodel import Session, create_engine
 from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import WorkflowHandle
 
+from devstack import settings_environment
 from smi.db import Refund
 from smi.serve import ServerThread
 from smi.settings import Settings
@@ -43,22 +42,6 @@ MB = 1024 * 1024
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """Every setting as the SMI_* variable `smi worker` reads, so the process matches the stack."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("SMI_", "TEMPORAL_"))}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"SMI_{name.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class Workers:
