@@ -23,19 +23,20 @@ presign). The rounds alternate (local, s3, ...); medians are reported: the API's
 per download, wall time from the first request to the last byte, and for context the CPU of the
 S3 server and of the client (this process), and the API's peak RSS.
 
-Figures, 2026-12-01, 2 cores shared with other load:
+Figures, 2026-12-01 18:23, on the 2 cores with no other session's load (load average 2.3 before, 2.6
+after: the s3 download benchmark had just run):
     .venv/bin/python bench/download_offload.py --megabytes 50 --downloads 100 --rounds 3
     100 concurrent downloads of a 50 MB result from 127.0.0.1, 3 alternating rounds, medians
                                                 API CPU s ms/download  wall s   MB/s S3 CPU s client CPU s API peak RSS
-      local: FileResponse streamed by the API       11.88      118.80    20.4    246     0.09         8.61      168 MiB
-      s3: 303 to a presigned GET, followed           0.57        5.70    13.3    375     1.78         8.96      161 MiB
-    API CPU per download, s3 (303) / local (streamed): 0.048
-Rounds: local 13.36, 11.59, 11.88 s of API CPU; s3 0.55, 0.57, 0.60 s. What is left in s3 mode
-(about 6 ms a download) is the request itself: the public rate limit and the download count
-written to SQLite, the token read, one presign, the access log line. The bytes cost the S3
-server (Go, weed mini) 1.8 s of CPU for the 5 GB. Wall times are bounded by the client here
-(one Python process reading 5 GB, about 9 s of CPU) on cores shared with other load (load
-average 5 to 7), not by either API.
+      local: FileResponse streamed by the API       14.26      142.60    13.6    367     0.08         8.16      160 MiB
+      s3: 303 to a presigned GET, followed           0.66        6.60     9.9    503     1.93         9.40      161 MiB
+    API CPU per download, s3 (303) / local (streamed): 0.046
+Rounds: local 14.21, 14.26, 16.41 s of API CPU; s3 0.58, 0.66, 0.71 s. An earlier run that day,
+under heavy load (load average 5 to 7), gave 118.8 and 5.7 ms a download (0.048). What is left in
+s3 mode (6 to 7 ms a download) is the request itself: the public rate limit and the download
+count written to SQLite, the token read, one presign, the access log line. The bytes cost the S3
+server (Go, weed mini) about 1.9 s of CPU for the 5 GB. Wall times are bounded by the client here
+(one Python process reading 5 GB, 8 to 9 s of CPU), not by either API.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -53,8 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import BIN, cpu_seconds, rss_kib, settings_env, wait_for_port  # noqa: E402
-from download_200mb import make_file  # noqa: E402
+from _harness import BIN, cpu_seconds, make_file, rss_kib, wait_for_port  # noqa: E402
 
 MODES = {
     "local": "local backend: FileResponse streamed by the API",
@@ -66,7 +65,7 @@ class Api:
     """`smi api` in a child process for one storage backend, and the one job whose result it hands out."""
 
     def __init__(self, mode: str, folder: Path, args: argparse.Namespace, source: Path, s3_server):
-        from devstack import api_only_settings, free_ports
+        from devstack import api_only_settings, free_ports, settings_environment
         from smi.db import make_engine
         from smi.storage import job_key, open_storage
         from tests.helpers import Site
@@ -83,11 +82,10 @@ class Api:
             public_rate_limit_per_minute=1_000_000,
             **(s3_server.storage_settings if mode == "s3" else {}),
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SMI_", "TEMPORAL_"))}
         self.log = open(folder / "api.log", "wb")
         self.process = subprocess.Popen(
             [str(BIN / "smi"), "api"],
-            env={**env, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"},
+            env=settings_environment(self.settings),
             cwd=folder,
             stdout=self.log,
             stderr=subprocess.STDOUT,
