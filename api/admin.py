@@ -21,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import deps, service
 from api.errors import ApiError
 from api.models import AdminAction, AdminJob, AdminJobs, BudgetReleased, Erasure, LinkResent, Money, UsageReport
+from api.openapi import INVALID, KEYED_ERRORS, errors, merged
 from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
 from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, rows_changed, utcnow
@@ -32,9 +33,16 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(dep
 log = logging.getLogger("smi.api.admin")
 
 
-@router.get("/jobs", response_model=AdminJobs, summary="Jobs by status, newest first")
+@router.get(
+    "/jobs",
+    response_model=AdminJobs,
+    summary="Jobs by status, newest first",
+    responses=errors(merged(KEYED_ERRORS, INVALID)),
+)
 def list_jobs(
-    status: JobStatus | None = None, limit: int = 100, svc: deps.Services = Depends(deps.services)
+    status: JobStatus | None = None,
+    limit: int = Query(100, description="at most this many (1 to 1000)"),
+    svc: deps.Services = Depends(deps.services),
 ) -> AdminJobs:
     query = select(Job).order_by(col(Job.created_at).desc()).limit(max(1, min(limit, 1000)))
     if status:
@@ -78,12 +86,28 @@ def money(entries: list[LedgerEntry]) -> Money:
 # with its own short session: none is held while Temporal is awaited (see api/deps.py).
 
 
-@router.post("/jobs/{job_id}/retry", status_code=202, response_model=AdminAction, summary="Run the job again")
+# What taking over one job can answer besides its own codes.
+JOB_ACTION_ERRORS = merged(KEYED_ERRORS, {404: ["job_not_found"], 503: ["temporal_unavailable"]})
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    response_model=AdminAction,
+    summary="Run the job again",
+    responses=errors(merged(JOB_ACTION_ERRORS, {409: ["already_refunded", "customer_erased", "job_in_progress"]})),
+)
 async def retry(job_id: str, svc: deps.Services = Depends(deps.services)) -> AdminAction:
     return await service.retry(job_id, svc)
 
 
-@router.post("/jobs/{job_id}/refund", status_code=202, response_model=AdminAction, summary="Refund now")
+@router.post(
+    "/jobs/{job_id}/refund",
+    status_code=202,
+    response_model=AdminAction,
+    summary="Refund now",
+    responses=errors(JOB_ACTION_ERRORS),
+)
 async def refund(job_id: str, svc: deps.Services = Depends(deps.services)) -> AdminAction:
     return await service.refund(job_id, svc)
 
@@ -93,6 +117,7 @@ async def refund(job_id: str, svc: deps.Services = Depends(deps.services)) -> Ad
     response_model=LinkResent,
     response_model_exclude_unset=True,  # download_expires_at: absent while the link is not sent yet
     summary="A fresh download link, new expiry, email again",
+    responses=errors(merged(JOB_ACTION_ERRORS, {409: ["result_deleted", "not_completed"]})),
 )
 async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services)) -> LinkResent:
     job = await run_in_threadpool(load_job, svc, job_id)
@@ -126,7 +151,13 @@ async def resend_email(job_id: str, svc: deps.Services = Depends(deps.services))
     "/usage",
     response_model=UsageReport,
     summary="Jobs, credits, cost, revenue and margin per UTC day or month; Upsampler quota",
-    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV rows with `Accept: text/csv`"}},
+    responses={
+        200: {
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "JSON, or CSV rows with `Accept: text/csv`",
+        },
+        **errors(merged(KEYED_ERRORS, INVALID)),
+    },
 )
 def usage_report(
     request: Request,
@@ -175,6 +206,7 @@ def _release_budget_periods(svc: deps.Services) -> list[str]:
     "/budget/release",
     response_model=BudgetReleased,
     summary="Let jobs held by a crossed budget (hard stop) spend again this period",
+    responses=errors(merged(KEYED_ERRORS, {503: ["temporal_unavailable"]})),
 )
 async def release_budget(svc: deps.Services = Depends(deps.services)) -> BudgetReleased:
     periods = await run_in_threadpool(_release_budget_periods, svc)
@@ -241,7 +273,10 @@ def _erase_rows(svc: deps.Services, ids: list[str]) -> tuple[int, int]:
 
 
 @router.delete(
-    "/customers/{email}", response_model=Erasure, summary="Erase a customer's personal data and files (GDPR)"
+    "/customers/{email}",
+    response_model=Erasure,
+    summary="Erase a customer's personal data and files (GDPR)",
+    responses=errors(merged(KEYED_ERRORS, INVALID, {409: ["customer_jobs_busy"], 503: ["temporal_unavailable"]})),
 )
 async def erase_customer(email: str, svc: deps.Services = Depends(deps.services)) -> Erasure:
     """Every job of the address (compared case-insensitively): its files (original, copies, result,

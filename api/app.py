@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, redact, status, webhook
+from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, openapi, redact, status, webhook
 from api.models import Liveness, Readiness
 from smi.db import make_engine
 from smi.logs import JobIdFromRequest
@@ -38,12 +38,14 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         version="0.1.0",
         description="Turns a paid order for a high-resolution image into that image in the customer's hands.",
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,  # readable operationIds: create_job, not create_job_v1_...
         # Named, not left to FastAPI's default: a reply is then checked against its response_model and
         # written by json.dumps, as before the models existed, not by pydantic's JSON writer (which
         # writes some numbers differently, 1e-6 for 1e-06).
         default_response_class=JSONResponse,
     )
     errors.install(app)
+    openapi.install(app)
     redact.install()
     app.include_router(jobs.router)
     app.include_router(webhook.router)
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         response_model=Readiness,
         tags=["operators"],
         summary="Readiness: Temporal, the database and the storage reachable",
-        responses={503: {"description": "a dependency is unreachable: the error body, with the checks as details"}},
+        responses=openapi.errors({503: ["not_ready"]}),
     )
     async def readyz(svc: deps.Services = Depends(deps.services)) -> Readiness | JSONResponse:
         checks = {}

@@ -22,13 +22,14 @@ import json
 from typing import Literal
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, Security
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
 from api import deps
 from api.errors import ApiError
 from api.models import CodecPayloads
+from api.openapi import ADMIN, errors
 from smi.codec import ENCODING, PayloadDecryptionError
 from smi.settings import Settings
 
@@ -121,10 +122,35 @@ def preflight(
     return Response(status_code=204, headers=headers)
 
 
+# The body, read by protobuf's json_format, described for OpenAPI; the errors either route answers; the admin
+# key (checked by _authorize: in dev, the loopback needs none).
+CODEC_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CodecPayloads"}}},
+    }
+}
+CODEC_ERRORS = errors(
+    {
+        400: ["invalid_request", "undecodable_payload"],
+        401: ["unauthorized"],
+        403: ["origin_not_allowed"],
+        409: ["encryption_off"],
+        413: ["too_large"],
+        415: ["unsupported_media_type"],
+    }
+)
+
+
 # The replies are written by protobuf's json_format (Temporal's remote codec format): response_model
 # documents them, FastAPI does not rewrite them.
 @router.post(
-    "/decode", response_model=CodecPayloads, summary="Temporal remote codec: decrypt payloads (for the Temporal UI)"
+    "/decode",
+    response_model=CodecPayloads,
+    summary="Temporal remote codec: decrypt payloads (for the Temporal UI)",
+    dependencies=[Security(ADMIN)],
+    openapi_extra=CODEC_BODY,
+    responses=CODEC_ERRORS,
 )
 async def decode(request: Request, cfg: Settings = Depends(deps.settings)) -> Response:
     cors = cors_headers(request, cfg)
@@ -144,7 +170,12 @@ async def decode(request: Request, cfg: Settings = Depends(deps.settings)) -> Re
 
 
 @router.post(
-    "/encode", response_model=CodecPayloads, summary="Temporal remote codec: encrypt payloads (input the UI sends)"
+    "/encode",
+    response_model=CodecPayloads,
+    summary="Temporal remote codec: encrypt payloads (input the UI sends)",
+    dependencies=[Security(ADMIN)],
+    openapi_extra=CODEC_BODY,
+    responses=CODEC_ERRORS,
 )
 async def encode(request: Request, cfg: Settings = Depends(deps.settings)) -> Response:
     cors = cors_headers(request, cfg)

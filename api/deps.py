@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Table, delete, select, tuple_
@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from temporalio.client import Client
 
+from api import openapi
 from api.errors import ApiError
 from smi.codec import data_converter
 from smi.db import RateLimitCount
@@ -271,9 +272,10 @@ def _require(request: Request, expected: list[str], who: str) -> None:
         raise unauthorized(who)
 
 
-def storefront(request: Request, cfg: Settings = Depends(settings)) -> None:
+# `Security(...)`: each names its Bearer scheme in OpenAPI (the Authorize button of /docs); the check is ours.
+def storefront(request: Request, cfg: Settings = Depends(settings), _: Any = Security(openapi.STOREFRONT)) -> None:
     _require(request, cfg.storefront_keys(), "storefront")
 
 
-def admin(request: Request, cfg: Settings = Depends(settings)) -> None:
+def admin(request: Request, cfg: Settings = Depends(settings), _: Any = Security(openapi.ADMIN)) -> None:
     _require(request, [cfg.secret("admin_api_key")], "admin")

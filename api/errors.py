@@ -46,5 +46,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's "There was an error parsing the body": a JSON body is UTF-8, so this is a field problem.
+            return error_response(
+                422,
+                "invalid_request",
+                "the request is not valid: body: must be JSON in UTF-8",
+                [{"field": "body", "problem": "not UTF-8"}],
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
@@ -18,6 +19,7 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from api import deps
 from api.errors import ApiError
+from api.openapi import INVALID, PUBLIC_ERRORS, errors, merged
 from smi import signing
 from smi.db import DownloadToken, Job, as_utc, rows_changed, utcnow
 from smi.storage import LocalStorage, S3Storage, Storage, compressed_name, job_key, upload_key
@@ -109,17 +111,38 @@ def _stored_size(storage: Storage, location: str, recorded: int | None) -> int |
     return recorded
 
 
+# A file's answers: the bytes (a range of them), or a redirect to the store (s3), or why not.
+FILE = {"schema": {"type": "string", "format": "binary"}}
+DOWNLOAD_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The file", "content": {"application/octet-stream": FILE}},
+    206: {"description": "The range asked for (Range)", "content": {"application/octet-stream": FILE}},
+    303: {"description": "s3 storage: the file at a presigned URL of the store (Location)"},
+    **errors(
+        {
+            404: ["link_not_found"],
+            410: ["link_replaced", "link_expired", "file_gone", "download_limit"],
+            429: ["rate_limited", "too_many_connections"],
+        }
+    ),
+    416: {"description": "The Range is not satisfiable", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
 @router.get(
     "/downloads/{token}",
     operation_id="download",
     summary="The customer's upscaled file",
     dependencies=[Depends(deps.public_rate_limit)],
+    response_class=Response,
+    responses=DOWNLOAD_ANSWERS,
 )
 @router.head(
     "/downloads/{token}",
     operation_id="download_head",
     summary="The file's headers alone",
     dependencies=[Depends(deps.public_rate_limit)],
+    response_class=Response,
+    responses=DOWNLOAD_ANSWERS,
 )
 def download(token: str, request: Request, svc: deps.Services = Depends(deps.services)) -> Response:
     release = svc.downloads.acquire(deps.client_host(request))  # first: a refused slot counts no download
@@ -167,6 +190,12 @@ def _attachment(filename: str) -> str:
     "/files/{kind}/{name}",
     summary="A stored original or upload, by a temporary signed URL",
     dependencies=[Depends(deps.public_rate_limit)],
+    response_class=Response,
+    responses={
+        200: {"description": "The file", "content": {"application/octet-stream": FILE}},
+        303: {"description": "s3 storage: the file at a presigned URL of the store (Location)"},
+        **errors(merged(PUBLIC_ERRORS, INVALID, {403: ["bad_signature"], 404: ["not_found"]})),
+    },
 )
 def signed_file(kind: str, name: str, exp: int, sig: str, svc: deps.Services = Depends(deps.services)) -> Response:
     cfg, storage = svc.settings, svc.storage

@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 from api import deps
 from api.errors import ApiError
 from api.models import JobCreated, JobView, Quote, Upload
+from api.openapi import KEYED_ERRORS, errors, merged
 from api.service import EMAIL, get_job, job_url, job_view, start_workflow, status_page_url
 from smi import pricing, probe, signing
 from smi.db import Job, JobEvent, LedgerEntry, Refund, utcnow
@@ -28,11 +29,31 @@ from smi.vocabulary import ErrorCode, JobStatus
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
 
+# What probing an image_url can refuse (refuse_what_cannot_be_made, create_quote).
+IMAGE_PROBLEMS = [ErrorCode.UNSUPPORTED_FORMAT, "image_unreachable", "url_refused", ErrorCode.OUTPUT_TOO_LARGE]
+
 HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch guard checks the rest
 
 
 class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "order_id": "wc-1042",
+                    "image_url": "https://shop.example.com/media/poster.png",
+                    "scale_factor": 4,
+                    "format": "png",
+                    "customer_email": "ana@example.com",
+                    "customer_name": "Ana",
+                    "amount_paid_cents": 1900,
+                    "currency": "EUR",
+                    "payment_reference": "pi_3Qx",
+                }
+            ]
+        },
+    )
 
     order_id: str = Field(
         pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="the storefront's order, 1-128 of [A-Za-z0-9._:-]"
@@ -144,7 +165,21 @@ def _insert_job(svc: deps.Services, body: JobRequest, fingerprint: str) -> tuple
             return session.exec(select(Job).where(Job.order_id == body.order_id)).one(), False
 
 
-@router.post("/v1/jobs", status_code=202, response_model=JobCreated, summary="Start the job's workflow (after payment)")
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobCreated,
+    summary="Start the job's workflow (after payment)",
+    responses={
+        200: {"model": JobCreated, "description": "The order was submitted before (same body): its job"},
+        **errors(
+            merged(
+                KEYED_ERRORS,
+                {409: ["order_conflict"], 422: ["invalid_request", *IMAGE_PROBLEMS], 503: ["temporal_unavailable"]},
+            )
+        ),
+    },
+)
 async def create_job(body: JobRequest, response: Response, svc: deps.Services = Depends(deps.services)) -> JobCreated:
     # The database is used in the threadpool, a session only around each read or write: none is held
     # while the image probe or Temporal is awaited (many requests at once would empty the pool).
@@ -183,7 +218,12 @@ def _job_view_of(svc: deps.Services, job_id: str) -> JobView:
 # Async, the database read in the threadpool: FastAPI checks an async handler's reply against its model
 # on the event loop (a few microseconds), a sync handler's in a second trip to the threadpool, which
 # costs the storefront's most frequent read its latency when the pool is busy.
-@router.get("/v1/jobs/{job_id}", response_model=JobView, summary="The job as it stands")
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobView,
+    summary="The job as it stands",
+    responses=errors({401: ["unauthorized"], 404: ["job_not_found"]}),
+)
 async def read_job(job_id: str, svc: deps.Services = Depends(deps.services)) -> JobView:
     return await run_in_threadpool(_job_view_of, svc, job_id)
 
@@ -193,6 +233,17 @@ async def read_job(job_id: str, svc: deps.Services = Depends(deps.services)) -> 
     status_code=201,
     response_model=Upload,
     summary="Upload an image; returns an image_url for POST /v1/jobs",
+    description="The body is the image's bytes (PNG, JPEG or WebP), at most SMI_MAX_INPUT_BYTES.",
+    responses=errors({400: ["empty_upload"], 401: ["unauthorized"], 413: ["too_large"]}),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+            },
+        }
+    },
 )
 async def upload(request: Request, svc: deps.Services = Depends(deps.services)) -> Upload:
     cfg = svc.settings
@@ -217,7 +268,15 @@ async def upload(request: Request, svc: deps.Services = Depends(deps.services)) 
 
 
 class QuoteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"width": 1200, "height": 800, "scale_factor": 4},
+                {"image_url": "https://shop.example.com/media/poster.png", "scale_factor": 2},
+            ]
+        },
+    )
 
     width: StrictInt | None = Field(None, ge=1, le=100_000)
     height: StrictInt | None = Field(None, ge=1, le=100_000)
@@ -226,7 +285,10 @@ class QuoteRequest(BaseModel):
 
 
 @router.post(
-    "/v1/quotes", response_model=Quote, summary="Output size, credits, cost, price, and whether Upsampler accepts it"
+    "/v1/quotes",
+    response_model=Quote,
+    summary="Output size, credits, cost, price, and whether Upsampler accepts it",
+    responses=errors(merged(KEYED_ERRORS, {422: ["invalid_request", *IMAGE_PROBLEMS], 502: ["image_unreadable"]})),
 )
 async def create_quote(body: QuoteRequest, svc: deps.Services = Depends(deps.services)) -> Quote:
     width, height = body.width, body.height

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
@@ -28,6 +28,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 from api import deps
 from api.errors import ApiError
+from api.openapi import METRICS, errors
 from smi import usage
 from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, utcnow
 from smi.settings import Settings
@@ -58,9 +59,12 @@ def scraper(request: Request, cfg: Settings = Depends(deps.settings)) -> None:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
-    dependencies=[Depends(scraper)],
+    dependencies=[Depends(scraper), Security(METRICS)],
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}}},
+    responses={
+        200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {"schema": {"type": "string"}}}, "description": "The figures"},
+        **errors({401: ["unauthorized"]}),
+    },
 )
 async def metrics(request: Request) -> Response:
     state = request.app.state

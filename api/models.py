@@ -9,6 +9,8 @@ is `int | float`, so each is written as before.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from smi.vocabulary import JobStatus
@@ -245,3 +247,18 @@ class CodecPayload(BaseModel):
 
 class CodecPayloads(BaseModel):
     payloads: list[CodecPayload]
+
+
+# --- every error (api/errors.py) -----------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    code: str  # what went wrong, for programs: each route's documented statuses list the codes they carry
+    message: str  # what went wrong and what to do, for people
+    details: Any  # more about it (a list of fields, the checks, the busy jobs), or null
+
+
+class ErrorReply(BaseModel):
+    """The shape of every error the API answers: {"error": {"code", "message", "details"}}."""
+
+    error: ErrorInfo

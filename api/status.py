@@ -14,12 +14,13 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from sqlmodel import Session, col, select
 
 from api import deps
 from api.errors import ApiError
 from api.models import StatusState
+from api.openapi import PUBLIC_ERRORS, errors, merged
 from api.service import live_download_url
 from smi import signing
 from smi.db import Job, JobEvent, Refund, as_utc, utcnow
@@ -208,7 +209,16 @@ async def _checked_state(svc: deps.Services, job_id: str, token: str | None) -> 
     return state
 
 
-@router.get("/status/{job_id}", summary="The customer's status page (HTML)")
+# A status page and its feeds answer the same 404 to an unknown job and a wrong view token.
+STATUS_ERRORS = merged(PUBLIC_ERRORS, {404: ["not_found"]})
+
+
+@router.get(
+    "/status/{job_id}",
+    summary="The customer's status page (HTML)",
+    response_class=HTMLResponse,
+    responses=errors(STATUS_ERRORS),
+)
 async def status_page(
     request: Request,
     job_id: str,
@@ -232,6 +242,7 @@ async def status_page(
     "/status/{job_id}/state",
     response_model=StatusState,
     summary="The status page's state as JSON (the page's polling fallback)",
+    responses=errors(STATUS_ERRORS),
 )
 async def status_state(job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)) -> StatusState:
     return StatusState.model_validate(await _checked_state(svc, job_id, v))
@@ -245,7 +256,18 @@ class HeldStreamingResponse(deps.ReleasedWhenSent, StreamingResponse):
     """Gives its stream slot back when the stream ends."""
 
 
-@router.get("/status/{job_id}/events", summary="The status page's state as Server-Sent Events, on every change")
+@router.get(
+    "/status/{job_id}/events",
+    summary="The status page's state as Server-Sent Events, on every change",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`data:` lines, each the JSON of the state (StatusState)",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(merged(STATUS_ERRORS, {429: ["too_many_connections"]})),
+    },
+)
 async def status_events(
     request: Request, job_id: str, v: str | None = None, svc: deps.Services = Depends(deps.services)
 ) -> StreamingResponse:

@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import deps
 from api.errors import ApiError
 from api.models import WebhookReceipt
+from api.openapi import errors
 from smi import signing
 from smi.db import Job, Submission, as_utc
 from smi.upsampler import UpsamplerJob
@@ -85,6 +86,21 @@ async def _submission_recorded(svc: deps.Services, job_id: str, upsampler_id: st
     response_model=WebhookReceipt,
     summary="Upsampler's completion webhook",
     dependencies=[Depends(deps.public_rate_limit)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "description": "Upsampler's job status"}}},
+        }
+    },
+    responses=errors(
+        {
+            400: ["malformed_webhook"],
+            401: ["bad_signature"],
+            413: ["too_large"],
+            429: ["rate_limited"],
+            503: ["temporal_unavailable"],
+        }
+    ),
 )
 async def upsampler_webhook(
     request: Request, job: str = "", sig: str | None = None, svc: deps.Services = Depends(deps.services)

@@ -1,0 +1,123 @@
+"""The OpenAPI document is the API's contract (issue 13): every route's replies described, the error shape
+for every status it can answer, two Bearer schemes, readable operation ids, the upload body. Checked here
+on the live document, and by Schemathesis' own loading (its validation against the OpenAPI 3.1 schema);
+tests/test_schemathesis.py then holds the API to it."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+
+from tests.conftest import STOREFRONT_KEY
+
+ERROR_REF = "#/components/schemas/ErrorReply"
+
+
+@pytest.fixture
+def document(site) -> dict:
+    reply = httpx.get(f"{site.url}/openapi.json")
+    assert reply.status_code == 200
+    return reply.json()
+
+
+def operations(doc: dict):
+    for path, methods in doc["paths"].items():
+        for method, operation in methods.items():
+            yield path, method, operation
+
+
+def test_the_document_is_valid_openapi(site, document):
+    schema = schemathesis.openapi.from_url(f"{site.url}/openapi.json")
+    schema.validate()  # raises on a document that breaks the OpenAPI 3.1 schema
+    assert document["openapi"].startswith("3.1")
+    assert len(list(schema.get_all_operations())) == sum(1 for _ in operations(document))
+
+
+def test_operation_ids_are_readable_and_unique(document):
+    ids = [operation["operationId"] for _, _, operation in operations(document)]
+    assert len(ids) == len(set(ids))
+    for operation_id in ids:  # FastAPI's generated ids end in the path and method: create_job_v1_jobs_post
+        assert operation_id.isidentifier() and "__" not in operation_id and "_v1_" not in operation_id, operation_id
+        assert not operation_id.endswith(("_get", "_post", "_delete")), operation_id
+    assert {"create_job", "read_job", "upload_image", "create_quote", "retry_job", "refund_job"} <= set(ids)
+
+
+def test_two_bearer_schemes_and_each_keyed_route_names_its_own(document):
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["storefront"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["storefront"]["description"],
+    }
+    assert schemes["admin"]["scheme"] == "bearer"
+    for path, method, operation in operations(document):
+        if path.startswith("/v1/admin/") or path.startswith("/codec/"):
+            assert operation["security"] == [{"admin": []}], (method, path)
+        elif path.startswith("/v1/"):
+            assert operation["security"] == [{"storefront": []}], (method, path)
+        elif path != "/metrics":
+            assert "security" not in operation, (method, path)  # the customer's pages, the webhook, health
+
+
+def test_every_reply_is_described_and_every_error_has_the_error_shape(document):
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas  # {"detail": [...]}: never sent
+    for path, method, operation in operations(document):
+        answers = operation["responses"]
+        assert any(status.startswith("2") for status in answers), (method, path)
+        for status, answer in answers.items():
+            assert answer.get("description"), (method, path, status)
+            content = answer.get("content", {})
+            if status.startswith("2") and method != "head":
+                assert content and all(media.get("schema") for media in content.values()), (method, path, status)
+            if int(status) >= 400 and status != "416":
+                assert list(content) == ["application/json"], (method, path, status)
+                assert content["application/json"]["schema"] == {"$ref": ERROR_REF}, (method, path, status)
+                codes = list(content["application/json"]["examples"])
+                assert codes and all(f"`{code}`" in answer["description"] for code in codes), (method, path, status)
+        if path.startswith("/v1/"):
+            assert "unauthorized" in answers["401"]["content"]["application/json"]["examples"], (method, path)
+    assert schemas["ErrorReply"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorInfo"}
+    assert set(schemas["ErrorInfo"]["required"]) == {"code", "message", "details"}
+
+
+def test_the_routes_codes_are_listed(document):
+    def codes(path: str, method: str, status: str) -> set[str]:
+        answer = document["paths"][path][method]["responses"][status]
+        return set(answer["content"]["application/json"]["examples"])
+
+    assert codes("/v1/jobs", "post", "409") == {"order_conflict"}
+    assert {"invalid_request", "unsupported_format", "output_too_large"} <= codes("/v1/jobs", "post", "422")
+    assert codes("/v1/jobs/{job_id}", "get", "404") == {"job_not_found"}
+    assert codes("/downloads/{token}", "get", "410") == {"link_replaced", "link_expired", "file_gone", "download_limit"}
+    assert codes("/v1/admin/jobs/{job_id}/retry", "post", "409") == {
+        "already_refunded",
+        "customer_erased",
+        "job_in_progress",
+    }
+    assert codes("/readyz", "get", "503") == {"not_ready"}
+
+
+def test_the_upload_body_is_an_image_and_the_order_has_an_example(document):
+    body = document["paths"]["/v1/uploads"]["post"]["requestBody"]
+    assert body["required"] is True
+    assert {"image/png", "image/jpeg", "image/webp"} <= set(body["content"])
+    assert body["content"]["image/png"]["schema"] == {"type": "string", "format": "binary"}
+    order = document["components"]["schemas"]["JobRequest"]
+    assert order["examples"][0]["order_id"] == "wc-1042"
+
+
+def test_a_body_that_is_not_utf8_is_a_422_in_the_error_shape(site):
+    """Schemathesis found it: FastAPI answered such a body 400 `http_error` "There was an error parsing the
+    body", a status the routes do not document, with a message saying nothing of what to fix."""
+    for path in ("/v1/jobs", "/v1/quotes"):
+        reply = httpx.post(
+            f"{site.url}{path}",
+            content=b'{"order_id": "\xff\xfe"}',
+            headers={"Authorization": f"Bearer {STOREFRONT_KEY}", "Content-Type": "application/json"},
+        )
+        assert reply.status_code == 422, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert "UTF-8" in error["message"] and "JSON" in error["message"]
