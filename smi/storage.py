@@ -318,7 +318,9 @@ class S3Storage(Storage):
         config = Config(
             signature_version="s3v4",
             # Path style on any endpoint but AWS's own: MinIO, SeaweedFS, R2 and B2 all take it.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            # Bodies unsigned (UNSIGNED-PAYLOAD, as over https by default, here over http too): each carries a
+            # CRC32 the store checks, and SHA-256 over every byte again would double the hashing of a download.
+            s3={"addressing_style": "path" if endpoint_url else "auto", "payload_signing_enabled": False},
             retries={"mode": "standard", "max_attempts": 5},
             connect_timeout=10,
             read_timeout=60,
