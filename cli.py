@@ -1,10 +1,14 @@
-"""`smi`: the service's commands (dev, worker, api, migrate, healthcheck, emulator, submit, usage)."""
+"""`smi`: the service's commands (dev, worker, api, migrate, healthcheck, emulator, usage), and the operator's
+(submit, jobs, retry, refund, resend, erase), clients of the running API."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -12,11 +16,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NoReturn
+from urllib.parse import quote, urlsplit
 
 import httpx
+from pydantic import SecretStr, ValidationError
 
-from smi.settings import DEV_ENV_FILE, get_settings
+from smi.settings import DEV_ENV_FILE, Settings, get_settings
 from smi.vocabulary import FINISHED, JobStatus
 
 log = logging.getLogger("smi")
@@ -270,54 +280,6 @@ def cmd_emulator(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_submit(args: argparse.Namespace) -> None:
-    settings = get_settings()
-    api = args.api or f"http://{settings.api_host}:{settings.api_port}"
-    headers = {"Authorization": f"Bearer {settings.secret('storefront_api_key')}"}
-    with httpx.Client(base_url=api, headers=headers, timeout=60) as client:
-        if args.image.startswith(("http://", "https://")):
-            image_url = args.image
-        else:
-            path = Path(args.image)
-            if not path.is_file():
-                raise SystemExit(f"no such file: {path}")
-            uploaded = client.post("/v1/uploads", content=path.read_bytes())
-            _check(uploaded)
-            image_url = uploaded.json()["image_url"]
-        body = {
-            "order_id": args.order_id or f"cli-{uuid.uuid4().hex[:12]}",
-            "image_url": image_url,
-            "scale_factor": args.scale,
-            "format": args.format,
-            "customer_email": args.email,
-            "customer_name": args.name,
-            "amount_paid_cents": 0,
-            "currency": "USD",
-            "payment_reference": None,
-        }
-        created = client.post("/v1/jobs", json=body)
-        _check(created)
-        job_id = created.json()["job_id"]
-        print(f"job {job_id} (order {body['order_id']})", flush=True)
-        started, last = time.monotonic(), None
-        while True:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] != last:
-                last = job["status"]
-                print(f"  {time.monotonic() - started:6.1f} s  {last}", flush=True)
-            if last in TERMINAL:
-                break
-            time.sleep(0.5)
-    if last == JobStatus.COMPLETED:
-        out = job["output"]
-        size = f"{out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes"
-        print(f"done: {size}, {job['cost']['credits']} credits")
-        print(f"download: {job['download_url']}  (until {job['download_expires_at']})")
-    else:
-        error = job.get("error") or {}
-        raise SystemExit(f"job ended {last}: {error.get('code')}: {error.get('message')}")
-
-
 def cmd_usage(args: argparse.Namespace) -> None:
     from datetime import date, timedelta
 
@@ -331,27 +293,271 @@ def cmd_usage(args: argparse.Namespace) -> None:
     print(usage.to_table(usage.report(make_engine(get_settings().database_url), args.period, start, end)))
 
 
+# --- the operator's commands: jobs, retry, refund, resend, erase (the admin API), and submit ---------------------
+# Each is a client of the running API at SMI_PUBLIC_BASE_URL (or --api). A failure (the API down, its 4xx, a
+# missing setting, a bad argument) is one line on stderr and a non-zero exit, never a traceback.
+
+SUBMIT_TIMEOUT = 1200.0  # past the 15 minutes after which a job still processing goes to manual review
+STREAM_READ_SECONDS = 40.0  # the event stream sends a keep-alive every 15 s: longer silence is a dead connection
+RECONNECT_SECONDS = 2.0  # the stream's own `retry:` advice
+
+
+def _client_settings() -> Settings:
+    """The settings as a client of the API reads them (SMI_* and their _FILE forms, var/dev.env in development).
+    The keys only the server needs are not required here (env="dev" turns off that one check); each command asks
+    for the one key it uses (_key)."""
+    try:
+        return Settings(_env_file=DEV_ENV_FILE if DEV_ENV_FILE.exists() else None, env="dev")
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"SMI_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "") + e["msg"] for e in exc.errors()
+        )
+        raise SystemExit(f"smi: bad setting: {problems}") from None
+    except (ValueError, OSError) as exc:  # e.g. an SMI_*_FILE naming a file that is not there
+        raise SystemExit(f"smi: bad setting: {exc}") from None
+
+
+def _key(value: SecretStr | None, name: str) -> str:
+    if value is None or not value.get_secret_value():
+        raise SystemExit(f"smi: {name} is not set (nor {name}_FILE); `smi dev` writes it to {DEV_ENV_FILE}")
+    return value.get_secret_value()
+
+
+def _api_url(args: argparse.Namespace, settings: Settings) -> str:
+    return (args.api or settings.public_base_url).rstrip("/")
+
+
+def _request(api: str, key: str, method: str, path: str, timeout: float = 60, **kwargs) -> dict:
+    """One call of the API; its JSON answer, or a one-line exit saying what went wrong."""
+    try:
+        with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.TimeoutException:
+        raise SystemExit(f"smi: the API at {api} did not answer within {timeout:.0f} s") from None
+    except httpx.HTTPError as exc:  # refused, no such host, no scheme in the URL ...
+        raise SystemExit(f"smi: cannot reach the API at {api}: {exc or type(exc).__name__}") from None
+    _check(response)
+    try:
+        return response.json()
+    except ValueError:
+        raise SystemExit(f"smi: the API at {api} answered {response.status_code} with no JSON") from None
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, **kwargs) -> dict:
+    """A call of the admin API with SMI_ADMIN_API_KEY."""
+    settings = _client_settings()
+    return _request(_api_url(args, settings), _key(settings.admin_api_key, "SMI_ADMIN_API_KEY"), method, path, **kwargs)
+
+
 def _check(response: httpx.Response) -> None:
     if response.status_code >= 400:
         try:
             error = response.json()["error"]
             message = f"{error['code']}: {error['message']}"
         except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
-        raise SystemExit(f"the API answered {response.status_code}: {message}")
+            message = response.text[:300] or response.reason_phrase
+        raise SystemExit(f"smi: the API answered {response.status_code}: {' '.join(message.split())}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from smi.logs import setup_logging
+def _job_id(value: str) -> str:
+    """argparse type: a job id as the API issues them (32 hex digits)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", value.strip().lower()):
+        raise argparse.ArgumentTypeError("a job id is 32 hex digits, like 3f2a...; `smi jobs` lists them")
+    return value.strip().lower()
 
-    setup_logging(logging.INFO)  # JSON lines unless stderr is a terminal (smi/logs.py)
-    for chatty in ("mail.log", "httpx", "alembic"):  # alembic: smi.migrations logs what it changes
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="smi", description=__doc__)
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 1000:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 1000")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+def _day(value: str) -> str:
+    """argparse type: a date as `smi usage` reads it (YYYY-MM-DD), checked here so a bad one is a one-line error."""
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-21") from None
+    return value
+
+
+def _base_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http(s) URL, like http://127.0.0.1:8000")
+    return value
+
+
+def _money(value: float | int) -> str:
+    return f"{value:.2f}" if value else "-"
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    params: dict[str, str | int] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    jobs = _admin(args, "GET", "/v1/admin/jobs", params=params)["jobs"]
+    if not jobs:
+        print(f"no {args.status + ' ' if args.status else ''}jobs")
+        return
+    header = ("JOB ID", "STATUS", "ORDER", "SCALE", "CREATED (UTC)", "PAID", "COST", "REFUND", "ERROR")
+    rows = [
+        (
+            job["job_id"],
+            job["status"],
+            job["order_id"],
+            f"{job['scale_factor']}x",
+            job["created_at"][:16].replace("T", " "),
+            _money(job["money"]["revenue_usd"]),
+            _money(job["money"]["cost_usd"]),
+            job["refund"]["status"] if job["refund"] else "-",
+            job["error"]["code"] if job["error"] else "-",
+        )
+        for job in jobs
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_action(args: argparse.Namespace) -> None:
+    """retry, refund, resend: POST /v1/admin/jobs/{id}/<action>."""
+    answer = _admin(args, "POST", f"/v1/admin/jobs/{args.job_id}/{args.action}")
+    line = f"{args.action} {answer['job_id']}: {answer['how']}"
+    if answer.get("download_expires_at"):
+        line += f"; the new link is valid until {answer['download_expires_at']}"
+    print(line)
+
+
+def cmd_erase(args: argparse.Namespace) -> None:
+    if "@" not in args.email or any(c.isspace() for c in args.email):
+        raise SystemExit("smi: EMAIL must be an e-mail address like name@example.com")
+    if not args.yes:
+        question = "Erase this customer's personal data and files from every job? It cannot be undone. [y/N] "
+        print(question, end="", flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise SystemExit("smi: not confirmed; nothing was erased (--yes skips the question)")
+    erased = _admin(args, "DELETE", f"/v1/admin/customers/{quote(args.email, safe='@')}")
+    if not erased["jobs"]:
+        print("no job has this address (or it was erased before): nothing to erase")
+        return
+    print(
+        f"erased: {erased['jobs']} jobs, {erased['files']} files, {erased['tokens']} download tokens, "
+        f"{erased['emails']} sent-mail records"
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    settings = _client_settings()
+    api = _api_url(args, settings)
+    key = _key(next(map(SecretStr, settings.storefront_keys()), None), "SMI_STOREFRONT_API_KEY")
+    if args.image.startswith(("http://", "https://")):
+        image_url = args.image
+    else:
+        path = Path(args.image)
+        if not path.is_file():
+            raise SystemExit(f"smi: no such file: {path}")
+        image_url = _request(api, key, "POST", "/v1/uploads", content=path.read_bytes())["image_url"]
+    body = {
+        "order_id": args.order_id or f"cli-{uuid.uuid4().hex[:12]}",
+        "image_url": image_url,
+        "scale_factor": args.scale,
+        "format": args.format,
+        "customer_email": args.email,
+        "customer_name": args.name,
+        "amount_paid_cents": 0,
+        "currency": "USD",
+        "payment_reference": None,
+    }
+    created = _request(api, key, "POST", "/v1/jobs", json=body)
+    job_id = created["job_id"]
+    print(f"job {job_id} (order {body['order_id']})", flush=True)
+    events = f"{api}/status/{job_id}/events?{urlsplit(created['status_page_url']).query}"  # the view token
+    started, seen = time.monotonic(), list[str]()  # the statuses shown, in order
+
+    def show(state: dict) -> None:
+        if not seen or state["status"] != seen[-1]:
+            seen.append(state["status"])
+            print(f"  {time.monotonic() - started:6.1f} s  {state['status']}", flush=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(_follow(events, show), args.timeout))
+    except KeyboardInterrupt:
+        raise SystemExit(f"smi: stopped following job {job_id}; it goes on: `smi jobs` shows it") from None
+    except asyncio.TimeoutError:
+        raise SystemExit(
+            f"smi: job {job_id} did not end within {args.timeout:g} s "
+            f"(last status: {seen[-1] if seen else 'unknown'}); it goes on: `smi jobs` shows it"
+        ) from None
+    job = _request(api, key, "GET", f"/v1/jobs/{job_id}")
+    if job["status"] == JobStatus.COMPLETED:
+        out = job["output"]
+        size = f"{out['width']}x{out['height']} {out['format']}, {out['bytes']} bytes"
+        print(f"done: {size}, {job['cost']['credits']} credits")
+        print(f"download: {job['download_url']}  (until {job['download_expires_at']})")
+    else:
+        error = job.get("error") or {}
+        raise SystemExit(f"smi: job {job_id} ended {job['status']}: {error.get('code')}: {error.get('message')}")
+
+
+async def _follow(url: str, show: Callable[[dict], None]) -> None:
+    """Reads the job's status event stream (api/status.py) until its status is one where `smi submit` stops,
+    handing each state to `show`; reconnects when the stream ends (the server closes it after 5 minutes) or the
+    connection drops. The caller's deadline bounds it."""
+    timeout = httpx.Timeout(10, read=STREAM_READ_SECONDS)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        while True:
+            try:
+                async with client.stream("GET", url) as response:
+                    if response.status_code != 429:  # 429: too many streams open; try again shortly
+                        if response.status_code >= 400:
+                            await response.aread()
+                        _check(response)
+                        async for line in response.aiter_lines():
+                            if line.startswith("data:"):
+                                state = json.loads(line[len("data:") :])
+                                show(state)
+                                if state["status"] in TERMINAL:
+                                    return
+            except httpx.TransportError:
+                pass  # the API restarting, or the connection lost: reconnect until the deadline
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad argument is one line (the usage is what --help shows), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return version("smi-upscale")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrors(prog="smi", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"smi {_version()}", help="the installed version")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser("dev", help="the whole service on this machine, in the foreground")
-    dev.add_argument("--emulator-port", type=int, default=8100)
+    dev.add_argument("--emulator-port", type=int, default=8100, help="the emulator's port (default 8100)")
     dev.set_defaults(run=cmd_dev)
     commands.add_parser("worker", help="one worker").set_defaults(run=cmd_worker)
     commands.add_parser("api", help="the API server").set_defaults(run=cmd_api)
@@ -361,28 +567,87 @@ def main(argv: list[str] | None = None) -> None:
     ).set_defaults(run=cmd_healthcheck)
 
     emulator = commands.add_parser("emulator", help="the Upsampler emulator alone")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8100)
+    emulator.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    emulator.add_argument("--port", type=int, default=8100, help="the port (default 8100)")
     emulator.add_argument("--api-key", help="the Bearer key it accepts (default: generated and printed)")
     emulator.set_defaults(run=cmd_emulator)
 
-    submit = commands.add_parser("submit", help="a job from the command line, followed to its end")
-    submit.add_argument("image", help="a file path or an http(s) URL")
-    submit.add_argument("--scale", type=int, default=4)
-    submit.add_argument("--email", required=True)
-    submit.add_argument("--name")
-    submit.add_argument("--format", default="auto", choices=["auto", "png", "jpg", "webp"])
-    submit.add_argument("--order-id")
-    submit.add_argument("--api", help="the API's base URL (default: SMI_API_HOST:SMI_API_PORT)")
+    client = OneLineErrors(add_help=False)  # what every client command of the API takes
+    client.add_argument(
+        "--api", type=_base_url, metavar="URL", help="the API's base URL (default: SMI_PUBLIC_BASE_URL)"
+    )
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[client],
+        help="a job from the command line, followed to its end over the status event stream",
+        description="Places an order (key: SMI_STOREFRONT_API_KEY) and prints each status change until the job "
+        "ends: exit 0 when completed, 1 when it failed, went to manual review or the deadline passed.",
+    )
+    submit.add_argument("image", help="a file path (uploaded first) or an http(s) URL")
+    submit.add_argument("--scale", type=int, default=4, help="the scale factor (default 4)")
+    submit.add_argument("--email", required=True, help="the customer's address: the completion email goes there")
+    submit.add_argument("--name", help="the customer's name, in the email")
+    submit.add_argument(
+        "--format", default="auto", choices=["auto", "png", "jpg", "webp"], help="the result's format (default auto)"
+    )
+    submit.add_argument("--order-id", help="the shop's order id (default: cli-<random>)")
+    submit.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=SUBMIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up following after this long (default {SUBMIT_TIMEOUT:g}); the job itself goes on",
+    )
     submit.set_defaults(run=cmd_submit)
 
-    report = commands.add_parser("usage", help="jobs, credits, cost, revenue and margin per UTC day or month")
-    report.add_argument("--period", choices=["day", "month"], default="month")
-    report.add_argument("--from", dest="start", help="first day, YYYY-MM-DD")
-    report.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (inclusive)")
-    report.set_defaults(run=cmd_usage)
+    admin = "Calls the admin API with SMI_ADMIN_API_KEY (or SMI_ADMIN_API_KEY_FILE)."
+    jobs = commands.add_parser(
+        "jobs", parents=[client], help="the newest jobs, as a table", description=f"Jobs, newest first. {admin}"
+    )
+    jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only jobs with this status")
+    jobs.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N jobs, 1 to 1000 (default 50)")
+    jobs.set_defaults(run=cmd_jobs)
+    for name, action, what in (
+        ("retry", "retry", "run the job again (a job in manual review goes on; a finished one runs anew)"),
+        ("refund", "refund", "refund the job now (a running job stops; a refunded one is not paid twice)"),
+        ("resend", "resend-email", "a fresh download link, with a new expiry, emailed to the customer again"),
+    ):
+        command = commands.add_parser(
+            name, parents=[client], help=what, description=f"{what[0].upper()}{what[1:]}. {admin}"
+        )
+        command.add_argument(
+            "job_id", type=_job_id, metavar="ID", help="the job id (32 hex digits, as `smi jobs` shows)"
+        )
+        command.set_defaults(run=cmd_action, action=action)
+    erase = commands.add_parser(
+        "erase",
+        parents=[client],
+        help="erase a customer's personal data and files (GDPR)",
+        description="Every job of the address loses its files, download links and sent-mail records; address, "
+        "name and payment reference are replaced. Nothing is erased while a job of the address still runs. " + admin,
+    )
+    erase.add_argument("email", metavar="EMAIL", help="the customer's address (compared case-insensitively)")
+    erase.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    erase.set_defaults(run=cmd_erase)
 
-    args = parser.parse_args(argv)
+    report = commands.add_parser("usage", help="jobs, credits, cost, revenue and margin per UTC day or month")
+    report.add_argument(
+        "--period", choices=["day", "month"], default="month", help="one row per day or month (default month)"
+    )
+    report.add_argument("--from", dest="start", type=_day, help="first day, YYYY-MM-DD")
+    report.add_argument("--to", dest="end", type=_day, help="last day, YYYY-MM-DD (inclusive)")
+    report.set_defaults(run=cmd_usage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from smi.logs import setup_logging
+
+    setup_logging(logging.INFO)  # JSON lines unless stderr is a terminal (smi/logs.py)
+    for chatty in ("mail.log", "httpx", "alembic"):  # alembic: smi.migrations logs what it changes
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 
