@@ -289,7 +289,7 @@ async def test_submit_gives_up_at_its_deadline(dev_env, stack_factory, faults, t
         result = subprocess.CompletedProcess(follow.args, follow.returncode, out, err)
         line = one_line_error(result, "did not end within 6 s (last status: ", "); it goes on", code=1)
         assert 6 <= elapsed < 15, elapsed
-        assert streams.open.total() == 0  # the stream closed with the command
+        await eventually(lambda: streams.open.total() == 0, timeout=5, what="the stream closed with the command")
         job_id = re.match(r"job ([0-9a-f]{32})", out).group(1)
         last = out.split()[-1]  # the last status printed is the one the message names
         assert job_id in line and f"(last status: {last})" in line and last in {"received", "queued", "processing"}
