@@ -11,7 +11,7 @@ with its own SQLite database, so its CPU time is read from /proc/<pid>/stat befo
 
 In each, one finished job's result (random bytes) is put in storage through the backend as a
 worker's store step leaves it (open_storage(settings).put), and its jobs row and download link
-are written as the tests write them (tests.helpers.Site: add_job, complete). SMI_DOWNLOAD_MAX_COUNT
+are written as the tests write them (devstack.Site: add_job, complete). SMI_DOWNLOAD_MAX_COUNT
 is set (high), so every download is counted in the database as a capped link's would be, and the
 per-client limits (SMI_DOWNLOADS_PER_CLIENT, SMI_DOWNLOADS_TOTAL, the public rate limit) are high
 enough for every download to come from 127.0.0.1 at once.
@@ -65,10 +65,9 @@ class Api:
     """`smi api` in a child process for one storage backend, and the one job whose result it hands out."""
 
     def __init__(self, mode: str, folder: Path, args: argparse.Namespace, source: Path, s3_server):
-        from devstack import api_only_settings, free_ports, settings_environment
+        from devstack import Site, api_only_settings, free_ports, settings_environment
         from smi.db import make_engine
         from smi.storage import job_key, open_storage
-        from tests.helpers import Site
 
         folder.mkdir()
         self.mode, self.port = mode, free_ports(1)[0]

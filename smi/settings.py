@@ -20,6 +20,16 @@ REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
 DEV_ENV_FILE = Path("var/dev.env")
 
 
+def parse_storage_url(url: str) -> tuple[str, str, str]:
+    """SMI_STORAGE_URL: `local`, `s3://bucket/prefix` -> (scheme, bucket, prefix); a clear error for anything else."""
+    if url in ("", "local"):
+        return "local", "", ""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("SMI_STORAGE_URL must be `local` or s3://bucket/prefix (the prefix is optional)")
+    return "s3", parts.netloc, parts.path.strip("/")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SMI_", extra="ignore")
 
@@ -147,8 +157,6 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_url_known(cls, value: str) -> str:
-        from smi.storage import parse_storage_url  # smi.storage reads these settings
-
         parse_storage_url(value)
         return value
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from smi.settings import Settings
+from smi.settings import Settings, parse_storage_url
 from smi.vocabulary import InventoryRequest, RetentionDeleted, RetentionPlan, StoredNames
 
 # Job ids and upload ids: nothing else under jobs/ and uploads/ is touched (\Z: `$` would let a trailing newline in).
@@ -524,13 +524,3 @@ def open_storage(settings: Settings) -> Storage:
         secret_access_key=text(settings.s3_secret_access_key),
         public_base_url=settings.download_base_url,
     )
-
-
-def parse_storage_url(url: str) -> tuple[str, str, str]:
-    """`local`, `s3://bucket/prefix` -> (scheme, bucket, prefix); a clear error for anything else."""
-    if url in ("", "local"):
-        return "local", "", ""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError("SMI_STORAGE_URL must be `local` or s3://bucket/prefix (the prefix is optional)")
-    return "s3", parts.netloc, parts.path.strip("/")

@@ -6,25 +6,16 @@ import asyncio
 import inspect
 import socket
 import time
-import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import httpx
-from fastapi import FastAPI
-from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine, select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 
-from devstack import WEBHOOK_SECRET
-from smi import signing
-from smi.db import DownloadToken, Job, JobEvent, LedgerEntry, SentMail, utcnow
-from smi.settings import Settings
+from devstack import CUSTOMER_EMAIL, CUSTOMER_NAME, WEBHOOK_SECRET, Site, job_row  # noqa: F401 (tests import them from here)
+from smi.db import LedgerEntry, SentMail
 
 RESULT_BYTES = 16 * 1024 * 1024  # far more than loopback socket buffers hold: a reader that stops stalls the sender
-CUSTOMER_EMAIL = "ana.secret@example.com"
-CUSTOMER_NAME = "Ana Secretname"
 
 
 def order(image_url: str, order_id: str, **overrides) -> dict:
@@ -100,95 +91,6 @@ def ledger_rows(database_url: str, job_id: str, purpose: str = "upscale:") -> li
 
 def mail_rows(database_url: str, job_id: str) -> list[SentMail]:
     return rows(database_url, SentMail, job_id)
-
-
-def job_row(job_id: str, status: str, at: datetime, **fields) -> Job:
-    """A jobs row as the API writes one, ordered (and last changed) at `at`; `fields` replace the defaults."""
-    values = dict(
-        job_id=job_id,
-        order_id=f"wc-{job_id[:8]}",
-        request_sha256="0" * 64,
-        status=status,
-        created_at=at,
-        updated_at=at,
-        image_url="https://shop.test/a.png",
-        scale_factor=4,
-        format="auto",
-        customer_email=CUSTOMER_EMAIL,
-        customer_name=CUSTOMER_NAME,
-        amount_paid_cents=1299,
-        currency="USD",
-    )
-    return Job(**(values | fields))
-
-
-@dataclass
-class Site:
-    url: str
-    engine: Engine
-    settings: Settings
-    app: FastAPI
-
-    def page_url(self, job_id: str, secret: str = WEBHOOK_SECRET) -> str:
-        return signing.status_page_url(self.url, secret, job_id)
-
-    def add_job(
-        self,
-        status_now: str,
-        *,
-        events: list[tuple[str, datetime]] | None = None,
-        created_at: datetime | None = None,
-        **fields,
-    ) -> str:
-        job_id = uuid.uuid4().hex
-        created = created_at or utcnow()
-        with Session(self.engine) as session:
-            session.add(job_row(job_id, status_now, created, **fields))
-            for event_status, at in events or [("received", created), (status_now, created)]:
-                session.add(JobEvent(job_id=job_id, status=event_status, at=at))
-            session.commit()
-        return job_id
-
-    def set_status(self, job_id: str, new_status: str, **fields) -> None:
-        """What the worker's update_job activity does: the status, and an event row."""
-        with Session(self.engine) as session:
-            job = session.get(Job, job_id)
-            job.status, job.updated_at = new_status, utcnow()
-            for name, value in fields.items():
-                setattr(job, name, value)
-            session.add(job)
-            session.add(JobEvent(job_id=job_id, status=new_status, at=utcnow()))
-            session.commit()
-
-    def complete(self, job_id: str, result_path: str | None = None) -> str:
-        """Completed with a live link of generation 1 (to `result_path` if given); returns the link."""
-        token = signing.download_token(WEBHOOK_SECRET, job_id, 1)
-        expires = utcnow() + timedelta(hours=24)
-        with Session(self.engine) as session:
-            session.add(
-                DownloadToken(
-                    token_sha256=signing.token_sha256(token),
-                    job_id=job_id,
-                    purpose="run:1",
-                    generation=1,
-                    expires_at=expires,
-                    created_at=utcnow(),
-                )
-            )
-            session.commit()
-        self.set_status(
-            job_id,
-            "completed",
-            download_generation=1,
-            download_expires_at=expires,
-            output_width=480,
-            output_height=320,
-            output_bytes=1234,
-            output_format="png",
-            output_sha256="ab" * 32,
-            result_path=result_path,
-        )
-        return f"{self.url}/downloads/{token}"
 
 
 def raw_request(url: str, request: bytes) -> socket.socket:
