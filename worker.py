@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
 from activities.payments import PaymentsActivities
+from activities.shop_events import ShopEventActivities
 from activities.storage import StorageActivities
 from activities.upsampler import UpsamplerActivities
 from smi.codec import data_converter
@@ -28,6 +29,7 @@ from smi.upsampler import UpsamplerClient
 from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
 from workflows.retention import RetentionWorkflow, ensure_retention_schedule
+from workflows.shop_events import ShopEventWorkflow
 from workflows.upscale import UpscaleWorkflow
 
 log = logging.getLogger("smi.worker")
@@ -77,13 +79,14 @@ def create_worker(
     notify = NotifyActivities(settings, engine)
     calls = UpsamplerActivities(settings, engine, upsampler)
     payments = PaymentsActivities(settings, engine)
+    shop_events = ShopEventActivities(settings, engine)
     # Database and image work is blocking: it runs on these threads, not the event loop.
     threads = ThreadPoolExecutor(max_workers=8)
     grace = timedelta(seconds=shutdown_grace)  # see serve_until_signalled
     jobs = Worker(
         client,
         task_queue=task_queue,
-        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow, RetentionWorkflow],
+        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow, RetentionWorkflow, ShopEventWorkflow],
         activities=[
             storage.fetch_original,
             storage.compress_original,
@@ -100,6 +103,8 @@ def create_worker(
             notify.send_email,
             notify.send_budget_alert,
             payments.refund,
+            shop_events.build_event,
+            shop_events.deliver,
             storage.retention_inventory,
             storage.delete_retained,
             ledger.retention_plan,

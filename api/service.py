@@ -45,6 +45,8 @@ def policy_of(cfg: Settings) -> JobPolicy:
         credits_per_megapixel=cfg.credits_per_megapixel,
         upsampler_max_input_bytes=cfg.upsampler_max_input_bytes,
         budget_hard_stop=cfg.budget_hard_stop,
+        shop_events=bool(cfg.storefront_webhook_url),
+        shop_event_first_retry_seconds=cfg.storefront_webhook_first_retry_seconds,
     )
 
 
@@ -164,7 +166,7 @@ async def refund(job_id: str, svc: deps.Services) -> AdminAction:
     try:
         await client.start_workflow(
             RefundWorkflow.run,
-            job_id,
+            args=[job_id, policy_of(svc.settings)],
             id=f"refund-{job_id}",
             task_queue=svc.settings.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,

@@ -13,7 +13,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smi.codec import EncryptionCodec
-from smi.fetch import FetchPolicy
+from smi.fetch import FetchPolicy, FetchRefused, host_of, parse
 
 REAL_UPSAMPLER_URL = "https://upsampler.com/api/v1"
 # Written by `smi dev` with the generated development keys; the environment wins over it.
@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str = "https://api.stripe.com"  # tests point it at a local server
 
+    # Signed job events POSTed to the shop (activities/shop_events.py, verified with smi/shop_webhooks.py). Unset
+    # URL: no events. The URL passes the fetch guard's rules when sent (SMI_FETCH_ALLOW_HOSTS for private hosts).
+    storefront_webhook_url: str | None = None
+    storefront_webhook_secret: SecretStr | None = None  # required with the URL
+    storefront_webhook_secret_previous: SecretStr | None = None  # also signs (a second v1=) during a rotation
+    storefront_webhook_first_retry_seconds: float = Field(30.0, gt=0)  # then doubling, at most an hour apart
+
     upsampler_requests_per_minute: int = Field(60, gt=0)  # Upsampler's quota per key, all workers together
     upsampler_requests_per_hour: int = Field(1800, gt=0)
     daily_budget_usd: float | None = Field(None, gt=0)  # the admin is emailed at 80% and 100% of each
@@ -208,6 +215,32 @@ class Settings(BaseSettings):
                 names = ", ".join("SMI_" + m.upper() for m in missing)
                 raise ValueError(f"{names} must be set when SMI_ENV is not 'dev'")
         return self
+
+    @model_validator(mode="after")
+    def _storefront_webhook_usable(self) -> "Settings":
+        """A shop URL needs its secret and must be an http(s) URL the fetch guard can read; whether its host
+        is public is checked when an event is sent (DNS can change)."""
+        if not self.storefront_webhook_url:
+            self.storefront_webhook_url = None
+            return self
+        if self.storefront_webhook_secret is None or not self.storefront_webhook_secret.get_secret_value():
+            raise ValueError("SMI_STOREFRONT_WEBHOOK_SECRET must be set when SMI_STOREFRONT_WEBHOOK_URL is")
+        try:
+            parsed = parse(self.storefront_webhook_url)
+            if parsed.scheme not in ("http", "https"):
+                raise FetchRefused("only http and https URLs are allowed")
+            host_of(parsed)
+        except FetchRefused as refused:
+            raise ValueError(f"SMI_STOREFRONT_WEBHOOK_URL: {refused}") from None
+        return self
+
+    def storefront_webhook_secrets(self) -> list[str]:
+        """The shop events' signing secrets: the current one, then the previous one during a rotation."""
+        return [self.secret("storefront_webhook_secret")] + (
+            [self.storefront_webhook_secret_previous.get_secret_value()]
+            if self.storefront_webhook_secret_previous
+            else []
+        )
 
     def secret(self, name: str) -> str:
         value = getattr(self, name)

@@ -121,6 +121,8 @@ class JobPolicy:
     credits_per_megapixel: float = 0.25
     upsampler_max_input_bytes: int = 20 * 1024 * 1024
     budget_hard_stop: bool = False
+    shop_events: bool = False  # SMI_STOREFRONT_WEBHOOK_URL is set: the outcomes are POSTed to the shop
+    shop_event_first_retry_seconds: float = 30.0
 
 
 @dataclass
@@ -380,3 +382,34 @@ class RetentionReport:
 class RetentionPlanRequest:
     page: StoredNames
     as_of: datetime
+
+
+# --- job events to the shop (workflows/shop_events.py, activities/shop_events.py) ---------------
+
+
+class ShopEventType(StrEnum):
+    COMPLETED = "job.completed"
+    FAILED = "job.failed"
+    REFUNDED = "job.refunded"
+    MANUAL_REVIEW = "job.manual_review"
+
+
+@dataclass
+class ShopEvent:
+    """One event, delivered by its own ShopEventWorkflow whose ID is `event_id`: the same event of the same
+    run always has the same id, so a reset of the job's workflow cannot send an accepted event again."""
+
+    event_id: str
+    job_id: str
+    type: str  # a ShopEventType
+    created: str  # ISO 8601, when the job's workflow reached the outcome
+    first_retry_seconds: float = 30.0
+
+
+@dataclass
+class ShopDelivery:
+    """The event's body as built once (the job as it was), POSTed again until the shop answers 2xx."""
+
+    event_id: str
+    job_id: str
+    body: str

@@ -16,12 +16,15 @@ with workflow.unsafe.imports_passed_through():
     from smi.vocabulary import (
         DownloadLink,
         EmailRequest,
+        JobPolicy,
         JobUpdate,
         RefundOutcome,
         RefundRequest,
         ResendInput,
+        ShopEventType,
         TokenRequest,
     )
+    from workflows.shop_events import start_shop_event
     from workflows.upscale import MAIL_RETRY, REFUND_RETRY
 
 
@@ -30,13 +33,15 @@ class RefundWorkflow:
     """An admin's refund of a finished job. Its ID is `refund-<job_id>`; the refund row makes it once-only."""
 
     @workflow.run
-    async def run(self, job_id: str) -> RefundOutcome:
+    async def run(self, job_id: str, policy: JobPolicy | None = None) -> RefundOutcome:
+        """`policy`: the settings' when the admin asked (None in histories from before the shop events)."""
         outcome = await workflow.execute_activity_method(
             PaymentsActivities.refund,
             RefundRequest(job_id, "admin"),
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=REFUND_RETRY,
         )
+        await start_shop_event(job_id, None, ShopEventType.REFUNDED, policy)
         for request in (
             EmailRequest(job_id, "refunded", purpose="refunded"),
             EmailRequest(

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         JobStatus,
         JobUpdate,
         RefundRequest,
+        ShopEventType,
         StoredImage,
         StoreRequest,
         SubmitRequest,
@@ -51,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         ValidateRequest,
         WebhookHint,
     )
+    from workflows.shop_events import start_shop_event
 
 UPSCALE_STATUS = SearchAttributeKey.for_keyword("UpscaleStatus")
 
@@ -401,6 +403,7 @@ class UpscaleWorkflow:
             TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours),
         )
         await self._set_status(JobStatus.COMPLETED, output=stored, download=link, error_code="", error_message="")
+        await self._shop_event(ShopEventType.COMPLETED)  # started, not awaited: the email does not wait for the shop
         try:
             await self._activity(
                 NotifyActivities.send_email,
@@ -417,6 +420,7 @@ class UpscaleWorkflow:
         # Decisions are taken from here on, even while the admin's notice is still being sent.
         self._state.awaiting_decision = True
         await self._set_status(JobStatus.MANUAL_REVIEW, error_code=problem.code, error_message=str(problem))
+        await self._shop_event(ShopEventType.MANUAL_REVIEW, step=self._state.attempt)
         await self._tell_admin(
             f"Manual review needed ({problem.code})", f"review:{self._job.run}:{self._state.attempt}"
         )
@@ -440,9 +444,11 @@ class UpscaleWorkflow:
             )
         except Problem as refusal:
             await self._set_status(JobStatus.MANUAL_REVIEW, error_code=refusal.code, error_message=str(refusal))
+            await self._shop_event(ShopEventType.MANUAL_REVIEW, step=0)  # 0: the refund's, not a submission's
             await self._tell_admin("The refund failed; pay it back by hand", f"refund:{job.run}")
             return
         await self._set_status(JobStatus.FAILED, error_code=problem.code, error_message=str(problem))
+        await self._shop_event(ShopEventType.FAILED)
         _count("smi_jobs_refunded", "Jobs refunded, by reason.", reason=problem.code)
         await self._activity(
             NotifyActivities.send_email,
@@ -452,6 +458,10 @@ class UpscaleWorkflow:
         )
         headline = "Refunded" if self._state.refund.status == "refunded" else "Refund owed: pay it back by hand"
         await self._tell_admin(f"{headline} ({problem.code})", f"refund:{job.run}")
+
+    async def _shop_event(self, kind: ShopEventType, step: int | None = None) -> None:
+        """The outcome to the shop (SMI_STOREFRONT_WEBHOOK_URL), by its own workflow that this one does not wait for."""
+        await start_shop_event(self._job.job_id, self._job.run, kind, self._job.policy, step)
 
     async def _tell_admin(self, note: str, purpose: str) -> None:
         """An admin notice; one that cannot be sent is not a reason to stop the job."""
