@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,8 +181,9 @@ def customer_mail_seen(mailbox) -> bool:
 
 
 async def test_completed_event_retried_until_accepted_after_the_email_and_not_sent_again_after_a_reset(
-    dev_env, stack_factory, faults, receiver, mailbox
+    dev_env, stack_factory, faults, receiver, mailbox, caplog
 ):
+    caplog.set_level(logging.INFO)
     faults(delay_seconds=0.2)
     # The receiver holds its first answer until the customer's email is in the mailbox and the job's workflow
     # has ended (30 s at most), then fails three times.
@@ -233,6 +235,12 @@ async def test_completed_event_retried_until_accepted_after_the_email_and_not_se
     assert event["data"]["download_expires_at"] == job["download_expires_at"] is not None
     assert "ana@example.com" not in shop.seen[0]["body"].decode()
     assert [text_of(m).count(job["download_url"]) for m in stack.mailbox.messages] == [1]  # one email, no notice
+    # The worker's log tells each attempt by event id, and never the secrets or the customer's address.
+    assert caplog.text.count(f"event {event['id']} attempt") == 3 and f"event {event['id']} delivered" in caplog.text
+    ours = "\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name != "mail.log")  # not the SMTP sink
+    assert SECRET not in ours and PREVIOUS not in ours and "ana@example.com" not in ours, [
+        line for line in ours.splitlines() if SECRET in line or PREVIOUS in line or "ana@" in line
+    ]
 
 
 async def test_without_a_shop_url_nothing_is_started(dev_env, stack_factory, faults, receiver):
