@@ -9,17 +9,18 @@ Each delivery is a POST whose JSON body is the event, with the header
 secret; `verify` accepts a body whose signature matches any of the secrets it is given.
 A receiver checks the body's bytes as received, before parsing them:
 
-    from shop_webhooks import verify, SignatureError
+    import os
+    from shop_webhooks import SignatureError, verify  # this file, copied as it is
 
-    def receive(request):
+    def receive(body: bytes, signature: str | None) -> int:  # the raw body, the SMI-Signature header
+        secrets = [os.environ["SMI_SECRET"], os.environ.get("SMI_SECRET_PREVIOUS", "")]
         try:
-            event = verify(request.body, request.headers.get("SMI-Signature"),
-                           [os.environ["SMI_SECRET"], os.environ.get("SMI_SECRET_PREVIOUS", "")])
-        except SignatureError as refused:
-            return 400, str(refused)
-        if not seen_before(event["id"]):  # deliveries repeat until one is answered 2xx
+            event = verify(body, signature, secrets, tolerance=300)  # older than 5 minutes: a replay
+        except SignatureError:
+            return 400  # not ours, altered, or replayed
+        if first_time(event["id"]):  # an event may arrive again if our 2xx was lost
             handle(event["type"], event["data"]["job"])
-        return 200, "ok"
+        return 200
 """
 
 from __future__ import annotations
