@@ -87,7 +87,9 @@ def money(entries: list[LedgerEntry]) -> Money:
 
 
 # What taking over one job can answer besides its own codes.
-JOB_ACTION_ERRORS = merged(KEYED_ERRORS, {404: ["job_not_found"], 503: ["temporal_unavailable"]})
+JOB_ACTION_ERRORS = merged(
+    KEYED_ERRORS, {404: ["job_not_found"], 503: ["temporal_unavailable", "workflow_unresponsive"]}
+)
 
 
 @router.post(

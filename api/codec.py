@@ -24,11 +24,12 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request, Response, Security
 from google.protobuf import json_format
+from pydantic import ValidationError
 from temporalio.api.common.v1 import Payload, Payloads
 
 from api import deps
 from api.errors import ApiError
-from api.models import CodecPayloads
+from api.models import CodecPayloads, CodecRequest
 from api.openapi import ADMIN, errors
 from smi.codec import ENCODING, PayloadDecryptionError
 from smi.settings import Settings
@@ -92,6 +93,14 @@ async def _payloads(request: Request, cors: dict[str, str]) -> list[Payload]:
             415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)", headers=cors
         )
     body = await request.body()  # capped while it streams (api/guard.py)
+    try:  # the shape first: json_format takes a bare JSON string, or null payloads, as no payloads
+        CodecRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or "body"
+        raise ApiError(
+            400, "invalid_request", f'the body is not {{"payloads": [...]}}: {where}: {problem["msg"]}', headers=cors
+        ) from None
     try:
         return list(json_format.Parse(body or b"{}", Payloads(), ignore_unknown_fields=True).payloads)
     except (json_format.ParseError, UnicodeDecodeError) as exc:
@@ -124,12 +133,14 @@ def preflight(
 
 # The body, read by protobuf's json_format, described for OpenAPI; the errors either route answers; the admin
 # key (checked by _authorize: in dev, the loopback needs none).
-CODEC_BODY = {
+COMPONENT = "#/components/schemas/{model}"
+CODEC_BODY: dict = {
     "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CodecPayloads"}}},
+        "required": False,  # none: no payloads
+        "content": {"application/json": {"schema": CodecRequest.model_json_schema(ref_template=COMPONENT)}},
     }
 }
+CODEC_BODY["requestBody"]["content"]["application/json"]["schema"].pop("$defs", None)  # CodecPayload: a component
 CODEC_ERRORS = errors(
     {
         400: ["invalid_request", "undecodable_payload"],

@@ -233,15 +233,13 @@ async def read_job(job_id: str, svc: deps.Services = Depends(deps.services)) -> 
     status_code=201,
     response_model=Upload,
     summary="Upload an image; returns an image_url for POST /v1/jobs",
-    description="The body is the image's bytes (PNG, JPEG or WebP), at most SMI_MAX_INPUT_BYTES.",
+    description="The body is the image's bytes, a PNG, JPEG or WebP file as it is, at most SMI_MAX_INPUT_BYTES "
+    "(whatever the Content-Type says: the bytes tell the format).",
     responses=errors({400: ["empty_upload"], 401: ["unauthorized"], 413: ["too_large"]}),
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {
-                media: {"schema": {"type": "string", "format": "binary"}}
-                for media in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
-            },
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
 )

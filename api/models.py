@@ -249,6 +249,12 @@ class CodecPayloads(BaseModel):
     payloads: list[CodecPayload]
 
 
+class CodecRequest(BaseModel):
+    """What the Temporal UI sends: the payloads, which protobuf JSON leaves out when there are none."""
+
+    payloads: list[CodecPayload] = []
+
+
 # --- every error (api/errors.py) -----------------------------------------------------------------------
 
 

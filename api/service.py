@@ -4,6 +4,7 @@ retry and refund (the admin API and the dashboard's buttons)."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, func, select
@@ -90,13 +91,19 @@ async def _running_state(svc: deps.Services, job_id: str):
     handle = (await svc.temporal_client()).get_workflow_handle(f"upscale-{job_id}")
     try:
         description = await handle.describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return handle, None
+        # A query is answered by a worker: with none polling it would wait for Temporal's own minute.
+        return handle, await handle.query(UpscaleWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             return handle, None
-        raise
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        return handle, None
-    return handle, await handle.query(UpscaleWorkflow.state)
+        raise ApiError(
+            503, "workflow_unresponsive", "the job's workflow did not answer (is a worker running?); try again"
+        ) from None
+
+
+QUERY_TIMEOUT = timedelta(seconds=5)
 
 
 def load_job(svc: deps.Services, job_id: str) -> Job:
