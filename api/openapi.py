@@ -122,6 +122,21 @@ def errors_as_json(answer: dict[str, Any]) -> None:
             content.setdefault("application/json", {})["schema"] = content.pop(media)["schema"]
 
 
+def name_the_key(operation: dict[str, Any]) -> None:
+    """The example of a 401 `unauthorized` names the key the route's scheme asks for, as the answer does."""
+    schemes = [name for requirement in operation.get("security", []) for name in requirement]
+    examples = operation["responses"].get("401", {}).get("content", {}).get("application/json", {}).get("examples", {})
+    if schemes and "unauthorized" in examples:
+        message = f"a valid {schemes[0]} API key is required as 'Authorization: Bearer <key>'"
+        examples["unauthorized"] = {
+            "summary": "unauthorized",
+            "value": {"error": {**ERROR_EXAMPLE, "message": message}},
+        }
+
+
+ERROR_EXAMPLE = {"code": "unauthorized", "message": "", "details": None}
+
+
 def install(app: FastAPI) -> None:
     """The document without FastAPI's default 422 ({"detail": [...]}, which the API never sends: api/errors.py
     answers every validation error in the error shape, and routes that can meet one declare it)."""
@@ -143,6 +158,7 @@ def install(app: FastAPI) -> None:
                         del answers["422"]
                     for answer in answers.values():
                         errors_as_json(answer)
+                    name_the_key(operation)
             schemas = doc.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)

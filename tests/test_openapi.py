@@ -77,7 +77,9 @@ def test_every_reply_is_described_and_every_error_has_the_error_shape(document):
                 codes = list(content["application/json"]["examples"])
                 assert codes and all(f"`{code}`" in answer["description"] for code in codes), (method, path, status)
         if path.startswith("/v1/"):
-            assert "unauthorized" in answers["401"]["content"]["application/json"]["examples"], (method, path)
+            example = answers["401"]["content"]["application/json"]["examples"]["unauthorized"]["value"]["error"]
+            who = "admin" if path.startswith("/v1/admin/") else "storefront"
+            assert example["message"].startswith(f"a valid {who} API key"), (method, path)
     assert schemas["ErrorReply"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorInfo"}
     assert set(schemas["ErrorInfo"]["required"]) == {"code", "message", "details"}
 
