@@ -228,6 +228,30 @@ class RateLimitCount(SQLModel, table=True):
     requests: int
 
 
+class CheckoutSession(SQLModel, table=True):
+    """One Stripe Checkout Session started by POST /v1/checkout, and how far it went: `created` (the
+    customer was sent to Stripe), `paid` (the webhook started job_id). The funnel reads its stages here.
+    The customer's address is stored only once paid, taken from the session."""
+
+    __tablename__ = "checkout_sessions"
+
+    session_id: str = Field(primary_key=True, max_length=255)  # Stripe's cs_...
+    order_id: str = Field(unique=True, index=True, max_length=128)  # the job's order_id once paid
+    job_id: str | None = Field(default=None, max_length=32, index=True)
+    publishable_key: str | None = Field(default=None, max_length=255)  # None: created with the storefront key
+    image_url: str
+    page_url: str | None = None
+    scale_factor: int
+    price_cents: int
+    currency: str = Field(max_length=3)
+    status: str = Field(index=True, max_length=16)  # created -> paid
+    customer_email: str | None = None
+    payment_intent: str | None = Field(default=None, max_length=255)
+    created_at: datetime = _timestamp(nullable=False, index=True)
+    updated_at: datetime = _timestamp(nullable=False)
+    paid_at: datetime | None = _timestamp(nullable=True, index=True)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
@@ -259,6 +283,7 @@ def make_engine(url: str) -> Engine:
 __all__ = [
     "BudgetAlert",
     "BudgetRelease",
+    "CheckoutSession",
     "DownloadToken",
     "Job",
     "JobEvent",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -28,6 +30,43 @@ def parse_storage_url(url: str) -> tuple[str, str, str]:
     if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
         raise ValueError("SMI_STORAGE_URL must be `local` or s3://bucket/prefix (the prefix is optional)")
     return "s3", parts.netloc, parts.path.strip("/")
+
+
+@dataclass(frozen=True)
+class PublishableKey:
+    """A key of SMI_PUBLISHABLE_KEYS: the browser origins that may use it and the image hosts it may sell."""
+
+    key: str
+    origins: frozenset[str]
+    image_hosts: tuple[str, ...]
+
+    def sells_from(self, netloc: str) -> bool:
+        netloc = netloc.lower()
+        return any(netloc == h or (h.startswith(".") and netloc.endswith(h)) for h in self.image_hosts)
+
+
+def parse_publishable_keys(value: str) -> dict[str, PublishableKey]:
+    """`pk_a=https://a.example|https://b.example;img.example|.cdn.example,pk_b=...` -> {key: PublishableKey};
+    a ValueError naming what is wrong with an entry."""
+    keys: dict[str, PublishableKey] = {}
+    for entry in filter(None, (item.strip() for item in value.split(","))):
+        key, _, rest = entry.partition("=")
+        origins, _, hosts = rest.partition(";")
+        key = key.strip()
+        if not re.fullmatch(r"pk_[A-Za-z0-9_]{8,200}", key):
+            raise ValueError("SMI_PUBLISHABLE_KEYS: each key is pk_ and 8 or more of [A-Za-z0-9_]")
+        origin_list = [o.strip().rstrip("/").lower() for o in origins.split("|") if o.strip()]
+        host_list = [h.strip().lower() for h in hosts.split("|") if h.strip()]
+        for origin in origin_list:
+            if not re.fullmatch(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?", origin):
+                raise ValueError(f"SMI_PUBLISHABLE_KEYS: {origin!r} is not an origin like https://shop.example")
+        for host in host_list:
+            if not re.fullmatch(r"\.?[a-z0-9.-]+(:[0-9]{1,5})?", host):
+                raise ValueError(f"SMI_PUBLISHABLE_KEYS: {host!r} is not an image host like img.example or .example")
+        if not origin_list or not host_list:
+            raise ValueError(f"SMI_PUBLISHABLE_KEYS: {key[:12]}... needs at least one origin and one image host")
+        keys[key] = PublishableKey(key, frozenset(origin_list), tuple(host_list))
+    return keys
 
 
 class Settings(BaseSettings):
@@ -127,8 +166,23 @@ class Settings(BaseSettings):
 
     refund_adapter: Literal["none", "webhook", "stripe"] = "none"
     refund_webhook_url: str | None = None
-    stripe_api_key: SecretStr | None = None
+    stripe_api_key: SecretStr | None = None  # wins over the per-mode keys below when set
     stripe_api_base: str = "https://api.stripe.com"  # tests point it at a local server
+    stripe_mode: Literal["test", "live"] | None = None  # picks SMI_STRIPE_SECRET_KEY_TEST or _LIVE
+    stripe_secret_key_test: SecretStr | None = None
+    stripe_secret_key_live: SecretStr | None = None
+
+    # Selling from any web page (api/checkout.py): publishable keys, Stripe Checkout and its webhook.
+    # SMI_PUBLISHABLE_KEYS: comma-separated entries `pk_...=<origins>;<image hosts>`, each list `|`-separated:
+    #   pk_site1=https://blog.example|https://www.blog.example;blog.example|.cdn.example
+    # An origin is scheme://host[:port] exactly as the browser sends it; an image host is host[:port], or
+    # `.example.com` for every host under it. Not secret: the key is in the page, bound to where it may sell.
+    publishable_keys: str = ""
+    checkout_currency: str = Field("usd", pattern=r"^[a-zA-Z]{3}$")  # the quoted price's number, in this currency
+    stripe_webhook_secret: SecretStr | None = None  # whsec_...: POST /stripe/webhook verifies Stripe-Signature
+    stripe_webhook_secret_previous: SecretStr | None = None  # also accepted during a rotation
+    checkout_rate_limit_per_minute: int = Field(20, gt=0)  # checkouts and quotes per client address
+    checkout_key_rate_limit_per_minute: int = Field(600, gt=0)  # checkouts and quotes per publishable key
 
     # Signed job events POSTed to the shop (activities/shop_events.py, verified with smi/shop_webhooks.py). Unset
     # URL: no events. The URL passes the fetch guard's rules when sent (SMI_FETCH_ALLOW_HOSTS for private hosts).
@@ -188,6 +242,25 @@ class Settings(BaseSettings):
         if self.upsampler_api_key is None and self.upsampler_mode is not None:
             self.upsampler_api_key = getattr(self, f"upsampler_api_key_{self.upsampler_mode}")
         return self
+
+    @model_validator(mode="after")
+    def _stripe_key_for_mode(self) -> "Settings":
+        if self.stripe_api_key is None and self.stripe_mode is not None:
+            self.stripe_api_key = getattr(self, f"stripe_secret_key_{self.stripe_mode}")
+        return self
+
+    @field_validator("publishable_keys")
+    @classmethod
+    def _publishable_keys_parse(cls, value: str) -> str:
+        parse_publishable_keys(value)
+        return value
+
+    def publishable_key_map(self) -> dict[str, PublishableKey]:
+        return parse_publishable_keys(self.publishable_keys)
+
+    def stripe_webhook_secrets(self) -> list[str]:
+        """Stripe's signing secrets: the current one, then the previous one during a rotation."""
+        return [s.get_secret_value() for s in (self.stripe_webhook_secret, self.stripe_webhook_secret_previous) if s]
 
     @model_validator(mode="after")
     def _payload_keys_usable(self) -> "Settings":
