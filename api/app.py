@@ -10,7 +10,22 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from temporalio.client import Client
 
-from api import admin, admin_pages, codec, deps, errors, files, guard, jobs, metrics, openapi, redact, status, webhook
+from api import (
+    admin,
+    admin_pages,
+    codec,
+    deps,
+    embed,
+    errors,
+    files,
+    guard,
+    jobs,
+    metrics,
+    openapi,
+    redact,
+    status,
+    webhook,
+)
 from api.models import Liveness, Readiness
 from smi.db import make_engine
 from smi.logs import JobIdFromRequest
@@ -55,6 +70,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(codec.router)  # the Temporal UI's remote codec: encrypted payloads shown to admins
     app.include_router(status.router)  # the customer's status page
     app.include_router(admin_pages.router)  # the admin dashboard (browser)
+    app.include_router(embed.router)  # GET /embed.js: the "Buy hi-res" button for any web page
 
     @app.get("/healthz", response_model=Liveness, tags=["operators"], summary="Liveness")
     async def healthz() -> Liveness:
