@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, cast, overload
 
@@ -228,6 +228,23 @@ class RateLimitCount(SQLModel, table=True):
     requests: int
 
 
+class FunnelCount(SQLModel, table=True):
+    """What the pages count of the sales funnel (smi/funnel.py): buttons shown and modals opened, per UTC day,
+    stage and (page URL, image URL). One row per key, added to by an upsert; the key holds the pair's SHA-256,
+    not the URLs, so it stays short however long they are. Checkout, payment, delivery and refunds are not
+    here: they are read from the checkout sessions, jobs and refunds when the funnel is asked for."""
+
+    __tablename__ = "funnel_counts"
+
+    day: date = Field(primary_key=True)
+    stage: str = Field(primary_key=True, max_length=16)  # shown | opened
+    pair_sha256: str = Field(primary_key=True, max_length=64)  # sha256(page_url + "\n" + image_url)
+    site: str = Field(index=True, max_length=255)  # the page's origin: scheme://host[:port]
+    page_url: str = Field(max_length=2048)  # without query and fragment
+    image_url: str = Field(max_length=2048)  # without query and fragment
+    count: int
+
+
 class CheckoutSession(SQLModel, table=True):
     """One Stripe Checkout Session started by POST /v1/checkout, and how far it went: `created` (the
     customer was sent to Stripe), `paid` (the webhook started job_id). The funnel reads its stages here.
@@ -285,6 +302,7 @@ __all__ = [
     "BudgetRelease",
     "CheckoutSession",
     "DownloadToken",
+    "FunnelCount",
     "Job",
     "JobEvent",
     "LedgerEntry",

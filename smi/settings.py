@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     stripe_webhook_secret_previous: SecretStr | None = None  # also accepted during a rotation
     checkout_rate_limit_per_minute: int = Field(20, gt=0)  # checkouts and quotes per client address
     checkout_key_rate_limit_per_minute: int = Field(600, gt=0)  # checkouts and quotes per publishable key
+    # POST /v1/funnel (api/analytics.py): batches of at most 50 events per minute, per client address and per
+    # publishable key over all clients (the cap on how far anyone can inflate a site's figures).
+    funnel_batches_per_minute: int = Field(30, gt=0)
+    funnel_key_batches_per_minute: int = Field(600, gt=0)
 
     # Signed job events POSTed to the shop (activities/shop_events.py, verified with smi/shop_webhooks.py). Unset
     # URL: no events. The URL passes the fetch guard's rules when sent (SMI_FETCH_ALLOW_HOSTS for private hosts).
