@@ -23,6 +23,11 @@ STOREFRONT = HTTPBearer(
 )
 ADMIN = HTTPBearer(scheme_name="admin", description="SMI_ADMIN_API_KEY", auto_error=False)
 METRICS = HTTPBearer(scheme_name="metrics", description="SMI_METRICS_TOKEN", auto_error=False)
+PUBLISHABLE = HTTPBearer(
+    scheme_name="publishable",
+    description="a publishable key of SMI_PUBLISHABLE_KEYS (pk_...), from a page of one of its origins",
+    auto_error=False,
+)
 
 # An example message for the codes whose message is not a restatement of the code.
 MESSAGES = {
