@@ -54,6 +54,11 @@
     });
   }
 
+  function here() { // the page Stripe returns a cancelled payment to, without its #fragment
+    var u = location.href.split("#")[0];
+    return u.length > 2048 ? location.origin + location.pathname : u;
+  }
+
   function money(amount, currency) {
     try {
       return new Intl.NumberFormat(undefined, { style: "currency", currency: currency }).format(amount);
@@ -209,7 +214,7 @@
       pay.disabled = true;
       pay.textContent = "Going to payment\u2026";
       call("/v1/checkout", {
-        image_url: imageUrl, scale_factor: +chosen.value, email: email.value, page_url: location.href,
+        image_url: imageUrl, scale_factor: +chosen.value, email: email.value, page_url: here(),
       }).then(function (r) {
         location.assign(r.checkout_url);
       }).catch(function (x) {
