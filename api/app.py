@@ -13,6 +13,7 @@ from temporalio.client import Client
 from api import (
     admin,
     admin_pages,
+    checkout,
     codec,
     deps,
     embed,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(codec.router)  # the Temporal UI's remote codec: encrypted payloads shown to admins
     app.include_router(status.router)  # the customer's status page
     app.include_router(admin_pages.router)  # the admin dashboard (browser)
+    app.include_router(checkout.router)  # a page's Buy button: quote, Stripe Checkout, Stripe's webhook
     app.include_router(embed.router)  # GET /embed.js: the "Buy hi-res" button for any web page
 
     @app.get("/healthz", response_model=Liveness, tags=["operators"], summary="Liveness")
@@ -112,5 +114,6 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         return Readiness(status="ready", checks=checks)
 
     app.add_middleware(guard.RequestGuard, settings=settings)
+    app.add_middleware(checkout.CheckoutCors, settings=settings)  # outside the guard: its refusals get CORS too
     app.add_middleware(JobIdFromRequest)  # outermost: a request naming a job has its job_id on every log line
     return app

@@ -10,13 +10,15 @@ security schemes in OpenAPI and check again.
 
 from __future__ import annotations
 
+import hmac
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import deps
-from api.errors import error_response, response_of
-from smi.settings import Settings
+from api.errors import ApiError, error_response, response_of
+from smi.settings import PublishableKey, Settings
 
 DEFAULT_BODY_CAP = 64 * 1024  # every other JSON or form body we take is far smaller
 
@@ -28,8 +30,13 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is limited to {cap} bytes here")
 
 
+CHECKOUT_PATHS = ("/v1/checkout", "/v1/checkout/quote")  # a page's publishable key, or the storefront key
+
+
 def audience(path: str) -> str | None:
     """Whose key a path needs before its body is read: the one table both checks follow."""
+    if path in CHECKOUT_PATHS:
+        return "checkout"
     if path == "/v1/admin" or path.startswith("/v1/admin/"):
         return "admin"
     if path.startswith("/v1/"):
@@ -42,9 +49,31 @@ def body_cap(path: str, cfg: Settings) -> int:
         return cfg.max_input_bytes
     if path.startswith("/codec/"):
         return 8 * 1024 * 1024  # Temporal caps one payload at 2 MB; the UI sends a few at once
+    if path == "/stripe/webhook":
+        return 1024 * 1024  # a Checkout Session event is a few kilobytes
     if path.startswith("/smi-webhook/"):
         return 1024 * 1024  # an Upsampler status is a few hundred bytes
     return DEFAULT_BODY_CAP
+
+
+def checkout_caller(authorization: str, origin: str | None, cfg: Settings) -> PublishableKey | None:
+    """Who may start a checkout: the storefront key (a shop's server: None, no Origin check), or a
+    publishable key of SMI_PUBLISHABLE_KEYS from a page of one of its origins (that key). Else ApiError."""
+    if deps.key_matches(authorization, cfg.storefront_keys()):
+        return None
+    published = cfg.publishable_key_map()
+    token = deps.bearer(authorization)
+    key = next((k for name, k in published.items() if hmac.compare_digest(name.encode(), token.encode())), None)
+    if key is None:
+        raise deps.unauthorized("publishable")
+    if not origin or origin.rstrip("/").lower() not in key.origins:
+        raise ApiError(
+            403,
+            "origin_not_allowed",
+            "this publishable key is not bound to the page's origin; add the origin to its entry in "
+            "SMI_PUBLISHABLE_KEYS (or call with the storefront key from a server)",
+        )
+    return key
 
 
 class RequestGuard:
@@ -56,7 +85,12 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         path, headers = scope["path"], Headers(scope=scope)
         who = audience(path)
-        if who is not None and scope["method"] != "OPTIONS":
+        if who == "checkout" and scope["method"] != "OPTIONS":
+            try:
+                checkout_caller(headers.get("authorization", ""), headers.get("origin"), self.settings)
+            except ApiError as refused:
+                return await response_of(refused)(scope, receive, send)
+        elif who is not None and scope["method"] != "OPTIONS":
             keys = self.settings.storefront_keys() if who == "storefront" else [self.settings.secret("admin_api_key")]
             if not deps.key_matches(headers.get("authorization", ""), keys):
                 return await response_of(deps.unauthorized(who))(scope, receive, send)
