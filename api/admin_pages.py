@@ -1,5 +1,6 @@
 """The admin dashboard in a browser: job counts, the manual-review queue with Retry and Refund,
-error rate and stage times of the last 24 h, recent jobs linked to their workflows.
+error rate and stage times of the last 24 h, recent jobs linked to their workflows, and the sales funnel
+(top pages and images by revenue, conversion from click to paid, over the last 30 days).
 
 Login is the admin API key pasted once into a form; the browser then holds an HttpOnly,
 SameSite=Strict cookie with an expiry signed under that key (changing the key logs every
@@ -34,6 +35,7 @@ SESSION_HOURS = 8
 MAX_FORM_BYTES = 16 * 1024
 STATUSES = list(JobStatus)  # the contract's statuses, in the order a job passes them
 ACTIONS = {"retry": service.retry, "refund": service.refund}
+FUNNEL_DAYS = 30  # the sales funnel panel: top pages and images of these last UTC days
 
 
 def new_session(admin_key: str) -> str:
@@ -165,6 +167,9 @@ def dashboard_page(request: Request, svc: deps.Services = Depends(deps.services)
             (job, duration((now - as_utc(job.created_at)).total_seconds())) for job in dashboard.recent_jobs(svc.engine)
         ],
         "workflow_url": f"{ui}/namespaces/{quote(cfg.temporal_namespace)}/workflows/upscale-",
+        "funnel": dashboard.funnel_top(svc.engine, now.date(), FUNNEL_DAYS),
+        "funnel_days": FUNNEL_DAYS,
+        "currency": cfg.checkout_currency.upper(),
         "csrf": csrf_token(cfg.secret("admin_api_key"), session),
         "notice": unquote(request.cookies.get(NOTICE_COOKIE, "")),
     }

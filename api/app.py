@@ -13,6 +13,7 @@ from temporalio.client import Client
 from api import (
     admin,
     admin_pages,
+    analytics,
     checkout,
     codec,
     deps,
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(codec.router)  # the Temporal UI's remote codec: encrypted payloads shown to admins
     app.include_router(status.router)  # the customer's status page
     app.include_router(admin_pages.router)  # the admin dashboard (browser)
+    app.include_router(analytics.router)  # the sales funnel: POST /v1/funnel, GET /v1/admin/analytics
     app.include_router(checkout.router)  # a page's Buy button: quote, Stripe Checkout, Stripe's webhook
     app.include_router(embed.router)  # GET /embed.js: the "Buy hi-res" button for any web page
 

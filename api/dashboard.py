@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import DateTime, case, func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
+from smi import funnel
 from smi.db import Job, JobEvent, as_utc
 from smi.vocabulary import JobStatus
 
@@ -98,3 +99,10 @@ def recent_jobs(engine: Engine, limit: int = 20) -> list:
     )
     with Session(engine) as session:
         return list(session.execute(query).all())
+
+
+def funnel_top(engine: Engine, today: date, days: int = 30, limit: int = 10) -> funnel.Report:
+    """The funnel of the last `days` UTC days: the top pages and images by revenue (then by modals opened)."""
+    report = funnel.report(engine, today - timedelta(days=days - 1), today)
+    report.pages, report.images = report.pages[:limit], report.images[:limit]
+    return report

@@ -21,6 +21,7 @@ from api.errors import ApiError, error_response, response_of
 from smi.settings import PublishableKey, Settings
 
 DEFAULT_BODY_CAP = 64 * 1024  # every other JSON or form body we take is far smaller
+FUNNEL_PATH = "/v1/funnel"  # a page's publishable key only; api/analytics.py checks its origin and hosts
 
 
 class BodyTooLarge(HTTPException):
@@ -35,6 +36,8 @@ CHECKOUT_PATHS = ("/v1/checkout", "/v1/checkout/quote")  # a page's publishable 
 
 def audience(path: str) -> str | None:
     """Whose key a path needs before its body is read: the one table both checks follow."""
+    if path == FUNNEL_PATH:
+        return "publishable"
     if path in CHECKOUT_PATHS:
         return "checkout"
     if path == "/v1/admin" or path.startswith("/v1/admin/"):
@@ -54,6 +57,12 @@ def body_cap(path: str, cfg: Settings) -> int:
     if path.startswith("/smi-webhook/"):
         return 1024 * 1024  # an Upsampler status is a few hundred bytes
     return DEFAULT_BODY_CAP
+
+
+def audience_keys(who: str, cfg: Settings) -> list[str]:
+    if who == "publishable":
+        return list(cfg.publishable_key_map())
+    return cfg.storefront_keys() if who == "storefront" else [cfg.secret("admin_api_key")]
 
 
 def checkout_caller(authorization: str, origin: str | None, cfg: Settings) -> PublishableKey | None:
@@ -91,8 +100,7 @@ class RequestGuard:
             except ApiError as refused:
                 return await response_of(refused)(scope, receive, send)
         elif who is not None and scope["method"] != "OPTIONS":
-            keys = self.settings.storefront_keys() if who == "storefront" else [self.settings.secret("admin_api_key")]
-            if not deps.key_matches(headers.get("authorization", ""), keys):
+            if not deps.key_matches(headers.get("authorization", ""), audience_keys(who, self.settings)):
                 return await response_of(deps.unauthorized(who))(scope, receive, send)
         cap = body_cap(path, self.settings)
         declared = headers.get("content-length", "")

@@ -29,7 +29,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from api import deps
 from api.errors import ApiError
 from api.openapi import METRICS, errors
-from smi import usage
+from smi import funnel, usage
 from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, utcnow
 from smi.settings import Settings
 from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
@@ -139,6 +139,7 @@ def _from_database(svc: deps.Services) -> list[Metric]:
     budgets = {"day": cfg.daily_budget_usd, "month": cfg.monthly_budget_usd}
     spent = [(period, usage.spent_usd(svc.engine, *usage.period_bounds(now, period))) for period in budgets]
     revenue, refunded = round(money.get("revenue") or 0, 2), round(-(money.get("refund") or 0), 2)
+    stages = funnel.totals_by_stage(svc.engine)
     return [
         _family(Gauge, "smi_db_jobs", "Jobs by status.", ["status"], jobs),
         _family(
@@ -158,6 +159,15 @@ def _from_database(svc: deps.Services) -> list[Metric]:
             Counter, "smi_db_revenue_usd", "Prices paid, booked in the ledger (refunds not deducted).", [], [(revenue,)]
         ),
         _family(Counter, "smi_db_refunded_usd", "Refunds booked in the ledger.", [], [(refunded,)]),
+        _family(
+            Counter,
+            # By stage only: a label per page or image would be a new series per URL any page can invent.
+            "smi_db_funnel_events",
+            "The sales funnel by stage, all pages and images (shown, opened, checkout_started, paid, delivered, "
+            "refunded).",
+            ["stage"],
+            stages.items(),
+        ),
         _family(
             Gauge,
             "smi_db_budget_spent_usd",
