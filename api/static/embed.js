@@ -1,6 +1,7 @@
 /* "Buy hi-res": <script src="https://API/embed.js" data-key="pk_..." defer></script>
    Options: data-selector (CSS, default "main img, article img"), data-min-width (px, default 300),
-   data-label (the button's text). <img data-smi="off"> opts an image out. Vanilla JS, no framework;
+   data-label (the button's text), data-sample (the share of page views whose buttons shown are counted,
+   default 0.1; 0: none). <img data-smi="off"> opts an image out. Vanilla JS, no framework;
    everything it draws lives in shadow roots, so no style crosses between it and the page. */
 (function () {
   "use strict";
@@ -12,6 +13,9 @@
   var selector = me.getAttribute("data-selector") || "main img, article img";
   var minWidth = parseInt(me.getAttribute("data-min-width") || "300", 10);
   var label = me.getAttribute("data-label") || "Buy hi-res";
+  var sample = Math.min(1, Math.max(0, parseFloat(me.getAttribute("data-sample") || "0.1") || 0));
+  var shownCounted = sample > 0 && Math.random() < sample; // one draw per page view: its buttons all or none
+  var shownWeight = sample > 0 ? Math.min(100, Math.max(1, Math.round(1 / sample))) : 0;
   if (!/^pk_/.test(key)) return console.warn("embed.js: data-key must be a publishable key (pk_...)");
   var HOST = "all:initial!important;position:absolute!important;width:0!important;height:0!important;" +
     "margin:0!important;padding:0!important;border:0!important;overflow:visible!important;z-index:2147483646!important";
@@ -29,14 +33,42 @@
     return e;
   }
 
-  function call(path, body) {
+  function post(path, body, keepalive) {
     return fetch(api + path, {
       method: "POST",
       mode: "cors",
       credentials: "omit",
+      keepalive: !!keepalive,
       headers: { "Content-Type": "application/json", Authorization: "Bearer " + key },
       body: JSON.stringify(body),
-    }).then(
+    });
+  }
+
+  /* ---- the funnel: buttons shown (sampled) and modals opened, batched per image host (a host the key
+     may not sell from is refused alone), no cookie, the page without its query or fragment ---- */
+  var queue = {}, timer = 0;
+  function count(stage, imageUrl) {
+    if (stage == "shown" && !shownCounted) return;
+    var host = new URL(imageUrl).host;
+    (queue[host] = queue[host] || []).push({
+      stage: stage, page_url: location.origin + location.pathname, image_url: imageUrl,
+      count: stage == "shown" ? shownWeight : 1,
+    });
+    clearTimeout(timer);
+    timer = setTimeout(flush, 1500);
+  }
+  function flush(leaving) {
+    clearTimeout(timer);
+    for (var host in queue) {
+      for (var all = queue[host]; all.length; ) post("/v1/funnel", { events: all.splice(0, 50) }, leaving === true).catch(function () {});
+    }
+    queue = {};
+  }
+  addEventListener("pagehide", function () { flush(true); });
+  document.addEventListener("visibilitychange", function () { if (document.visibilityState == "hidden") flush(true); });
+
+  function call(path, body) {
+    return post(path, body).then(
       function (r) {
         return r.json().then(
           function (j) { return { status: r.status, body: j }; },
@@ -97,6 +129,7 @@
     after.insertAdjacentElement("afterend", host);
     placed.push({ img: img, host: host, box: box });
     place();
+    count("shown", img.currentSrc || img.src);
     if (window.ResizeObserver) new ResizeObserver(place).observe(img);
   }
 
@@ -181,6 +214,7 @@
     close.addEventListener("click", function () { modal && modal.close(); });
     back.addEventListener("click", function (e) { if (e.target == back && modal) modal.close(); });
     close.focus();
+    count("opened", imageUrl);
 
     call("/v1/checkout/quote", { image_url: imageUrl }).then(function (quote) {
       note.remove();
@@ -216,6 +250,7 @@
       call("/v1/checkout", {
         image_url: imageUrl, scale_factor: +chosen.value, email: email.value, page_url: here(),
       }).then(function (r) {
+        flush(true);
         location.assign(r.checkout_url);
       }).catch(function (x) {
         err.textContent = x.message;
