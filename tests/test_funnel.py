@@ -6,19 +6,31 @@ batches) count nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import html
 import io
-import time
 import uuid
 from datetime import timedelta
 
 import httpx
 import pytest
-from sqlmodel import Session
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from selenium.webdriver.common.by import By
+from sqlmodel import Session, select
 
-from smi.db import CheckoutSession, Refund, utcnow
+from smi.db import CheckoutSession, Refund, make_engine, utcnow
 from smi.funnel import FunnelRefused, stripped
-from tests.conftest import ADMIN_KEY, STOREFRONT_KEY
+from smi.serve import ServerThread
+from tests import test_browser
+from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, png_bytes
+from tests.helpers import clear_of_minute_boundary, eventually, wait_for_status
+from tests.stripe_server import StripeServer, sign
+from worker import create_worker
+
+browser = test_browser.browser  # headless Chromium (Debian's, installed by .ci/install-chromium when missing)
+in_browser, wait_until = test_browser.in_browser, test_browser.wait_until
 
 KEY = "pk_blog_test_0001"
 OTHER_KEY = "pk_other_site_0002"
@@ -33,7 +45,7 @@ IMAGE_2 = "https://eu.cdn.example/lake.jpg"
 METRICS_TOKEN = "funnel-metrics-token"
 
 
-def browser(site, key: str = KEY, origin: str | None = ORIGIN) -> httpx.Client:
+def page_client(site, key: str = KEY, origin: str | None = ORIGIN) -> httpx.Client:
     """What the embed script's fetch sends: Authorization with the publishable key, the page's Origin, no cookie."""
     headers = {"Authorization": f"Bearer {key}"}
     if origin:
@@ -100,20 +112,13 @@ def sale(site, *, page: str, image: str, price_cents: int, paid: bool, job_statu
         session.commit()
 
 
-def not_near_a_minute_turn(margin: float = 15.0) -> None:
-    """The rate limits count per UTC minute: a test of a limit starts well inside one."""
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.5)
-
-
 @pytest.fixture
 def blog(site_factory):
     return site_factory(publishable_keys=PUBLISHABLE_KEYS, metrics_token=METRICS_TOKEN)
 
 
 def test_a_scripted_session_appears_in_the_analytics_as_json_and_csv_and_as_metrics(blog):
-    page_client = browser(blog)
+    client = page_client(blog)
     # The preflight the browser sends before a cross-origin POST carrying Authorization.
     preflight = httpx.options(
         f"{blog.url}/v1/funnel",
@@ -131,7 +136,7 @@ def test_a_scripted_session_appears_in_the_analytics_as_json_and_csv_and_as_metr
 
     # Buttons shown (sampled: one event stands for 10), two modals opened, on a page whose URL carries a query
     # and fragment (a visitor's search, a token): kept without them.
-    first = page_client.post(
+    first = client.post(
         "/v1/funnel",
         json={
             "events": [
@@ -145,7 +150,7 @@ def test_a_scripted_session_appears_in_the_analytics_as_json_and_csv_and_as_metr
     assert first.json() == {"counted": 3}
     assert first.headers["access-control-allow-origin"] == ORIGIN
     assert "set-cookie" not in first.headers
-    second = page_client.post("/v1/funnel", json={"events": [event("opened"), event("shown", count=5)]})
+    second = client.post("/v1/funnel", json={"events": [event("opened"), event("shown", count=5)]})
     assert second.status_code == 200, second.text
 
     # The sale, as the checkout and Stripe's webhook record it: three checkouts from the page, two paid (one
@@ -240,15 +245,15 @@ def test_a_foreign_origin_page_or_image_host_is_refused_and_counts_nothing(blog)
         return reply.json()["error"]
 
     # Another site's page cannot use this key (its browser sends its own Origin), nor a request without Origin.
-    error = refused(browser(blog, origin="https://evil.example"), [event("shown")], 403, "origin_not_allowed")
+    error = refused(page_client(blog, origin="https://evil.example"), [event("shown")], 403, "origin_not_allowed")
     assert "SMI_PUBLISHABLE_KEYS" in error["message"]
-    refused(browser(blog, origin=None), [event("shown")], 403, "origin_not_allowed")
+    refused(page_client(blog, origin=None), [event("shown")], 403, "origin_not_allowed")
     # Another site's key, from its own origin, cannot count this blog's pages or images.
-    other = browser(blog, key=OTHER_KEY, origin="https://other.example")
+    other = page_client(blog, key=OTHER_KEY, origin="https://other.example")
     refused(other, [event("shown")], 403, "page_not_allowed")
     refused(other, [event("shown", page="https://other.example/a", image=IMAGE)], 403, "image_host_not_allowed")
     # The right key and origin, one event of the batch on a host the key does not sell: the whole batch refused.
-    client = browser(blog)
+    client = page_client(blog)
     error = refused(
         client,
         [event("shown", count=50), event("opened", image="https://images.evil.example/x.jpg")],
@@ -276,8 +281,8 @@ def test_a_foreign_origin_page_or_image_host_is_refused_and_counts_nothing(blog)
 def test_a_clients_batches_past_its_budget_are_refused_and_count_nothing(site_factory):
     # Per client: the 4th batch of a minute is a 429 with Retry-After, and counts nothing.
     site = site_factory(publishable_keys=PUBLISHABLE_KEYS, funnel_batches_per_minute=3)
-    client = browser(site)
-    not_near_a_minute_turn()
+    client = page_client(site)
+    clear_of_minute_boundary()
     for _ in range(3):
         assert client.post("/v1/funnel", json={"events": [event("shown", count=100)]}).status_code == 200
     over = client.post("/v1/funnel", json={"events": [event("shown", count=100)]})
@@ -290,23 +295,23 @@ def test_a_keys_budget_over_all_clients_is_spent_only_from_its_origins(site_fact
     # Per key, over every client: a browser elsewhere cannot spend the key's budget (refused by Origin first),
     # and past the key's budget no client adds anything.
     site = site_factory(publishable_keys=PUBLISHABLE_KEYS, funnel_key_batches_per_minute=2)
-    not_near_a_minute_turn()
+    clear_of_minute_boundary()
     for _ in range(5):
-        foreign = browser(site, origin="https://evil.example").post("/v1/funnel", json={"events": [event("shown")]})
+        foreign = page_client(site, origin="https://evil.example").post("/v1/funnel", json={"events": [event("shown")]})
         assert foreign.status_code == 403
-    client = browser(site)
+    client = page_client(site)
     assert [client.post("/v1/funnel", json={"events": [event("opened")]}).status_code for _ in range(3)] == [
         200,
         200,
         429,
     ]
-    over = browser(site, origin="https://www.blog.example").post("/v1/funnel", json={"events": [event("opened")]})
+    over = page_client(site, origin="https://www.blog.example").post("/v1/funnel", json={"events": [event("opened")]})
     assert over.status_code == 429 and "publishable key" in over.json()["error"]["message"]
     assert analytics(site)["pages"][0]["opened"] == 2
 
 
 def test_the_dashboard_shows_the_top_pages_and_images_by_revenue(blog):
-    client = browser(blog)
+    client = page_client(blog)
     second_page = f"{ORIGIN}/posts/lake"
     assert client.post("/v1/funnel", json={"events": [event("opened", count=4)]}).status_code == 200
     assert (
@@ -334,3 +339,147 @@ def test_urls_are_kept_without_query_fragment_or_user_info():
     for bad in ("ftp://blog.example/x", "/relative", "https://", "https://blog.example:99999/"):
         with pytest.raises(FunnelRefused):
             stripped(bad, "page_url")
+
+
+# --- a whole sale in a real browser --------------------------------------------------------------------
+
+STRIPE_KEY = "sk_test_funnel_local_1"
+WHSEC = "whsec_test_funnel_secret"
+SHADOW = "return document.querySelector('smi-dialog').shadowRoot"
+
+
+@pytest.fixture
+def stripe_server():
+    server = StripeServer(STRIPE_KEY).start()
+    yield server
+    server.stop()
+
+
+def blog_page(api: str, image_url: str) -> str:
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>A blog post</title>
+<script src="{html.escape(api)}/embed.js" data-key="{KEY}" data-sample="1" defer></script></head>
+<body><main><h1>Sunset</h1><img id="sunset" src="{html.escape(image_url)}" width="640" height="400" alt="Sunset">
+</main></body></html>"""
+
+
+async def test_a_browser_session_from_button_to_refund_shows_every_stage_in_the_analytics(
+    dev_env, stack_factory, shop, stripe_server, browser
+):
+    """The embed script in Chromium on a page of its own origin: its button shown and its modal opened are
+    counted by the script; "Pay" creates the Checkout Session; Stripe's signed webhook starts the job, which the
+    worker completes; the admin refunds it. Every stage of the analytics comes from that session."""
+    image_url = shop.publish(png_bytes(640, 400))
+    site = FastAPI()
+    page_server = ServerThread(site).start()
+    try:
+        stack = stack_factory(
+            dev_env,
+            publishable_keys=f"{KEY}={page_server.url};{shop.url.split('//')[1]}",
+            stripe_mode="test",
+            stripe_secret_key_test=STRIPE_KEY,
+            stripe_api_base=stripe_server.url,
+            stripe_webhook_secret=WHSEC,
+            refund_adapter="stripe",
+        )
+
+        @site.get("/posts/sunset")
+        def post() -> HTMLResponse:
+            return HTMLResponse(blog_page(stack.api.url, image_url))
+
+        page_url = f"{page_server.url}/posts/sunset"
+        # A visitor arriving from a newsletter: the query and fragment are theirs, and are not kept.
+        await in_browser(browser.get, f"{page_url}?utm_source=newsletter&email=ana%40example.com#top")
+        await in_browser(wait_until, browser, lambda d: d.execute_script("return !!document.querySelector('smi-buy')"))
+        await in_browser(
+            browser.execute_script, "document.querySelector('smi-buy').shadowRoot.querySelector('button').click()"
+        )
+
+        def options_shown(driver) -> bool:
+            return bool(driver.execute_script(SHADOW + ".querySelectorAll('input[name=scale]').length"))
+
+        await in_browser(wait_until, browser, options_shown)
+        price_cents = round(
+            float(
+                browser.execute_script(
+                    SHADOW + ".querySelector('input[name=scale]:checked').closest('label').dataset.price"
+                )
+            )
+            * 100
+        )
+
+        def pay(driver) -> None:
+            email = driver.execute_script(SHADOW + ".querySelector('input[type=email]')")
+            email.send_keys("ana@example.com")
+            driver.execute_script(SHADOW + ".querySelector('button.pay').click()")
+
+        await in_browser(pay, browser)
+        await in_browser(wait_until, browser, lambda d: d.current_url.startswith(f"{stripe_server.url}/pay/cs_test_"))
+        # The script sent its batch (button shown, modal opened) before the page was left.
+        await eventually(lambda: funnel_page(stack.api.url).get("opened") == 1, timeout=30, what="the page's counts")
+
+        engine = make_engine(stack.settings.database_url)
+        with Session(engine) as session:
+            [checkout] = session.exec(select(CheckoutSession)).all()
+        assert checkout.page_url.startswith(page_url)  # as the page sent it; the funnel keys it without its query
+        stripe_server.complete(checkout.session_id, "ana@example.com", paid=True)
+        event = stripe_server.event("checkout.session.completed", checkout.session_id)
+        async with create_worker(dev_env.client, stack.settings):
+            delivered = await asyncio.to_thread(
+                httpx.post,
+                f"{stack.api.url}/stripe/webhook",
+                content=event,
+                headers={"Stripe-Signature": sign_event(event), "Content-Type": "application/json"},
+                timeout=30,
+            )
+            assert delivered.status_code == 200, delivered.text
+            job_id = delivered.json()["job_id"]
+            job = await wait_for_status(stack.client(), job_id, {"completed", "failed", "manual_review"}, timeout=90)
+            assert job["status"] == "completed", job
+            refund = await asyncio.to_thread(admin_of(stack.api.url).post, f"/v1/admin/jobs/{job_id}/refund")
+            assert refund.status_code in (200, 202), refund.text
+
+            def refunded() -> bool:
+                with Session(engine) as session:
+                    return [r.status for r in session.exec(select(Refund)).all()] == ["refunded"]
+
+            await eventually(refunded, timeout=60, what="the refund")
+        engine.dispose()
+
+        row = funnel_page(stack.api.url)
+        assert row == {
+            "url": page_url,
+            "shown": 1,
+            "opened": 1,
+            "checkout_started": 1,
+            "paid": 1,
+            "delivered": 1,
+            "refunded": 1,
+            "revenue_cents": price_cents,
+            "conversion": 1.0,
+        }
+        csv_rows = list(csv.DictReader(io.StringIO(admin_of(stack.api.url).get("/v1/admin/analytics?format=csv").text)))
+        assert [(r["kind"], r["url"], r["paid"]) for r in csv_rows] == [
+            ("page", page_url, "1"),
+            ("image", image_url, "1"),
+        ]
+        # The dashboard shows the page at the top.
+        await in_browser(browser.get, f"{stack.api.url}/admin/login")
+        await in_browser(lambda: browser.find_element(By.NAME, "key").send_keys(ADMIN_KEY + "\n"))
+        await in_browser(wait_until, browser, lambda d: d.find_elements(By.ID, "funnel-pages"))
+        top = browser.find_element(By.CSS_SELECTOR, "#funnel-pages tr[data-url]")
+        assert top.get_attribute("data-url") == page_url and "100.0 %" in top.text
+    finally:
+        page_server.stop()
+
+
+def admin_of(api_url: str) -> httpx.Client:
+    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+
+
+def funnel_page(api_url: str) -> dict:
+    pages = admin_of(api_url).get("/v1/admin/analytics").json()["pages"]
+    return pages[0] if pages else {}
+
+
+def sign_event(payload: bytes) -> str:
+    return sign(payload, WHSEC)
