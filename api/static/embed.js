@@ -67,6 +67,16 @@
   addEventListener("pagehide", function () { flush(true); });
   document.addEventListener("visibilitychange", function () { if (document.visibilityState == "hidden") flush(true); });
 
+  // Styles by CSSOM (adopted sheets, element.style): a page whose Content-Security-Policy forbids inline
+  // styles still shows them; a <style> element only where adopted sheets are missing.
+  function styled(root, css) {
+    if ("adoptedStyleSheets" in root && window.CSSStyleSheet) {
+      var sheet = new CSSStyleSheet();
+      sheet.replaceSync(css);
+      root.adoptedStyleSheets = [sheet];
+    } else root.appendChild(el("style", {}, css));
+  }
+
   function call(path, body) {
     return post(path, body).then(
       function (r) {
@@ -111,10 +121,11 @@
     if (!eligible(img)) return;
     seen.add(img);
     var after = img.closest("a, button, label, picture") || img; // never a button inside a link
-    var host = el("smi-buy", { style: HOST });
+    var host = el("smi-buy");
+    host.style.cssText = HOST;
     var root = host.attachShadow({ mode: "open" });
-    var box = el("div", { part: "box" });
-    var style = el("style", {}, BASE + "div{position:absolute;pointer-events:none}" +
+    var box = el("div");
+    styled(root, BASE + "div{position:absolute;pointer-events:none}" +
       "button{position:absolute;top:8px;right:8px;pointer-events:auto;box-shadow:0 1px 4px rgba(0,0,0,.4)}");
     var button = el("button", { type: "button", "aria-label": label + ": buy a high-resolution copy of " +
       (img.alt ? "\u201c" + img.alt + "\u201d" : "this image") }, label);
@@ -124,7 +135,6 @@
       open(img, button);
     });
     box.appendChild(button);
-    root.appendChild(style);
     root.appendChild(box);
     after.insertAdjacentElement("afterend", host);
     placed.push({ img: img, host: host, box: box });
@@ -156,9 +166,10 @@
   function open(img, opener) {
     if (modal) modal.close();
     var imageUrl = img.currentSrc || img.src;
-    var host = el("smi-dialog", { style: HOST.replace("absolute", "fixed") });
+    var host = el("smi-dialog");
+    host.style.cssText = HOST.replace("absolute", "fixed");
     var root = host.attachShadow({ mode: "open" });
-    root.appendChild(el("style", {}, BASE +
+    styled(root, BASE +
       ".back{position:fixed;inset:0;background:rgba(0,0,0,.55);display:flex;align-items:center;justify-content:center}" +
       "[role=dialog]{background:#fff;border-radius:10px;padding:20px 22px;width:min(420px,92vw);max-height:92vh;" +
       "overflow:auto;position:relative;box-shadow:0 10px 40px rgba(0,0,0,.4)}h2{font-size:19px;font-weight:700;" +
@@ -166,7 +177,7 @@
       "input[type=email]{display:block;width:100%;margin-top:4px;padding:8px;border:1px solid #888;border-radius:6px}" +
       ".x{position:absolute;top:10px;right:10px;background:#eee;color:#111;padding:4px 10px}" +
       ".err{color:#b00020;margin:10px 0 0;min-height:1em}.pay{margin-top:14px;width:100%}" +
-      ".muted{color:#555;font-size:13px}"));
+      ".muted{color:#555;font-size:13px}");
     var back = el("div", { class: "back" });
     var dialog = el("div", { role: "dialog", "aria-modal": "true", "aria-labelledby": "smi-t" });
     var close = el("button", { type: "button", class: "x", "aria-label": "Close" }, "\u00d7");
