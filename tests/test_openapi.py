@@ -43,6 +43,9 @@ def test_operation_ids_are_readable_and_unique(document):
     assert {"create_job", "read_job", "upload_image", "create_quote", "retry_job", "refund_job"} <= set(ids)
 
 
+PAGE_ROUTES = ("/v1/funnel", "/v1/checkout", "/v1/checkout/quote")
+
+
 def test_two_bearer_schemes_and_each_keyed_route_names_its_own(document):
     schemes = document["components"]["securitySchemes"]
     assert schemes["storefront"] == {
@@ -54,6 +57,10 @@ def test_two_bearer_schemes_and_each_keyed_route_names_its_own(document):
     for path, method, operation in operations(document):
         if path.startswith("/v1/admin/") or path.startswith("/codec/"):
             assert operation["security"] == [{"admin": []}], (method, path)
+        elif path == "/v1/funnel" and method == "options":
+            assert "security" not in operation  # a CORS preflight carries no key
+        elif path in PAGE_ROUTES:  # called from a web page with its publishable key
+            assert operation["security"] == [{"publishable": []}], (method, path)
         elif path.startswith("/v1/"):
             assert operation["security"] == [{"storefront": []}], (method, path)
         elif path != "/metrics":
@@ -69,16 +76,16 @@ def test_every_reply_is_described_and_every_error_has_the_error_shape(document):
         for status, answer in answers.items():
             assert answer.get("description"), (method, path, status)
             content = answer.get("content", {})
-            if status.startswith("2") and method != "head":
+            if status.startswith("2") and method != "head" and status != "204":  # a 204 has no body
                 assert content and all(media.get("schema") for media in content.values()), (method, path, status)
             if int(status) >= 400 and status != "416":
                 assert list(content) == ["application/json"], (method, path, status)
                 assert content["application/json"]["schema"] == {"$ref": ERROR_REF}, (method, path, status)
                 codes = list(content["application/json"]["examples"])
                 assert codes and all(f"`{code}`" in answer["description"] for code in codes), (method, path, status)
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") and method != "options":  # a CORS preflight carries no key
             example = answers["401"]["content"]["application/json"]["examples"]["unauthorized"]["value"]["error"]
-            who = "admin" if path.startswith("/v1/admin/") else "storefront"
+            who = "admin" if path.startswith("/v1/admin/") else "publishable" if path in PAGE_ROUTES else "storefront"
             assert example["message"].startswith(f"a valid {who} API key"), (method, path)
     assert schemas["ErrorReply"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorInfo"}
     assert set(schemas["ErrorInfo"]["required"]) == {"code", "message", "details"}
