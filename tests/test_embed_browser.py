@@ -146,6 +146,7 @@ def page(site_factory, stripe_server):
             stripe_mode="test",
             stripe_secret_key_test=STRIPE_KEY,
             stripe_api_base=stripe_server.url,
+            stripe_webhook_secret="whsec_test_embed_page",  # not used here; a checkout needs its webhook set up
         )
         host_page.api = api.url
         host_page.site = api

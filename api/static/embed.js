@@ -6,17 +6,23 @@
 (function () {
   "use strict";
   var me = document.currentScript || document.querySelector("script[src*='embed.js'][data-key]");
-  if (!me || window.__smiEmbed) return;
+  if (!me || window.__smiEmbed || !document.head.attachShadow) return; // once, and only where shadow DOM is
   window.__smiEmbed = true;
   var key = me.getAttribute("data-key") || "";
   var api = new URL(me.src, location.href).origin;
   var selector = me.getAttribute("data-selector") || "main img, article img";
-  var minWidth = parseInt(me.getAttribute("data-min-width") || "300", 10);
+  var minWidth = parseInt(me.getAttribute("data-min-width"), 10);
+  if (isNaN(minWidth)) minWidth = 300;
   var label = me.getAttribute("data-label") || "Buy hi-res";
   var sample = Math.min(1, Math.max(0, parseFloat(me.getAttribute("data-sample") || "0.1") || 0));
   var shownCounted = sample > 0 && Math.random() < sample; // one draw per page view: its buttons all or none
   var shownWeight = sample > 0 ? Math.min(100, Math.max(1, Math.round(1 / sample))) : 0;
   if (!/^pk_/.test(key)) return console.warn("embed.js: data-key must be a publishable key (pk_...)");
+  try {
+    document.querySelector(selector);
+  } catch (e) {
+    return console.warn("embed.js: data-selector is not a CSS selector: " + selector);
+  }
   var HOST = "all:initial!important;position:absolute!important;width:0!important;height:0!important;" +
     "margin:0!important;padding:0!important;border:0!important;overflow:visible!important;z-index:2147483646!important";
   var BASE = ":host{all:initial}*{box-sizing:border-box;font:15px/1.4 system-ui,sans-serif;color:#111;" +
@@ -24,7 +30,7 @@
     "background:#1a56db;color:#fff;font-weight:600}button:focus-visible,input:focus-visible{outline:3px solid #f59e0b;" +
     "outline-offset:2px}";
   var placed = [];
-  var seen = typeof WeakSet == "function" ? new WeakSet() : { has: function () {}, add: function () {} };
+  var seen = new WeakSet();
 
   function el(tag, attrs, text) {
     var e = document.createElement(tag);
