@@ -7,8 +7,11 @@ and loud CSS of its own for buttons, dialogs, labels and inputs. The API is the 
 
 from __future__ import annotations
 
+import gzip
 import html
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +28,7 @@ from tests.stripe_server import StripeServer
 browser = test_browser.browser  # the module's headless Chromium (installed by .ci/install-chromium when missing)
 wait_until = test_browser.wait_until
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 PK = "pk_test_embedpage1"
 NONCE = "host-page-nonce"  # the host's own inline style and script, allowed by its CSP when it sends one
 STRIPE_KEY = "sk_test_embed_local_1"
@@ -255,7 +259,12 @@ def test_embed_js_is_static_cacheable_javascript(page):
     assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
     changed = httpx.get(f"{api}/embed.js", headers={"If-None-Match": '"something-else"'})
     assert changed.status_code == 200 and changed.content == first.content
-    assert len(first.content) < 16 * 1024  # small: see the README for its size raw and gzipped
+    # Small, and the README says how small: raw and gzipped, as served.
+    stated = re.search(r"no build step: ([0-9,]+) bytes, ([0-9,]+) gzipped", README.read_text())
+    assert stated, "the README's embed.js section states its size"
+    sizes = (len(first.content), len(gzip.compress(first.content, 9, mtime=0)))
+    assert tuple(int(n.replace(",", "")) for n in stated.groups()) == sizes, f"update the README: {sizes}"
+    assert sizes[0] < 16 * 1024
 
 
 def test_buttons_on_the_right_images_and_the_host_page_untouched(page, browser):
