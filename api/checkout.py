@@ -315,9 +315,14 @@ class CheckoutCreated(BaseModel):
     order_id: str
 
 
+def not_configured(what: str) -> ApiError:
+    """A 404, not a 5xx: a server that does not sell through Stripe has no checkout, as if the route were absent."""
+    return ApiError(404, "checkout_not_configured", f"this server does not sell through Stripe Checkout ({what} unset)")
+
+
 def stripe_client(cfg: Settings) -> stripe.StripeClient:
     if cfg.stripe_api_key is None:
-        raise ApiError(503, "checkout_unavailable", "checkout is not configured on this server")
+        raise not_configured("SMI_STRIPE_MODE and its secret key (or SMI_STRIPE_API_KEY)")
     return stripe.StripeClient(
         cfg.stripe_api_key.get_secret_value(), base_addresses={"api": cfg.stripe_api_base}, max_network_retries=2
     )
@@ -343,8 +348,8 @@ def _record_created(svc: deps.Services, row: CheckoutSession) -> None:
             CALLER_ERRORS,
             {
                 422: ["invalid_request", *IMAGE_PROBLEMS],
+                404: ["checkout_not_configured"],
                 502: ["image_unreadable", "stripe_error"],
-                503: ["checkout_unavailable"],
             },
         )
     ),
@@ -431,7 +436,7 @@ class WebhookAnswer(BaseModel):
 def verified_event(payload: bytes, signature: str, cfg: Settings) -> stripe.Event:
     secrets = cfg.stripe_webhook_secrets()
     if not secrets:
-        raise ApiError(503, "checkout_unavailable", "SMI_STRIPE_WEBHOOK_SECRET is not set on this server")
+        raise not_configured("SMI_STRIPE_WEBHOOK_SECRET")
     for secret in secrets:
         try:
             return stripe.Webhook.construct_event(payload, signature, secret, tolerance=WEBHOOK_TOLERANCE_SECONDS)
@@ -531,8 +536,9 @@ def paid_details(found: dict[str, Any]) -> dict[str, Any] | None:
     responses=errors(
         {
             400: ["bad_signature", "bad_payload"],
+            404: ["checkout_not_configured"],
             413: ["too_large"],
-            503: ["checkout_unavailable", "stripe_unavailable", "temporal_unavailable"],
+            503: ["stripe_unavailable", "temporal_unavailable"],
         }
     ),
     openapi_extra={

@@ -288,6 +288,10 @@ class Settings(BaseSettings):
                 missing.append("refund_webhook_url")
             if self.refund_adapter == "stripe" and self.stripe_api_key is None:
                 missing.append("stripe_api_key")
+            if self.publishable_keys.strip() and self.stripe_api_key is None:
+                missing.append("stripe_api_key")  # pages sell through Stripe Checkout (or SMI_STRIPE_MODE's key)
+            if self.publishable_keys.strip() and self.stripe_webhook_secret is None:
+                missing.append("stripe_webhook_secret")
             if missing:
                 names = ", ".join("SMI_" + m.upper() for m in missing)
                 raise ValueError(f"{names} must be set when SMI_ENV is not 'dev'")

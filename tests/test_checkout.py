@@ -18,8 +18,10 @@ import httpx
 import pytest
 from sqlmodel import Session, create_engine, select
 
+from devstack import KEYS
 from smi.db import CheckoutSession, Job, Refund
 from smi.mailsink import text_of
+from smi.settings import Settings
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, png_bytes
 from tests.helpers import clear_of_minute_boundary, eventually, wait_for_status
 from tests.stripe_server import StripeServer, sign
@@ -351,3 +353,45 @@ def test_cors_preflight_answers_the_keys_origins_only(checkout_stack):
     with page_client(stack, key=PK_OTHER, origin=ORIGIN) as client:
         reply = client.post("/v1/checkout/quote", json={"image_url": "https://nowhere.example/a.png"})
     assert reply.status_code == 403 and "access-control-allow-origin" not in reply.headers
+
+
+def test_settings_bind_keys_and_pick_the_stripe_key_of_the_mode():
+    keys = Settings(
+        env="dev",
+        publishable_keys=f" {PK}=https://Blog.example/|http://127.0.0.1:8080;img.example|.cdn.example , "
+        f"{PK_OTHER}=https://other.example;other.example",
+        stripe_mode="live",
+        stripe_secret_key_test="sk_test_1",
+        stripe_secret_key_live="sk_live_1",
+    )
+    bound = keys.publishable_key_map()[PK]
+    assert bound.origins == {"https://blog.example", "http://127.0.0.1:8080"}
+    assert bound.sells_from("img.example") and bound.sells_from("a.cdn.example")
+    assert not bound.sells_from("img.example.evil.test") and not bound.sells_from("cdn.example.evil")
+    assert keys.stripe_api_key is not None and keys.stripe_api_key.get_secret_value() == "sk_live_1"
+    explicit = Settings(env="dev", stripe_api_key="sk_explicit", stripe_mode="test", stripe_secret_key_test="sk_test_1")
+    assert explicit.stripe_api_key is not None and explicit.stripe_api_key.get_secret_value() == "sk_explicit"
+    for wrong in ("pk_short=https://a.example;a.example", f"{PK}=blog.example;a.example", f"{PK}=https://a.example"):
+        with pytest.raises(ValueError, match="SMI_PUBLISHABLE_KEYS"):
+            Settings(env="dev", publishable_keys=wrong)
+    with pytest.raises(ValueError, match="SMI_STRIPE_WEBHOOK_SECRET"):
+        Settings(env="production", publishable_keys=f"{PK}=https://a.example;a.example", stripe_api_key="sk", **KEYS)
+
+
+def test_a_server_without_stripe_has_no_checkout(checkout_stack, stripe_server):
+    """No publishable keys and no Stripe (what settings allow outside dev): no checkout, a 404, not a 5xx."""
+    stack = checkout_stack(
+        publishable_keys="",
+        stripe_mode=None,
+        stripe_webhook_secret=None,
+        stripe_webhook_secret_previous=None,
+        refund_adapter="none",
+    )
+    image_url = stack.shop.publish(png_bytes(40, 30))
+    with stack.client(STOREFRONT_KEY) as client:
+        assert client.post("/v1/checkout/quote", json={"image_url": image_url}).status_code == 200
+        made = client.post("/v1/checkout", json={"image_url": image_url, "scale_factor": 2, "page_url": PAGE})
+    assert made.status_code == 404 and made.json()["error"]["code"] == "checkout_not_configured"
+    hook = httpx.post(f"{stack.api.url}/stripe/webhook", content=b"{}", headers={"Stripe-Signature": "t=1,v1=00"})
+    assert hook.status_code == 404 and hook.json()["error"]["code"] == "checkout_not_configured"
+    assert stripe_server.requests == [] and db_rows(stack, CheckoutSession) == []
