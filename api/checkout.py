@@ -55,6 +55,7 @@ PUBLISHABLE = HTTPBearer(
     auto_error=False,
 )
 HTTP_URL = r"^https?://[^\s/?#]+"
+PLAIN_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 SCALE_FACTORS = (2, 4, 8, 16)  # the options a page offers, those the image allows
 WEBHOOK_TOLERANCE_SECONDS = 300
 PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
@@ -177,8 +178,9 @@ async def rate_limit(request: Request, key: PublishableKey | None) -> None:
 def image_host_allowed(key: PublishableKey | None, image_url: str) -> None:
     if key is None:
         return
-    host = re.sub(r"^https?://", "", image_url).split("/")[0].split("?")[0].split("#")[0]
-    if "@" in host or not key.sells_from(host):
+    # The whole authority as the fetcher reads it: a plain host[:port], no user info, no escapes.
+    host = re.sub(r"^https?://", "", image_url, flags=re.IGNORECASE).split("/")[0].split("?")[0].split("#")[0]
+    if not PLAIN_HOST.fullmatch(host) or not key.sells_from(host):
         raise ApiError(
             403,
             "image_host_not_allowed",

@@ -270,6 +270,7 @@ async def test_forged_and_replayed_events_are_refused_and_write_nothing(checkout
 async def test_refused_quotes_and_checkouts_never_reach_stripe(checkout_stack, stripe_server, shop):
     stack = checkout_stack()
     image_url = stack.shop.publish(png_bytes(40, 30))
+    shop_host = shop.url.split("//")[1]
     big = stack.shop.publish(png_header(3000, 3000))  # 2x fits (36 MP), 4x does not
     huge = stack.shop.publish(png_header(8000, 8000))  # not even 2x
     good = {"image_url": image_url, "scale_factor": 2, "page_url": PAGE}
@@ -289,6 +290,12 @@ async def test_refused_quotes_and_checkouts_never_reach_stripe(checkout_stack, s
         (post("/v1/checkout", good, key="pk_test_unknown_123456"), 401, "unauthorized"),
         (post("/v1/checkout", good, key=PK_OTHER, origin="https://other.example"), 403, "image_host_not_allowed"),
         (post("/v1/checkout/quote", {"image_url": "https://elsewhere.example/a.png"}), 403, "image_host_not_allowed"),
+        (post("/v1/checkout/quote", {"image_url": f"http://x@{shop_host}/a.png"}), 403, "image_host_not_allowed"),
+        (
+            post("/v1/checkout/quote", {"image_url": f"http://{shop_host}\\@evil.example/"}),
+            403,
+            "image_host_not_allowed",
+        ),
         (post("/v1/checkout", {**good, "scale_factor": 17}), 422, "invalid_request"),
         (post("/v1/checkout", {**good, "page_url": "https://evil.example/x"}), 422, "invalid_request"),
         (post("/v1/checkout", {**good, "image_url": big, "scale_factor": 4}), 422, "output_too_large"),
