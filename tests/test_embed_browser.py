@@ -36,8 +36,9 @@ CUSTOMER = "ana@example.com"
 # id -> (width, height, where): which images the default selector (main img, article img, >= 300 px) takes.
 IMAGES = {
     "big-main": (640, 400, "main"),
-    "linked": (400, 300, "main-link"),  # inside <a>: its button goes after the link, not inside it
+    "linked": (400, 300, "main-link"),  # in <a><picture>: its button goes after the link, not inside it
     "small-main": (200, 150, "main"),
+    "broken": (640, 400, "main"),  # shown at that size, but its file does not load
     "off": (640, 400, "main-off"),
     "big-article": (480, 320, "article"),
     "big-aside": (640, 400, "aside"),
@@ -81,8 +82,9 @@ def page_html(api: str, cdn: str, with_script: bool) -> str:
   <button id="host-button" type="button">The page's own button</button>
   <p id="intro">Pictures from the trip.</p>
   {img("big-main")}
-  <a id="link" href="/elsewhere">{img("linked")}</a>
+  <a id="link" href="/elsewhere"><picture>{img("linked")}</picture></a>
   {img("small-main")}
+  {img("broken")}
   {img("off")}
   {img("foreign")}
 </main>
@@ -116,6 +118,8 @@ class Page:
 
         @app.get("/img/{name}.png")
         def image(name: str) -> Response:
+            if name == "broken":
+                return Response(status_code=404)
             return Response(self.images[name], media_type="image/png")
 
         @app.get("/elsewhere")

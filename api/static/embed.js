@@ -119,14 +119,14 @@
   function eligible(img) {
     if (seen.has(img) || img.getAttribute("data-smi") == "off" || !img.matches(selector)) return false;
     var src = img.currentSrc || img.src;
-    return /^https?:/.test(src) && img.getBoundingClientRect().width >= minWidth;
+    return /^https?:/.test(src) && img.naturalWidth > 0 && img.getBoundingClientRect().width >= minWidth;
   }
 
   function consider(img) {
     if (!img.complete) return img.addEventListener("load", function () { consider(img); }, { once: true });
     if (!eligible(img)) return;
     seen.add(img);
-    var after = img.closest("a, button, label, picture") || img; // never a button inside a link
+    var after = img.closest("a, button, label") || img.closest("picture") || img; // never a button inside a link
     var host = el("smi-buy");
     host.style.cssText = HOST;
     var root = host.attachShadow({ mode: "open" });
