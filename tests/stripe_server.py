@@ -65,6 +65,7 @@ class StripeServer:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.refunds: list[dict[str, Any]] = []
         self.replies: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> first answer
+        self.down = False  # True: every request answered 503, as during an outage
         self.app = self._app()
         self.thread = ServerThread(self.app)
 
@@ -86,6 +87,8 @@ class StripeServer:
         async def authenticate(request: Request, call_next):
             form = nested_form((await request.body()).decode())
             self.requests.append({"method": request.method, "path": request.url.path, "form": form})
+            if self.down:
+                return error(503, "Stripe is unavailable", "api_error")
             if request.headers.get("authorization") != f"Bearer {self.secret_key}":
                 return error(401, "Invalid API Key provided", "invalid_request_error")
             key = request.headers.get("idempotency-key")

@@ -402,3 +402,32 @@ def test_a_server_without_stripe_has_no_checkout(checkout_stack, stripe_server):
     hook = httpx.post(f"{stack.api.url}/stripe/webhook", content=b"{}", headers={"Stripe-Signature": "t=1,v1=00"})
     assert hook.status_code == 404 and hook.json()["error"]["code"] == "checkout_not_configured"
     assert stripe_server.requests == [] and db_rows(stack, CheckoutSession) == []
+
+
+async def test_stripe_unreachable_means_deliver_again_and_ended_sessions_are_recorded(
+    dev_env, checkout_stack, stripe_server
+):
+    stack = checkout_stack()
+    paid, lapsed, failed = [
+        (await asyncio.to_thread(start_checkout, stack, stack.shop.publish(png_bytes(40, 30))))["session_id"]
+        for _ in range(3)
+    ]
+    stripe_server.complete(paid, CUSTOMER, paid=True)
+    completed = stripe_server.event("checkout.session.completed", paid)
+
+    # Stripe cannot be asked how the session stands: 503, nothing written; Stripe's next delivery starts the job.
+    stripe_server.down = True
+    refused = await asyncio.to_thread(deliver, stack, completed)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "stripe_unavailable"
+    assert db_rows(stack, Job) == []
+    stripe_server.down = False
+    assert (await asyncio.to_thread(deliver, stack, completed)).json()["action"] == "started"
+
+    # A session that expired, or whose delayed payment failed: recorded for the funnel, no job.
+    stripe_server.complete(failed, CUSTOMER, paid=False)
+    for kind, sid in (("checkout.session.expired", lapsed), ("checkout.session.async_payment_failed", failed)):
+        reply = await asyncio.to_thread(deliver, stack, stripe_server.event(kind, sid))
+        assert reply.status_code == 200 and reply.json()["action"] == "recorded"
+    states = {row.session_id: row.status for row in db_rows(stack, CheckoutSession)}
+    assert states == {paid: "paid", lapsed: "expired", failed: "failed"}
+    assert len(db_rows(stack, Job)) == 1
