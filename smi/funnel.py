@@ -118,7 +118,7 @@ def record(engine: Engine, day: date, events: list[Event]) -> int:
     statement = insert(table)
     statement = statement.on_conflict_do_update(
         index_elements=[table.c.day, table.c.stage, table.c.pair_sha256],
-        set_={"count": table.c.count + statement.excluded.count},
+        set_={"count": table.c["count"] + statement.excluded["count"]},
     )
     with engine.begin() as connection:
         connection.execute(statement, sorted(merged.values(), key=lambda r: (r["stage"], r["pair_sha256"])))
@@ -165,7 +165,7 @@ def _bounds(first: date, last: date) -> tuple[datetime, datetime]:
 def _page_counts(engine: Engine, first: date, last: date) -> list[tuple[str, str, dict[str, int]]]:
     table = FunnelCount.__table__  # type: ignore[attr-defined]
     query = (
-        select(table.c.page_url, table.c.image_url, table.c.stage, func.sum(table.c.count))
+        select(table.c.page_url, table.c.image_url, table.c.stage, func.sum(table.c["count"]))
         .where(and_(table.c.day >= first, table.c.day <= last))
         .group_by(table.c.page_url, table.c.image_url, table.c.stage)
     )
@@ -251,7 +251,9 @@ def totals_by_stage(engine: Engine) -> dict[str, int]:
     totals = {stage: 0 for stage in STAGES}
     query, names = _sale_stages()
     with engine.connect() as connection:
-        for stage, total in connection.execute(select(table.c.stage, func.sum(table.c.count)).group_by(table.c.stage)):
+        for stage, total in connection.execute(
+            select(table.c.stage, func.sum(table.c["count"])).group_by(table.c.stage)
+        ):
             totals[stage] = int(total or 0)
         sales = connection.execute(query.with_only_columns(*query.selected_columns[2:])).mappings().one()
     for name in names:

@@ -43,6 +43,8 @@ PAGE = f"{ORIGIN}/posts/sunset"
 IMAGE = "https://img.blog.example/sunset.jpg"
 IMAGE_2 = "https://eu.cdn.example/lake.jpg"
 METRICS_TOKEN = "funnel-metrics-token"
+# Pages sell through Stripe Checkout: outside dev, publishable keys need its key and webhook secret set.
+STRIPE_SET = {"stripe_api_key": "sk_test_funnel_unused", "stripe_webhook_secret": "whsec_funnel_unused"}
 
 
 def page_client(site, key: str = KEY, origin: str | None = ORIGIN) -> httpx.Client:
@@ -114,7 +116,7 @@ def sale(site, *, page: str, image: str, price_cents: int, paid: bool, job_statu
 
 @pytest.fixture
 def blog(site_factory):
-    return site_factory(publishable_keys=PUBLISHABLE_KEYS, metrics_token=METRICS_TOKEN)
+    return site_factory(**STRIPE_SET, publishable_keys=PUBLISHABLE_KEYS, metrics_token=METRICS_TOKEN)
 
 
 def test_a_scripted_session_appears_in_the_analytics_as_json_and_csv_and_as_metrics(blog):
@@ -280,7 +282,7 @@ def test_a_foreign_origin_page_or_image_host_is_refused_and_counts_nothing(blog)
 
 def test_a_clients_batches_past_its_budget_are_refused_and_count_nothing(site_factory):
     # Per client: the 4th batch of a minute is a 429 with Retry-After, and counts nothing.
-    site = site_factory(publishable_keys=PUBLISHABLE_KEYS, funnel_batches_per_minute=3)
+    site = site_factory(**STRIPE_SET, publishable_keys=PUBLISHABLE_KEYS, funnel_batches_per_minute=3)
     client = page_client(site)
     clear_of_minute_boundary()
     for _ in range(3):
@@ -294,7 +296,7 @@ def test_a_clients_batches_past_its_budget_are_refused_and_count_nothing(site_fa
 def test_a_keys_budget_over_all_clients_is_spent_only_from_its_origins(site_factory):
     # Per key, over every client: a browser elsewhere cannot spend the key's budget (refused by Origin first),
     # and past the key's budget no client adds anything.
-    site = site_factory(publishable_keys=PUBLISHABLE_KEYS, funnel_key_batches_per_minute=2)
+    site = site_factory(**STRIPE_SET, publishable_keys=PUBLISHABLE_KEYS, funnel_key_batches_per_minute=2)
     clear_of_minute_boundary()
     for _ in range(5):
         foreign = page_client(site, origin="https://evil.example").post("/v1/funnel", json={"events": [event("shown")]})
