@@ -167,7 +167,13 @@
   }
 
   /* ---- the modal ---- */
-  var modal = null;
+  var modal = null, quotes = {};
+
+  function quoteOf(imageUrl) { // once per image and page view (the quote is rate-limited), again after a failure
+    var q = quotes[imageUrl] = quotes[imageUrl] || call("/v1/checkout/quote", { image_url: imageUrl });
+    q.catch(function () { delete quotes[imageUrl]; });
+    return q;
+  }
 
   function open(img, opener) {
     if (modal) modal.close();
@@ -233,7 +239,7 @@
     close.focus();
     count("opened", imageUrl);
 
-    call("/v1/checkout/quote", { image_url: imageUrl }).then(function (quote) {
+    quoteOf(imageUrl).then(function (quote) {
       note.remove();
       var options = (quote && quote.options) || [];
       if (!options.length) throw new Error("This image cannot be sold in a higher resolution.");
