@@ -106,6 +106,17 @@ async def _running_state(svc: deps.Services, job_id: str):
 QUERY_TIMEOUT = timedelta(seconds=5)
 
 
+async def _decide(handle, decision: Decision) -> bool:
+    """Signal an admin's decision; False when the run ended since it was seen running (then it is a finished job)."""
+    try:
+        await handle.signal(UpscaleWorkflow.admin_decision, decision)
+        return True
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+
+
 def load_job(svc: deps.Services, job_id: str) -> Job:
     """The job, or 404; in its own short session (none is held while Temporal is awaited)."""
     with Session(svc.engine) as session:
@@ -140,8 +151,8 @@ async def retry(job_id: str, svc: deps.Services) -> AdminAction:
                 f"the job is {state.status} and not waiting for a decision; "
                 "retry applies to jobs in manual review or finished",
             )
-        await handle.signal(UpscaleWorkflow.admin_decision, Decision.RETRY)
-        return AdminAction(job_id=job_id, action="retry", how="signalled the waiting workflow")
+        if await _decide(handle, Decision.RETRY):
+            return AdminAction(job_id=job_id, action="retry", how="signalled the waiting workflow")
     job, attempts = await run_in_threadpool(_mark_for_retry, svc, job_id)
     await start_workflow(
         await svc.temporal_client(),
@@ -166,8 +177,7 @@ async def refund(job_id: str, svc: deps.Services) -> AdminAction:
     if done is not None:
         return AdminAction(job_id=job_id, action="refund", how=f"already {done.status}; nothing more was paid back")
     handle, state = await _running_state(svc, job_id)
-    if state is not None:
-        await handle.signal(UpscaleWorkflow.admin_decision, Decision.REFUND)
+    if state is not None and await _decide(handle, Decision.REFUND):
         return AdminAction(job_id=job_id, action="refund", how="signalled the running workflow")
     client = await svc.temporal_client()
     try:

@@ -14,12 +14,14 @@ import hashlib
 import hmac
 import json
 import re
+import uuid
 from urllib.parse import parse_qs
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlmodel import Session
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.testservice.v1 import UnlockTimeSkippingRequest
 
@@ -463,3 +465,30 @@ async def test_refused_completion_email_keeps_the_job_completed(time_skipping_en
         ("admin:mail:1", "sent"),
         ("completed:1", "sending"),
     ]
+
+
+async def test_a_decision_racing_the_workflows_end_treats_the_job_as_finished(dev_env, stack_factory, monkeypatch):
+    """The run was seen open, then ended before the signal (a 500 in CI's tests/test_funnel.py run): the refund
+    starts refund-<job_id>, as for any finished job (a retry goes through the same `_decide`). `_running_state`
+    is made to report an open run whose signal then finds none: the race, at will."""
+    from api import deps, service
+    from devstack import job_row
+    from smi.db import make_engine, utcnow
+
+    stack = stack_factory(dev_env)  # the API's start migrated the database
+    engine = make_engine(stack.settings.database_url)
+    svc = deps.Services(stack.settings, engine, dev_env.client)
+    job_id = uuid.uuid4().hex
+    with Session(engine) as session:
+        session.add(job_row(job_id, "completed", utcnow()))
+        session.commit()
+
+    async def seen_running(_svc, seen_job_id):
+        gone = dev_env.client.get_workflow_handle(f"upscale-{seen_job_id}")  # no such run any more
+        return gone, "an open run's state"
+
+    monkeypatch.setattr(service, "_running_state", seen_running)
+    refunded = await service.refund(job_id, svc)
+    assert refunded.how == f"started workflow refund-{job_id}"
+    assert (await dev_env.client.get_workflow_handle(f"refund-{job_id}").describe()).workflow_type == "RefundWorkflow"
+    engine.dispose()
