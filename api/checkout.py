@@ -41,8 +41,7 @@ from api import deps
 from api.errors import ApiError
 from api.guard import CHECKOUT_PATHS, checkout_caller
 from api.openapi import errors, merged
-from api.service import EMAIL, start_workflow, status_page_url
-from smi import pricing, probe
+from api.service import EMAIL, HTTP_URL, IMAGE_PROBLEMS, probe_image, quote_for, start_workflow, status_page_url
 from smi.db import CheckoutSession, Job, JobEvent, LedgerEntry, utcnow
 from smi.settings import PublishableKey, Settings
 from smi.vocabulary import ErrorCode, JobStatus
@@ -54,13 +53,11 @@ PUBLISHABLE = HTTPBearer(
     description="A key of SMI_PUBLISHABLE_KEYS, from a page of one of its origins (or the storefront key)",
     auto_error=False,
 )
-HTTP_URL = r"^https?://[^\s/?#]+"
 PLAIN_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 SCALE_FACTORS = (2, 4, 8, 16)  # the options a page offers, those the image allows
 WEBHOOK_TOLERANCE_SECONDS = 300
 PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
 ENDED_EVENTS = {"checkout.session.async_payment_failed": "failed", "checkout.session.expired": "expired"}
-IMAGE_PROBLEMS = [ErrorCode.UNSUPPORTED_FORMAT, "image_unreachable", "url_refused", ErrorCode.OUTPUT_TOO_LARGE]
 CALLER_ERRORS = {
     401: ["unauthorized"],
     403: ["origin_not_allowed", "image_host_not_allowed"],
@@ -200,20 +197,8 @@ def page_allowed(key: PublishableKey | None, page_url: str) -> None:
 # --- quotes ---------------------------------------------------------------------------------------------
 
 
-def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
-    return pricing.quote(
-        width,
-        height,
-        scale_factor,
-        credits_per_megapixel=cfg.credits_per_megapixel,
-        credit_price_usd=cfg.credit_price_usd,
-        markup_percent=cfg.markup_percent,
-        min_price_usd=cfg.min_price_usd,
-    )
-
-
 async def image_size(svc: deps.Services, image_url: str) -> tuple[int, int]:
-    found = await probe.probe_url(svc.http, image_url, svc.settings.image_fetch_policy)
+    found = await probe_image(svc, image_url)
     if found.problem:
         raise ApiError(422, found.problem, f"image_url: {found.detail}")
     if not found.width or not found.height:

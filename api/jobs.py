@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -20,19 +19,24 @@ from api import deps
 from api.errors import ApiError
 from api.models import JobCreated, JobView, Quote, Upload
 from api.openapi import KEYED_ERRORS, errors, merged
-from api.service import EMAIL, get_job, job_url, job_view, start_workflow, status_page_url
-from smi import pricing, probe, signing
+from api.service import (
+    EMAIL,
+    HTTP_URL,
+    IMAGE_PROBLEMS,
+    get_job,
+    job_url,
+    job_view,
+    probe_image,
+    quote_for,
+    start_workflow,
+    status_page_url,
+)
+from smi import signing
 from smi.db import Job, JobEvent, LedgerEntry, Refund, utcnow
-from smi.settings import Settings
 from smi.storage import upload_key
 from smi.vocabulary import ErrorCode, JobStatus
 
 router = APIRouter(tags=["storefront"], dependencies=[Depends(deps.storefront)])
-
-# What probing an image_url can refuse (refuse_what_cannot_be_made, create_quote).
-IMAGE_PROBLEMS = [ErrorCode.UNSUPPORTED_FORMAT, "image_unreachable", "url_refused", ErrorCode.OUTPUT_TOO_LARGE]
-
-HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch guard checks the rest
 
 
 class JobRequest(BaseModel):
@@ -99,38 +103,6 @@ async def refuse_what_cannot_be_made(svc: deps.Services, image_url: str, scale_f
                 verdict.reason or "the output is too large for Upsampler",  # a refusal always gives its reason
                 {"max_scale_factor": verdict.max_scale_factor},
             )
-
-
-async def probe_image(svc: deps.Services, image_url: str) -> probe.Probe:
-    """The image's header: an upload of ours is read from storage (in s3 mode its URL answers 303 to the
-    store, an address the fetch guard rightly refuses), any other URL is fetched."""
-    cfg = svc.settings
-    upload_id = signing.own_upload_id(image_url, cfg.public_base_url, cfg.webhook_secrets(), time.time())
-    if upload_id is None:
-        return await probe.probe_url(svc.http, image_url, cfg.image_fetch_policy)
-
-    def read() -> probe.Probe:
-        try:
-            data = svc.storage.read_start(upload_key(upload_id), probe.STEPS[-1])
-        except FileNotFoundError:
-            return probe.Probe(problem="image_unreachable", detail="the upload is gone (uploads are kept for a while)")
-        return probe.read_header(data) or probe.Probe(
-            problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the file is not a PNG, JPEG or WebP image"
-        )
-
-    return await asyncio.to_thread(read)
-
-
-def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
-    return pricing.quote(
-        width,
-        height,
-        scale_factor,
-        credits_per_megapixel=cfg.credits_per_megapixel,
-        credit_price_usd=cfg.credit_price_usd,
-        markup_percent=cfg.markup_percent,
-        min_price_usd=cfg.min_price_usd,
-    )
 
 
 def _job_of_order(svc: deps.Services, order_id: str) -> Job | None:

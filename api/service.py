@@ -3,7 +3,9 @@ retry and refund (the admin API and the dashboard's buttons)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
@@ -21,11 +23,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import deps
 from api.errors import ApiError
 from api.models import AdminAction, JobView
-from smi import signing
+from smi import pricing, probe, signing
 from smi.db import Job, Refund, Submission, set_status
 from smi.jobview import job_json, live_download_url, status_page_url  # noqa: F401 (the routers import them here)
 from smi.settings import Settings
-from smi.vocabulary import Decision, JobPolicy, JobStatus, UpscaleInput
+from smi.storage import upload_key
+from smi.vocabulary import Decision, ErrorCode, JobPolicy, JobStatus, UpscaleInput
 from workflows.admin import RefundWorkflow
 from workflows.upscale import UPSCALE_STATUS, UpscaleWorkflow
 
@@ -197,3 +200,42 @@ async def refund(job_id: str, svc: deps.Services) -> AdminAction:
 # GDPR erasure. The address comes in the path, so it is masked in the access log (api/redact.py) and
 # never written to a log, a workflow payload or an error message.
 ERASED_EMAIL = "erased@erased.invalid"  # the placeholder: reserved TLD, undeliverable, matches no customer
+
+
+# Images and prices, for orders (api/jobs.py) and checkouts (api/checkout.py).
+
+HTTP_URL = r"^https?://[^\s/?#]+"  # a scheme we fetch and a host; the fetch guard checks the rest
+# What probing an image_url can refuse (probe_image, then the order's or the quote's checks).
+IMAGE_PROBLEMS = [ErrorCode.UNSUPPORTED_FORMAT, "image_unreachable", "url_refused", ErrorCode.OUTPUT_TOO_LARGE]
+
+
+async def probe_image(svc: deps.Services, image_url: str) -> probe.Probe:
+    """The image's header: an upload of ours is read from storage (in s3 mode its URL answers 303 to the
+    store, an address the fetch guard rightly refuses), any other URL is fetched."""
+    cfg = svc.settings
+    upload_id = signing.own_upload_id(image_url, cfg.public_base_url, cfg.webhook_secrets(), time.time())
+    if upload_id is None:
+        return await probe.probe_url(svc.http, image_url, cfg.image_fetch_policy)
+
+    def read() -> probe.Probe:
+        try:
+            data = svc.storage.read_start(upload_key(upload_id), probe.STEPS[-1])
+        except FileNotFoundError:
+            return probe.Probe(problem="image_unreachable", detail="the upload is gone (uploads are kept for a while)")
+        return probe.read_header(data) or probe.Probe(
+            problem=ErrorCode.UNSUPPORTED_FORMAT, detail="the file is not a PNG, JPEG or WebP image"
+        )
+
+    return await asyncio.to_thread(read)
+
+
+def quote_for(cfg: Settings, width: int, height: int, scale_factor: int) -> pricing.Quote:
+    return pricing.quote(
+        width,
+        height,
+        scale_factor,
+        credits_per_megapixel=cfg.credits_per_megapixel,
+        credit_price_usd=cfg.credit_price_usd,
+        markup_percent=cfg.markup_percent,
+        min_price_usd=cfg.min_price_usd,
+    )
