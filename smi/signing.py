@@ -101,7 +101,10 @@ _UPLOAD_PATH = re.compile(r"/files/uploads/([0-9a-f]{32})(?:[?#]|$)")
 
 def own_upload_id(image_url: str, public_base_url: str, secrets: str | list[str], now: float) -> str | None:
     """The upload a signed, unexpired upload URL of ours (on our public address) names; else None."""
-    parts = urlsplit(image_url)
+    try:
+        parts = urlsplit(image_url)
+    except ValueError:  # not a URL at all (a broken IPv6 literal): not ours; the fetch guard says why
+        return None
     base = urlsplit(public_base_url)
     upload_id = upload_id_of(image_url)
     query = parse_qs(parts.query)

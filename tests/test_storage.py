@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from devstack import S3_ACCESS_KEY, S3_SECRET_KEY
+from smi import signing
 from smi.settings import Settings
 from smi.storage import (
     PART_BYTES,
@@ -455,3 +456,8 @@ def test_check_reaches_the_store_or_says_why(s3_server, tmp_path):
     )
     with pytest.raises(ClientError, match="404"):
         missing.check()
+
+
+def test_an_unparsable_image_url_is_no_upload_of_ours():
+    """urlsplit refuses a broken IPv6 literal: not ours, and no 500 (Schemathesis found it via /v1/checkout/quote)."""
+    assert signing.own_upload_id("http://\u00d6[\u00930", "http://127.0.0.1:8000", ["secret"], time.time()) is None
