@@ -269,6 +269,52 @@ class CheckoutSession(SQLModel, table=True):
     paid_at: datetime | None = _timestamp(nullable=True, index=True)
 
 
+class SubmitIntent(SQLModel, table=True):
+    """A POST to Upsampler about to be made. Written before the POST; `outcome` after.
+    outcome None: the reply never reached us (a job may exist at Upsampler, fate unknown);
+    "accepted": the reply came (a Submission row has its id); "refused": Upsampler answered an
+    HTTP error (no job); "adopted": a webhook carrying this nonce named the job and the status endpoint
+    confirmed it (a Submission row has its id); "abandoned": the workflow stopped waiting and submitted again
+    (a webhook for it later is an orphan)."""
+
+    __tablename__ = "submit_intents"
+
+    nonce: str = Field(primary_key=True, max_length=32)  # 32 lowercase hex, secrets.token_hex(16)
+    job_id: str = Field(index=True, max_length=32)
+    attempt: int
+    outcome: str | None = Field(default=None, max_length=16)
+    reported_id: str | None = Field(default=None, max_length=128)  # an Upsampler id a webhook with this nonce named
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class OrphanJob(SQLModel, table=True):
+    """An Upsampler job we caused that is no current submission of its job (a lost reply given up on, a job
+    from before a reset): its cost is booked as ledger purpose upscale:<id>, once."""
+
+    __tablename__ = "orphan_jobs"
+
+    upsampler_id: str = Field(primary_key=True, max_length=128)
+    job_id: str = Field(index=True, max_length=32)
+    credits: float
+    found_by: str = Field(max_length=16)  # "webhook" | "reconciliation"
+    created_at: datetime = _timestamp(nullable=False)
+
+
+class Reconciliation(SQLModel, table=True):
+    """One UTC day compared with Upsampler (workflows/reconciliation.py)."""
+
+    __tablename__ = "reconciliations"
+
+    day: date = Field(primary_key=True)
+    checked_at: datetime = _timestamp(nullable=False)
+    jobs: int  # jobs created that day
+    upsampler_ids: int  # ids checked with the status endpoint
+    booked_credits: float  # what the ledger had for them before
+    reported_credits: float  # what Upsampler's status endpoint reports
+    booked_now: int  # ledger rows this reconciliation added
+    differences: str  # JSON list of {"job_id","upsampler_id","booked","reported","action"}
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
@@ -306,11 +352,14 @@ __all__ = [
     "Job",
     "JobEvent",
     "LedgerEntry",
+    "OrphanJob",
     "RateLimitCount",
+    "Reconciliation",
     "Refund",
     "SentMail",
     "Session",
     "Submission",
+    "SubmitIntent",
     "UpsamplerCall",
     "as_utc",
     "make_engine",
