@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 JOB_ID = re.compile(r"[0-9a-f]{32}")
+NONCE = re.compile(r"[0-9a-f]{32}")  # a submit intent's nonce (smi.db.SubmitIntent), secrets.token_hex(16)
 # Webhook URLs once signed the bare job id. Jobs created before this instant may still carry such
 # a URL at Upsampler; later ones never do. Delete with `legacy_webhook_signature` once none is open.
 LEGACY_WEBHOOK_SIGNATURES_BEFORE = datetime(2026, 12, 2, tzinfo=timezone.utc)
@@ -35,18 +36,29 @@ def verify(secrets: str | list[str], message: str, signature: str | None) -> boo
     return any(matches)
 
 
-def _webhook_message(job_id: str) -> str:
-    return f"webhook:{job_id}"
+def _webhook_message(job_id: str, nonce: str = "") -> str:
+    return f"webhook:{job_id}:{nonce}" if nonce else f"webhook:{job_id}"
 
 
-def webhook_url(public_base_url: str, secret: str, job_id: str) -> str:
-    """`?job=<job_id>&sig=<hex HMAC-SHA256 of webhook:<job_id> under SMI_WEBHOOK_SECRET>` (README "Security")."""
-    query = urlencode({"job": job_id, "sig": sign(secret, _webhook_message(job_id))})
+def webhook_url(public_base_url: str, secret: str, job_id: str, nonce: str = "") -> str:
+    """`?job=<job_id>&sig=<hex HMAC-SHA256 of webhook:<job_id> under SMI_WEBHOOK_SECRET>` (README "Security").
+
+    With a submit intent's `nonce` (32 lowercase hex digits) the URL is `?job=<job_id>&n=<nonce>&sig=<hex>`
+    and the HMAC signs `webhook:<job_id>:<nonce>`: the webhook then says which POST caused the Upsampler job,
+    even when its reply never reached us. URLs without a nonce keep their signature and keep working."""
+    if nonce and not NONCE.fullmatch(nonce):
+        raise ValueError("a webhook nonce is 32 lowercase hex digits")
+    fields = {"job": job_id, "n": nonce} if nonce else {"job": job_id}
+    query = urlencode({**fields, "sig": sign(secret, _webhook_message(job_id, nonce))})
     return f"{public_base_url.rstrip('/')}/smi-webhook/upsampler/?{query}"
 
 
-def verify_webhook(secrets: str | list[str], job_id: str, signature: str | None) -> bool:
-    return verify(secrets, _webhook_message(job_id), signature)
+def verify_webhook(secrets: str | list[str], job_id: str, signature: str | None, nonce: str = "") -> bool:
+    """Whether `signature` signs this job's webhook URL, with that nonce ("" for a URL without one). A nonce
+    that is not 32 lowercase hex digits is refused: no URL of ours carries one."""
+    if nonce and not NONCE.fullmatch(nonce):
+        return False
+    return verify(secrets, _webhook_message(job_id, nonce), signature)
 
 
 def legacy_webhook_signature(secrets: str | list[str], job_id: str, signature: str | None) -> bool:
