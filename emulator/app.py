@@ -16,6 +16,18 @@ a request the client leaves early counts what went out before). `/_emulator/time
 job's wall-clock moments (`time.time()`: submitted, finished, webhook_sent just before the first webhook POST,
 webhook_answered, cdn_first just as the first CDN request for its files arrives), for the
 benchmarks (bench/webhook_latency.py).
+
+Two submit faults cut the reply of a job Upsampler accepted (the job exists, runs, sends its
+webhook and is charged like any other), each counted down once per accepted submit (a refused one
+does not consume it): `drop_submit_replies` N sends the reply's status line and headers (with its
+Content-Length) and part of the body, then closes the connection, so the client gets a transport
+error (httpx: RemoteProtocolError); `hold_submit_replies` N sends nothing until the client closes
+the connection (a test can SIGKILL the worker with the POST in flight), or until a reset, which
+lets the reply go. Drop is consumed first when both are set.
+
+`/_emulator/charges` is the emulator's own record of credits charged, as Upsampler bills: a
+job's `creditCost` is charged once, when it ends SUCCESS; a job refused at submit or ending
+FAILED costs nothing (so does one never finishing). `{"jobs": {id: credits}, "total_credits": x}`.
 """
 
 from __future__ import annotations
@@ -74,6 +86,8 @@ class Faults(BaseModel):
     faulty_jobs: int | None = Field(None, ge=0)  # job-level faults hit only the next N submissions
     rate_limit_per_minute: int | None = Field(None, ge=1)  # API requests over this in any 60 s answer 429
     submit_reply_delay_seconds: float = Field(0, ge=0)  # the job runs (and its webhook goes) before the reply
+    drop_submit_replies: int = Field(0, ge=0)  # the next N accepted submits: connection closed mid-reply
+    hold_submit_replies: int = Field(0, ge=0)  # the next N accepted submits: no reply until the client hangs up
 
 
 class _Input(BaseModel):
@@ -196,6 +210,18 @@ class _CountedStream(_Counted, StreamingResponse):
     pass
 
 
+class _CutReply(Response):
+    """A reply cut short: its head (with the whole body's Content-Length) and half its body, then the
+    app returns without finishing, and the server closes the connection (uvicorn logs one line about it)."""
+
+    def __init__(self, whole: Response):
+        super().__init__(bytes(whole.body), status_code=whole.status_code, media_type="application/json")
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
+
+
 def _throttled_file(
     path: Path, media_type: str, rate: float, range_header: str | None, head: bool, served: dict
 ) -> Response:
@@ -251,6 +277,8 @@ class Emulator:
         self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
         self.cdn_served: list[dict] = []  # each CDN request that passed the checks: its Range, the bytes sent
         self.recent: deque[float] = deque()
+        self.charges: dict[str, float] = {}  # Upsampler id -> credits charged (at SUCCESS)
+        self.release_held = asyncio.Event()  # set by reset: held submit replies go out
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
@@ -340,7 +368,24 @@ class Emulator:
         self.requests = {"submit": 0, "status": 0, "cdn": 0, "cdn_range": 0, "rate_limited": 0}
         self.cdn_served = []
         self.recent = deque()
+        self.charges = {}
         self.faults = Faults()
+        self.release_held.set()
+        self.release_held = asyncio.Event()
+
+    async def hold_reply(self, request: Request) -> None:
+        """Until the client closes the connection (or a reset): a submit reply held back."""
+
+        async def hung_up() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waits = [asyncio.ensure_future(hung_up()), asyncio.ensure_future(self.release_held.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     # --- job life ------------------------------------------------------------------------
     def next_job_faults(self) -> Faults:
@@ -417,6 +462,8 @@ class Emulator:
     def finish(self, job: Job) -> None:
         error = job.faults.fail_with or job.outcome_error
         job.status, job.error = ("FAILED", error) if error else ("SUCCESS", None)
+        if job.status == "SUCCESS" and job.credit_cost is not None:
+            self.charges.setdefault(job.id, job.credit_cost)  # charged once, whatever comes after
         job.timeline.setdefault("finished", time.time())
         log.info("emulator: job %s %s", job.id, job.status)
         mode = job.faults.webhook
@@ -527,7 +574,18 @@ async def submit(request: Request, emu: Emu) -> Response:
     )
     job.timeline["submitted"] = time.time()
     log.info("emulator: submit %s x%s -> job %s", inp.imageUrl, inp.upscaleFactor, job.id)
-    return await emu.take(job)
+    reply = await emu.take(job)
+    if job.credit_cost is None:  # refused: only an accepted job's reply is cut or held
+        return reply
+    if emu.faults.drop_submit_replies:
+        emu.faults.drop_submit_replies -= 1
+        log.info("emulator: job %s accepted, its reply dropped mid-way", job.id)
+        return _CutReply(reply)
+    if emu.faults.hold_submit_replies:
+        emu.faults.hold_submit_replies -= 1
+        log.info("emulator: job %s accepted, its reply held until the client hangs up", job.id)
+        await emu.hold_reply(request)
+    return reply
 
 
 @router.get("/api/v1/status/{job_id}")
@@ -623,6 +681,12 @@ async def timeline(emu: Emu) -> dict[str, dict[str, float]]:
 @router.get("/_emulator/cdn")
 async def cdn_served(emu: Emu) -> list[dict]:
     return [dict(served) for served in emu.cdn_served]
+
+
+@router.get("/_emulator/charges")
+async def charges(emu: Emu) -> dict:
+    """What Upsampler would bill: each job that ended SUCCESS, its creditCost once."""
+    return {"jobs": dict(emu.charges), "total_credits": round(sum(emu.charges.values()), 6)}
 
 
 @router.get("/_emulator/requests")
