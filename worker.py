@@ -100,6 +100,8 @@ def create_worker(
             ledger.check_budget,
             ledger.budget_gate,
             ledger.issue_download_token,
+            ledger.book_result,
+            ledger.complete,
             notify.send_email,
             notify.send_budget_alert,
             payments.refund,
@@ -119,7 +121,7 @@ def create_worker(
     upsampler_calls = Worker(
         client,
         task_queue=task_queue + UPSAMPLER_QUEUE_SUFFIX,
-        activities=[calls.submit_upscale, calls.check_status],
+        activities=[calls.submit_upscale, calls.check_status, calls.adopt_submission],
         max_task_queue_activities_per_second=settings.upsampler_requests_per_minute / 60,
         activity_executor=threads,
         graceful_shutdown_timeout=grace,

@@ -19,10 +19,12 @@ from smi.vocabulary import (
     FINISHED,
     BudgetAlertInfo,
     BudgetGate,
+    Completion,
     CostRecord,
     DownloadLink,
     EstimateRecord,
     JobUpdate,
+    ResultBooking,
     RetentionPlan,
     RetentionPlanRequest,
     RetentionRequest,
@@ -40,6 +42,27 @@ class LedgerActivities:
 
     @activity.defn
     def update_job(self, update: JobUpdate) -> None:
+        """The job's record as `update` says, and its estimate when it carries one."""
+        self._update(update)
+        if update.estimate is not None:
+            self.record_estimate(update.estimate)
+
+    @activity.defn
+    def book_result(self, booking: ResultBooking) -> list[BudgetAlertInfo]:
+        """Upsampler's result is in: its cost, the record's `downloading`, and the budget alerts now due."""
+        self.record_cost(booking.cost)
+        self._update(booking.update)
+        return self.check_budget(booking.cost.job_id)
+
+    @activity.defn
+    def complete(self, completion: Completion) -> DownloadLink:
+        """The download link, and the record completed with it."""
+        link = self.issue_download_token(completion.token)
+        completion.update.download = link
+        self._update(completion.update)
+        return link
+
+    def _update(self, update: JobUpdate) -> None:
         with Session(self.engine) as session:
             job = session.get(Job, update.job_id)
             if job is None:

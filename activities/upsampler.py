@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, desc, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from smi import signing, telemetry
-from smi.db import Submission, UpsamplerCall, as_utc, utcnow
+from smi.db import Job, Submission, SubmitIntent, UpsamplerCall, as_utc, utcnow
 from smi.settings import Settings
 from smi.storage import S3Storage, compressed_name, job_key, open_storage
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
-from smi.vocabulary import ErrorCode, JobStatus, SubmitRequest, UpsamplerResult
+from smi.vocabulary import AdoptRequest, ErrorCode, JobStatus, SubmitRequest, UpsamplerResult
 
 
 def as_application_error(exc: UpsamplerError) -> ApplicationError:
@@ -35,6 +36,18 @@ def _result(job: UpsamplerJob) -> UpsamplerResult:
     kind = failure_kind(job.error) if job.status == JobStatus.FAILED else None
     return UpsamplerResult(
         job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind
+    )
+
+
+def _submission(job_id: str, attempt: int, job: UpsamplerJob) -> Submission:
+    error = (job.error or "refused") if job.status == JobStatus.FAILED else None
+    return Submission(
+        job_id=job_id,
+        attempt=attempt,
+        upsampler_id=job.id,
+        credit_cost=job.credit_cost,
+        created_at=utcnow(),
+        error=error,
     )
 
 
@@ -68,44 +81,119 @@ class UpsamplerActivities:
         """2. Hand Upsampler a temporary signed URL of the original and this job's signed webhook.
 
         Recorded by (job, attempt) before success is reported: a retried activity finds the
-        submission and does not pay for a second one.
+        submission and does not pay for a second one. Before the POST an intent is written, whose
+        nonce goes into the webhook URL: a retry that finds an intent without a reply knows that
+        Upsampler may hold a job, and raises submission_unknown instead of paying for another.
         """
-        with Session(self.engine) as session:
-            known = session.exec(
-                select(Submission).where(Submission.job_id == request.job_id, Submission.attempt == request.attempt)
-            ).first()
-        if known is not None:  # a retry or a reset: the answer Upsampler gave the first time
+        known = await asyncio.to_thread(self._known_or_intent, request)
+        if isinstance(known, Submission):  # a retry or a reset: the answer Upsampler gave the first time
             if known.error is not None:
                 return UpsamplerResult(
                     known.upsampler_id, JobStatus.FAILED, error=known.error, error_kind=failure_kind(known.error)
                 )
             return UpsamplerResult(known.upsampler_id, JobStatus.QUEUED, known.credit_cost)
-
+        nonce = known
         secret = self.settings.secret("webhook_secret")
-        base = self.settings.public_base_url
+        webhook = signing.webhook_url(self.settings.public_base_url, secret, request.job_id, nonce)
         image_url = await asyncio.to_thread(self._original_url, request)
-        job = await self._call(
-            "submit",
-            lambda: self.client.submit(
-                image_url, request.scale_factor, signing.webhook_url(base, secret, request.job_id)
-            ),
-        )
+        reply_lost = False
+
+        async def post() -> UpsamplerJob:
+            nonlocal reply_lost
+            try:
+                return await self.client.submit(image_url, request.scale_factor, webhook)
+            except UpsamplerError as exc:
+                reply_lost = exc.reply_lost
+                raise
+
+        try:
+            job = await self._call("submit", post)
+        except ApplicationError:
+            if not reply_lost:  # Upsampler answered with an error, or nothing was sent: no job
+                await asyncio.to_thread(self._intent_outcome, nonce, "refused")
+            raise
+        await asyncio.to_thread(self._record_submission, request, nonce, job)
+        activity.logger.info("submitted to Upsampler: %s %s", job.id, job.status)
+        return _result(job)
+
+    def _known_or_intent(self, request: SubmitRequest) -> Submission | str:
+        """The submission recorded for this attempt; else the nonce of a new intent to submit it."""
         with Session(self.engine) as session:
-            session.add(
-                Submission(
-                    job_id=request.job_id,
-                    attempt=request.attempt,
-                    upsampler_id=job.id,
-                    credit_cost=job.credit_cost,
-                    created_at=utcnow(),
-                    error=(job.error or "refused") if job.status == JobStatus.FAILED else None,
-                )
-            )
+            known = session.exec(
+                select(Submission).where(Submission.job_id == request.job_id, Submission.attempt == request.attempt)
+            ).first()
+            if known is not None:
+                return known
+            intents = session.exec(
+                select(SubmitIntent)
+                .where(SubmitIntent.job_id == request.job_id, SubmitIntent.attempt <= request.attempt)
+                .order_by(desc(SubmitIntent.created_at))
+            ).all()
+            for intent in intents:
+                if intent.outcome is not None:
+                    continue
+                if intent.attempt == request.attempt:
+                    raise ApplicationError(
+                        f"the reply to submit attempt {request.attempt} was lost: Upsampler may hold a job",
+                        type=ErrorCode.SUBMISSION_UNKNOWN,
+                        non_retryable=True,
+                    )
+                intent.outcome = "abandoned"  # the workflow stopped waiting for its webhook
+                session.add(intent)
+            nonce = secrets.token_hex(16)
+            session.add(SubmitIntent(nonce=nonce, job_id=request.job_id, attempt=request.attempt, created_at=utcnow()))
+            session.commit()
+            return nonce
+
+    def _intent_outcome(self, nonce: str, outcome: str) -> None:
+        with Session(self.engine) as session:
+            intent = session.get_one(SubmitIntent, nonce)
+            intent.outcome = outcome
+            session.add(intent)
+            session.commit()
+
+    def _record_submission(self, request: SubmitRequest, nonce: str, job: UpsamplerJob) -> None:
+        """Upsampler's reply, with the intent's outcome and, when asked, the job's record: one transaction."""
+        with Session(self.engine) as session:
+            intent = session.get_one(SubmitIntent, nonce)
+            intent.outcome = "accepted"
+            session.add(intent)
+            session.add(_submission(request.job_id, request.attempt, job))
+            if request.expected_seconds is not None and job.status != JobStatus.FAILED:
+                record = session.get_one(Job, request.job_id)
+                record.upsampler_id = job.id
+                record.estimated_completion = utcnow() + timedelta(seconds=request.expected_seconds)
+                session.add(record)
             try:
                 session.commit()
-            except IntegrityError:  # a concurrent duplicate attempt recorded it first
+            except IntegrityError:  # a concurrent duplicate attempt recorded another reply first: ours is an orphan
                 session.rollback()
-        activity.logger.info("submitted to Upsampler: %s %s", job.id, job.status)
+                self._intent_outcome(nonce, "abandoned")
+
+    @activity.defn
+    async def adopt_submission(self, request: AdoptRequest) -> UpsamplerResult:
+        """The job a webhook named (by its URL's nonce) for a submit whose reply was lost: once the status
+        endpoint confirms it, it is that attempt's submission. No second job is paid for."""
+        job = await self._call("status", lambda: self.client.status(request.upsampler_id))
+        with Session(self.engine) as session:
+            for intent in session.exec(
+                select(SubmitIntent).where(
+                    SubmitIntent.job_id == request.job_id,
+                    SubmitIntent.attempt == request.attempt,
+                    col(SubmitIntent.outcome).is_(None),
+                )
+            ).all():
+                intent.outcome = "adopted"
+                session.add(intent)
+            session.add(_submission(request.job_id, request.attempt, job))
+            record = session.get_one(Job, request.job_id)
+            record.upsampler_id = job.id
+            session.add(record)
+            try:
+                session.commit()
+            except IntegrityError:  # a retry of this activity: adopted already
+                session.rollback()
+        activity.logger.info("adopted Upsampler job %s after a lost submit reply", job.id)
         return _result(job)
 
     @activity.defn

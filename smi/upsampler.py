@@ -25,9 +25,12 @@ class UpsamplerError(Exception):
     kind = ErrorCode.UPSAMPLER_ERROR
     retryable = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None):
+    def __init__(self, message: str, *, retry_after: float | None = None, reply_lost: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        # The request may have reached Upsampler, but its reply did not reach us: for a submit, a job
+        # may exist that we know nothing of. False when Upsampler answered, or the request never left.
+        self.reply_lost = reply_lost
 
 
 class UpsamplerUnauthorized(UpsamplerError):
@@ -144,10 +147,12 @@ class UpsamplerClient:
     async def _call(self, method: str, path: str, **kwargs) -> UpsamplerJob:
         try:
             response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise UpsamplerUnavailable(f"Upsampler timed out: {type(exc).__name__}") from None
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # nothing was sent
             raise UpsamplerUnavailable(f"Upsampler unreachable: {type(exc).__name__}") from None
+        except httpx.TimeoutException as exc:
+            raise UpsamplerUnavailable(f"Upsampler timed out: {type(exc).__name__}", reply_lost=True) from None
+        except httpx.TransportError as exc:
+            raise UpsamplerUnavailable(f"Upsampler's reply was lost: {type(exc).__name__}", reply_lost=True) from None
         code = response.status_code
         if code == 401 or code == 403:
             raise UpsamplerUnauthorized(f"Upsampler refused the API key ({code})")

@@ -54,6 +54,7 @@ class ErrorCode(StrEnum):
     MAIL_FAILED = "mail_failed"
     INVALID_REQUEST = "invalid_request"
     INTERNAL = "internal"
+    SUBMISSION_UNKNOWN = "submission_unknown"  # a submit whose reply never came: Upsampler may hold a job
 
 
 class Answer(StrEnum):
@@ -92,6 +93,8 @@ FAILURE_TABLE: dict[str, Rule] = {
     ErrorCode.UPSAMPLER_FAILED: Rule((Answer.RESUBMIT, Answer.REVIEW)),
     ErrorCode.TIMEOUT: Rule((Answer.REVIEW,)),
     ErrorCode.ADMIN_REFUND: Rule((Answer.REFUND,)),
+    # The workflow answers it itself (adopt the job a webhook names, else submit again); listed for `final`.
+    ErrorCode.SUBMISSION_UNKNOWN: Rule((Answer.RESUBMIT,), final=True),
 }
 DEFAULT_RULE = Rule((Answer.REVIEW,))
 # Errors no retry can mend: the activities' RetryPolicies do not retry them.
@@ -166,6 +169,16 @@ class SubmitRequest:
     attempt: int
     scale_factor: int
     variant: str = ""  # "" for the original, "q70" for the copy compressed at quality 70
+    expected_seconds: float | None = None  # with it, the job's record gets the Upsampler id and an estimated time
+
+
+@dataclass
+class AdoptRequest:
+    """A job a webhook named for a submission whose reply never came: confirm it, then it is the submission."""
+
+    job_id: str
+    attempt: int
+    upsampler_id: str
 
 
 @dataclass
@@ -187,6 +200,7 @@ class WebhookHint:
 
     upsampler_id: str
     status: JobStatus
+    attempt: int = 0  # set when the webhook's nonce names a submission whose reply never came
 
 
 @dataclass
@@ -271,6 +285,23 @@ class JobUpdate:
     download: DownloadLink | None = None
     error_code: str | None = None  # an ErrorCode; "" clears it
     error_message: str | None = None
+    estimate: EstimateRecord | None = None  # booked in the same transaction
+
+
+@dataclass
+class ResultBooking:
+    """Upsampler's result is in: book its cost, enter `downloading`; the budget alerts it set off come back."""
+
+    cost: CostRecord
+    update: JobUpdate
+
+
+@dataclass
+class Completion:
+    """The result is in place: the link for `token`, and `update` (status completed) naming it, in one go."""
+
+    token: TokenRequest
+    update: JobUpdate
 
 
 @dataclass

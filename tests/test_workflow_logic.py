@@ -35,8 +35,10 @@ from activities.upsampler import UpsamplerActivities
 from smi.imaging import ImageInfo
 from smi.vocabulary import (
     UPSAMPLER_QUEUE_SUFFIX,
+    AdoptRequest,
     BudgetAlertInfo,
     BudgetGate,
+    Completion,
     CompressRequest,
     CostRecord,
     DownloadedFile,
@@ -50,6 +52,7 @@ from smi.vocabulary import (
     JobUpdate,
     RefundOutcome,
     RefundRequest,
+    ResultBooking,
     StoredImage,
     StoreRequest,
     SubmitRequest,
@@ -70,6 +73,16 @@ STORED = StoredImage("/data/upscaled_256x192.png", 256, 192, "png", 40_000, "ef"
 LINK = DownloadLink(1, datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
 REFUNDED = RefundOutcome("refunded", 1299, "USD", "webhook")
 MB = 1024 * 1024
+# The local activities of a job's bookkeeping (and clean-up).
+LOCAL_ROUNDS = {
+    "update_job",
+    "record_estimate",
+    "record_cost",
+    "check_budget",
+    "issue_download_token",
+    "complete",
+    "cleanup",
+}
 
 
 def fail(code: str, retryable: bool = False, message: str = "") -> ApplicationError:
@@ -112,10 +125,12 @@ class Fakes:
     def always(self, name: str, outcome) -> None:
         self._always[name] = outcome
 
-    async def _answer(self, arg, default):
-        name = activity.info().activity_type
+    async def _answer(self, arg, default, name: str | None = None):
+        """The scripted answer of activity `name` (default: the running activity, the only one `log` names)."""
+        if name is None:
+            name = activity.info().activity_type
+            self.log.append(name)
         self.calls[name].append(arg)
-        self.log.append(name)
         outcome = self._scripts[name].pop(0) if self._scripts[name] else self._always.get(name, default)
         if callable(outcome):
             outcome = outcome(arg)
@@ -162,7 +177,25 @@ class Fakes:
 
     @activity.defn(name="update_job")
     async def update_job(self, update: JobUpdate) -> None:
-        return await self._answer(update, None)
+        await self._answer(update, None)
+        if update.estimate is not None:  # the real one books it in the same round (so: not in `log`)
+            await self._answer(update.estimate, 0.75, "record_estimate")
+
+    # The merged rounds record what the real ones do under the names of the parts they merge.
+    @activity.defn(name="book_result")
+    async def book_result(self, booking: ResultBooking) -> list[BudgetAlertInfo]:
+        self.log.append("book_result")
+        await self._answer(booking.cost, booking.cost.credits * booking.cost.credit_price_usd, "record_cost")
+        await self._answer(booking.update, None, "update_job")
+        return await self._answer(booking.cost.job_id, [], "check_budget")
+
+    @activity.defn(name="complete")
+    async def complete(self, completion: Completion) -> DownloadLink:
+        self.log.append("complete")
+        link = await self._answer(completion.token, LINK, "issue_download_token")
+        completion.update.download = link
+        await self._answer(completion.update, None, "update_job")
+        return link
 
     @activity.defn(name="record_estimate")
     async def record_estimate(self, record: EstimateRecord) -> float:
@@ -205,6 +238,10 @@ class Fakes:
     async def check_status(self, upsampler_id: str) -> UpsamplerResult:
         return await self._answer(upsampler_id, completed(upsampler_id))
 
+    @activity.defn(name="adopt_submission")
+    async def adopt_submission(self, request: AdoptRequest) -> UpsamplerResult:
+        return await self._answer(request, completed(request.upsampler_id))
+
     def job_activities(self) -> list:
         return [
             self.fetch_original,
@@ -219,13 +256,15 @@ class Fakes:
             self.check_budget,
             self.budget_gate,
             self.issue_download_token,
+            self.book_result,
+            self.complete,
             self.send_email,
             self.send_budget_alert,
             self.refund,
         ]
 
     def upsampler_activities(self) -> list:
-        return [self.submit_upscale, self.check_status]
+        return [self.submit_upscale, self.check_status, self.adopt_submission]
 
 
 @pytest.fixture
@@ -337,15 +376,18 @@ def test_every_fake_is_registered_under_the_real_activity_name(fakes):
         LedgerActivities.check_budget,
         LedgerActivities.budget_gate,
         LedgerActivities.issue_download_token,
+        LedgerActivities.book_result,
+        LedgerActivities.complete,
         NotifyActivities.send_email,
         NotifyActivities.send_budget_alert,
         PaymentsActivities.refund,
         UpsamplerActivities.submit_upscale,
         UpsamplerActivities.check_status,
+        UpsamplerActivities.adopt_submission,
     ]
     names = lambda functions: sorted(activity._Definition.must_from_callable(f).name for f in functions)  # noqa: E731
     assert names(fakes.job_activities() + fakes.upsampler_activities()) == names(real)
-    assert len(set(names(real))) == 17
+    assert len(set(names(real))) == 20
 
 
 # --- A job that goes well -----------------------------------------------------------------------
@@ -362,7 +404,7 @@ async def test_a_job_calls_every_step_with_the_right_arguments(fakes):
     assert fakes.calls["record_estimate"] == [EstimateRecord(job_id, 64, 48, 4, 0.25, 0.04)]
     assert fakes.calls["compress_original"] == []  # 10 kB is under Upsampler's input limit
     assert fakes.calls["budget_gate"] == []  # no hard stop in this policy
-    assert fakes.calls["submit_upscale"] == [SubmitRequest(job_id, 1, 4, "")]
+    assert fakes.calls["submit_upscale"] == [SubmitRequest(job_id, 1, 4, "", expected_seconds=30.0)]
     assert fakes.calls["check_status"] == ["up-1"]
     # The cost Upsampler reports with the result (2.5) wins over the submission's estimate (1.0).
     assert fakes.calls["record_cost"] == [CostRecord(job_id, "up-1", 2.5, 0.04)]
@@ -376,14 +418,16 @@ async def test_a_job_calls_every_step_with_the_right_arguments(fakes):
     assert fakes.calls["cleanup"] == [job_id] and fakes.log[-1] == "cleanup"
 
     updates = fakes.calls["update_job"]
-    assert fakes.statuses() == ["queued", "queued", "downloading", "completed"]
-    assert updates[0].input == ORIGINAL
-    assert updates[1].upsampler_id == "up-1"
-    started = (await handle.describe()).start_time
-    assert timedelta(seconds=30) <= updates[1].estimated_completion - started < timedelta(seconds=35)
-    assert updates[3].output == STORED
-    assert updates[3].download == LINK and updates[3].error_code == ""
+    # The submit activity writes the Upsampler id and the estimated time into the record itself.
+    assert fakes.statuses() == ["queued", "downloading", "completed"]
+    assert updates[0].input == ORIGINAL and updates[0].estimate == fakes.calls["record_estimate"][0]
+    assert updates[2].output == STORED
+    assert updates[2].download == LINK and updates[2].error_code == ""
     assert await timer_seconds(handle) == [30.0]
+    # At most 4 bookkeeping rounds per job, 3 of them local: the queued update with the estimate, the
+    # link with `completed`, the clean-up; the cost, budget check and `downloading` run beside the download.
+    assert [name for name in fakes.log if name in LOCAL_ROUNDS] == ["update_job", "complete", "cleanup"]
+    assert fakes.log.count("book_result") == 1
 
 
 async def test_a_retry_run_numbers_its_submissions_after_the_earlier_runs(fakes):
@@ -420,7 +464,7 @@ async def test_first_poll_at_the_initial_delay_then_backoff_doubles_up_to_the_ca
     assert await timer_seconds(handle) == [7.0, 14.0, 28.0, 40.0, 40.0]
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 5
     assert fakes.calls["check_status"] == ["up-1"] * 5
-    assert fakes.statuses() == ["queued", "queued", "processing", "downloading", "completed"]
+    assert fakes.statuses() == ["queued", "processing", "downloading", "completed"]
 
 
 async def test_no_result_within_the_processing_timeout_goes_to_manual_review(fakes):
@@ -435,8 +479,8 @@ async def test_no_result_within_the_processing_timeout_goes_to_manual_review(fak
     # 30 + 40, then what is left of the 100 s (less the real time the status calls took).
     assert timers[:2] == [30.0, 40.0] and len(timers) == 3 and 29.0 < timers[2] <= 30.0
     assert fakes.calls["check_status"] == ["up-1"] * 3
-    assert fakes.statuses() == ["queued", "queued", "processing", "manual_review", "failed"]
-    review = fakes.calls["update_job"][3]
+    assert fakes.statuses() == ["queued", "processing", "manual_review", "failed"]
+    review = fakes.calls["update_job"][2]
     assert review.error_code == "timeout" and "100 s" in review.error_message
     assert fakes.admin_notes()[0] == "Manual review needed (timeout)"
     assert fakes.calls["download_result"] == [] and fakes.calls["record_cost"] == []
@@ -470,7 +514,7 @@ async def test_a_webhook_the_status_call_contradicts_only_brings_the_poll_forwar
     # The wait starts again at the initial delay (no backoff: the first wait did not time out).
     assert await timer_seconds(handle) == [30.0, 30.0]
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 1
-    assert fakes.statuses() == ["queued", "queued", "processing", "downloading", "completed"]
+    assert fakes.statuses() == ["queued", "processing", "downloading", "completed"]
 
 
 def _signalling_submit(fakes: Fakes, names_id: str):
@@ -506,6 +550,71 @@ async def test_an_early_webhook_for_another_submission_is_dropped(fakes):
     assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 1  # it waited for the poll
 
 
+# --- A submit whose reply was lost: adopt the job its webhook names, else submit again ----------------
+
+
+def _lost_reply(fakes: Fakes, names_id: str | None):
+    """A submit whose POST reached Upsampler but whose reply did not reach us: the retried activity
+    raises submission_unknown; Upsampler's job calls the webhook whose nonce names attempt 1 (unless None)."""
+
+    async def submit(request: SubmitRequest) -> UpsamplerResult:
+        if names_id is not None:
+            workflow = fakes.env.client.get_workflow_handle(activity.info().workflow_id)
+            await workflow.signal(UpscaleWorkflow.upsampler_webhook, WebhookHint(names_id, "completed", attempt=1))
+        return fail("submission_unknown")
+
+    return submit
+
+
+async def test_a_lost_submit_reply_adopts_the_job_its_webhook_names_and_pays_for_no_second(fakes):
+    fakes.script("submit_upscale", _lost_reply(fakes, "up-lost"))
+    async with running(fakes) as handle:
+        state = await finish(handle, fakes)
+    job_id = job_id_of(handle)
+
+    assert state.status == "completed" and state.upsampler_id == "up-lost" and state.attempt == 1
+    assert [request.attempt for request in fakes.calls["submit_upscale"]] == [1]  # no second POST
+    assert fakes.calls["adopt_submission"] == [AdoptRequest(job_id, 1, "up-lost")]
+    assert fakes.calls["check_status"] == []  # the adoption's status check found it finished
+    assert fakes.calls["record_cost"] == [CostRecord(job_id, "up-lost", 2.5, 0.04)]
+    assert fakes.calls["download_result"] == [DownloadRequest(job_id, result_url("up-lost"), 1)]
+    assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 0
+
+
+async def test_without_a_webhook_within_the_processing_timeout_it_submits_again(fakes):
+    fakes.script("submit_upscale", _lost_reply(fakes, None))
+    async with running(fakes, processing_timeout_seconds=600) as handle:
+        state = await finish(handle, fakes)
+
+    assert state.status == "completed" and state.upsampler_id == "up-2" and state.attempt == 2
+    assert [request.attempt for request in fakes.calls["submit_upscale"]] == [1, 2]
+    assert fakes.calls["adopt_submission"] == []
+    assert (await timer_seconds(handle))[0] == 600.0  # the wait for the lost reply's webhook
+    assert [cost.upsampler_id for cost in fakes.calls["record_cost"]] == ["up-2"]
+
+
+async def test_a_job_the_status_endpoint_does_not_know_is_not_adopted(fakes):
+    fakes.script("submit_upscale", _lost_reply(fakes, "up-unknown"))
+    fakes.script("adopt_submission", fail("upsampler_not_found"))
+    async with running(fakes) as handle:
+        state = await finish(handle, fakes)
+
+    assert state.status == "completed" and state.upsampler_id == "up-2"
+    assert [request.attempt for request in fakes.calls["submit_upscale"]] == [1, 2]
+    assert [cost.upsampler_id for cost in fakes.calls["record_cost"]] == ["up-2"]
+
+
+async def test_an_adopted_job_still_running_is_waited_for_like_any_submission(fakes):
+    fakes.script("submit_upscale", _lost_reply(fakes, "up-lost"))
+    fakes.script("adopt_submission", lambda request: UpsamplerResult(request.upsampler_id, "processing", 1.0))
+    async with running(fakes) as handle:
+        state = await finish(handle, fakes)
+
+    assert state.status == "completed" and state.upsampler_id == "up-lost"
+    assert fakes.calls["check_status"] == ["up-lost"]
+    assert [request.attempt for request in fakes.calls["submit_upscale"]] == [1]
+
+
 # --- The failure table: the n-th failure of a kind gets the n-th answer ----------------------------
 
 # code -> the activity that fails with it; the first failure is refunded.
@@ -526,6 +635,7 @@ REVIEW_ROWS = {
 }
 # Rows with tests of their own below.
 SEQUENCE_ROWS = {"too_large", "upsampler_failed", "invalid_result", "result_expired", "timeout", "admin_refund"}
+SEQUENCE_ROWS |= {"submission_unknown"}  # tested above: "A submit whose reply was lost"
 
 
 def test_every_row_of_the_failure_table_has_a_test():
@@ -781,7 +891,7 @@ async def test_transient_errors_are_retried_within_the_activity(fakes):
     assert state.status == "completed" and state.attempt == 1
     assert len(fakes.calls["download_result"]) == 3 and await activity_attempts(handle, "download_result") == (1, [])
     # Every retry of the submission carries the same attempt number: the key that stops a double charge.
-    assert fakes.calls["submit_upscale"] == [SubmitRequest(job_id_of(handle), 1, 4, "")] * 4
+    assert fakes.calls["submit_upscale"] == [SubmitRequest(job_id_of(handle), 1, 4, "", expected_seconds=30.0)] * 4
     assert await activity_attempts(handle, "submit_upscale") == (1, [])
 
 

@@ -29,7 +29,10 @@ with workflow.unsafe.imports_passed_through():
         FAILURE_TABLE,
         FINAL_ERRORS,
         UPSAMPLER_QUEUE_SUFFIX,
+        AdoptRequest,
         Answer,
+        BudgetAlertInfo,
+        Completion,
         CompressRequest,
         CostRecord,
         Decision,
@@ -42,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         JobStatus,
         JobUpdate,
         RefundRequest,
+        ResultBooking,
         ShopEventType,
         StoredImage,
         StoreRequest,
@@ -118,6 +122,10 @@ class UpscaleWorkflow:
         self._budget_released = False
         self._failures: dict[str, int] = {}
         self._qualities = list(COMPRESS_QUALITIES)
+        self._lost_replies: dict[int, WebhookHint] = {}  # attempt -> the job a webhook named for a lost submit reply
+        self._cost_due: tuple[UpsamplerResult, UpsamplerResult] | None = None  # booked beside the download
+        self._adopted_result: UpsamplerResult | None = None  # an adopted job that had already finished
+        self._merged_rounds = False  # set in run(); False for histories from before the bookkeeping was merged
 
     @workflow.query
     def state(self) -> JobState:
@@ -127,7 +135,10 @@ class UpscaleWorkflow:
     def upsampler_webhook(self, hint: WebhookHint) -> None:
         """Upsampler's webhook, delivered by the API. Duplicates and stale ones only wake the poll."""
         self._state.webhooks += 1
-        if hint.upsampler_id == self._state.upsampler_id:
+        if hint.attempt:  # names the job of a submission whose reply was lost (its URL's nonce)
+            if hint.attempt not in self._lost_replies and len(self._lost_replies) < MAX_EARLY_HINTS:
+                self._lost_replies[hint.attempt] = hint
+        elif hint.upsampler_id == self._state.upsampler_id:
             self._hint = hint
         elif len(self._early_hints) < MAX_EARLY_HINTS:  # Upsampler may call before the submit activity returns
             self._early_hints[hint.upsampler_id] = hint
@@ -146,6 +157,8 @@ class UpscaleWorkflow:
     @workflow.run
     async def run(self, job: UpscaleInput) -> JobState:
         self._job = job
+        # Fewer bookkeeping rounds per job (README, Benchmarks): 9 local activities became at most 4.
+        self._merged_rounds = workflow.patched("bookkeeping-rounds")
         self._state.attempt = job.attempts_before
         self._stage_entered = workflow.info().start_time
         _count(
@@ -181,7 +194,7 @@ class UpscaleWorkflow:
                     submission = await self._submit(variant)
                     # 3. Wait for the webhook or poll, until the processing timeout; book the cost.
                     result = await self._wait_for_result(submission)
-                    await self._book_cost(submission, result)
+                    await self._owe(submission, result)
                 elif refresh:  # the result links expired: Upsampler's status reply carries fresh ones
                     refresh = False
                     result = await self._fresh_result(submission.upsampler_id)
@@ -210,18 +223,19 @@ class UpscaleWorkflow:
         width, height = self._output_size(original)
         if width * height > MAX_OUTPUT_PIXELS:
             raise Problem(ErrorCode.OUTPUT_TOO_LARGE, f"the output would be {width}x{height}, over Upsampler's limit")
-        await self._set_status(JobStatus.QUEUED, input=original)
-        await self._local(
-            LedgerActivities.record_estimate,
-            EstimateRecord(
-                job.job_id,
-                original.width,
-                original.height,
-                job.scale_factor,
-                job.policy.credits_per_megapixel,
-                job.policy.credit_price_usd,
-            ),
+        estimate = EstimateRecord(
+            job.job_id,
+            original.width,
+            original.height,
+            job.scale_factor,
+            job.policy.credits_per_megapixel,
+            job.policy.credit_price_usd,
         )
+        if self._merged_rounds:
+            await self._set_status(JobStatus.QUEUED, input=original, estimate=estimate)
+        else:
+            await self._set_status(JobStatus.QUEUED, input=original)
+            await self._local(LedgerActivities.record_estimate, estimate)
 
     def _answer_to(self, problem: Problem) -> str:
         count = self._failures.get(problem.code, 0)
@@ -252,20 +266,41 @@ class UpscaleWorkflow:
         raise Problem(ErrorCode.TOO_LARGE, "the image is too large for Upsampler even compressed")
 
     async def _submit(self, variant: str | None) -> UpsamplerResult:
-        """A new attempt at Upsampler; under the hard stop, once the budget allows."""
+        """A new attempt at Upsampler; under the hard stop, once the budget allows.
+
+        When a submit's reply was lost (Upsampler may hold a job we never heard of), the job its
+        webhook names is adopted instead of paying for a second one; only without one is it sent again.
+        """
         job = self._job
         if job.policy.budget_hard_stop:
             await self._wait_for_budget()
-        self._state.attempt += 1
-        self._hint = None
-        submission = await self._activity(
-            UpsamplerActivities.submit_upscale,
-            SubmitRequest(job.job_id, self._state.attempt, job.scale_factor, variant or ""),
-            task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
-            start_to_close_timeout=timedelta(minutes=1),
-            schedule_to_close_timeout=timedelta(minutes=30),
-            retry_policy=UPSAMPLER_RETRY,
-        )
+        delay = job.policy.poll_initial_delay_seconds
+        while True:
+            self._state.attempt += 1
+            self._hint = None
+            try:
+                submission = await self._activity(
+                    UpsamplerActivities.submit_upscale,
+                    SubmitRequest(
+                        job.job_id,
+                        self._state.attempt,
+                        job.scale_factor,
+                        variant or "",
+                        expected_seconds=delay if self._merged_rounds else None,  # the record's update, in one go
+                    ),
+                    task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
+                    start_to_close_timeout=timedelta(minutes=1),
+                    schedule_to_close_timeout=timedelta(minutes=30),
+                    retry_policy=UPSAMPLER_RETRY,
+                )
+                break
+            except Problem as problem:
+                if problem.code != ErrorCode.SUBMISSION_UNKNOWN:
+                    raise
+            adopted = await self._adopt(self._state.attempt)
+            if adopted is not None:
+                submission = adopted
+                break
         if submission.status == JobStatus.FAILED:
             raise Problem(
                 submission.error_kind or ErrorCode.UPSAMPLER_FAILED, f"Upsampler refused the job: {submission.error}"
@@ -276,9 +311,47 @@ class UpscaleWorkflow:
         # Histories from before this change dropped such a webhook and waited for the first poll.
         if early is not None and workflow.patched("keep-early-webhook"):
             self._hint = early
-        expected = workflow.now() + timedelta(seconds=job.policy.poll_initial_delay_seconds)
-        await self._set_status(JobStatus.QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected)
+        if not self._merged_rounds:  # else the submit activity wrote both into the record
+            expected = workflow.now() + timedelta(seconds=delay)
+            await self._set_status(
+                JobStatus.QUEUED, upsampler_id=submission.upsampler_id, estimated_completion=expected
+            )
         return submission
+
+    async def _adopt(self, attempt: int) -> UpsamplerResult | None:
+        """Wait for the webhook of the submission whose reply was lost; the job it names, once the status
+        endpoint confirms it, is the submission. None when no webhook came within the processing timeout:
+        whatever Upsampler holds for it then has ended or will be booked as an orphan when it calls."""
+        policy = self._job.policy
+        try:
+            await workflow.wait_condition(
+                lambda: attempt in self._lost_replies or self._decision == Decision.REFUND,
+                timeout=policy.processing_timeout_seconds,
+            )
+        except asyncio.TimeoutError:
+            workflow.logger.warning("no webhook for attempt %d's lost submit reply: submitting again", attempt)
+            return None
+        if self._decision == Decision.REFUND:
+            raise Problem(ErrorCode.ADMIN_REFUND, "an admin asked for a refund")
+        hint = self._lost_replies.pop(attempt)
+        self._state.polls += 1
+        try:
+            adopted = await self._activity(
+                UpsamplerActivities.adopt_submission,
+                AdoptRequest(self._job.job_id, attempt, hint.upsampler_id),
+                task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(minutes=10),
+                retry_policy=UPSAMPLER_RETRY,
+            )
+        except Problem as problem:
+            if problem.code != ErrorCode.UPSAMPLER_NOT_FOUND:
+                raise
+            return None  # the status endpoint does not know it: nothing to adopt
+        _count("smi_submissions_adopted", "Upsampler jobs adopted after a lost submit reply.")
+        if adopted.status == JobStatus.COMPLETED:
+            self._adopted_result = adopted
+        return adopted
 
     async def _wait_for_result(self, submission: UpsamplerResult) -> UpsamplerResult:
         """A webhook ends the wait at once; without one, poll at the initial delay, then back off.
@@ -286,6 +359,9 @@ class UpscaleWorkflow:
         Either way the status endpoint has the last word, so a forged or stale webhook can
         only make us ask a little earlier.
         """
+        if self._adopted_result is not None:  # the adoption's status check found it finished
+            result, self._adopted_result = self._adopted_result, None
+            return result
         policy = self._job.policy
         deadline = workflow.now() + timedelta(seconds=policy.processing_timeout_seconds)
         delay = policy.poll_initial_delay_seconds
@@ -338,15 +414,42 @@ class UpscaleWorkflow:
             retry_policy=UPSAMPLER_RETRY,
         )
 
-    async def _book_cost(self, submission: UpsamplerResult, result: UpsamplerResult) -> None:
-        """What Upsampler charged for this submission; then the budget alerts it may have set off."""
+    def _cost(self, submission: UpsamplerResult, result: UpsamplerResult) -> CostRecord:
+        """What Upsampler charged for this submission."""
         job = self._job
         credits = result.credit_cost if result.credit_cost is not None else submission.credit_cost or 0.0
-        await self._local(
-            LedgerActivities.record_cost,
-            CostRecord(job.job_id, submission.upsampler_id, credits, job.policy.credit_price_usd),
+        return CostRecord(job.job_id, submission.upsampler_id, credits, job.policy.credit_price_usd)
+
+    async def _owe(self, submission: UpsamplerResult, result: UpsamplerResult) -> None:
+        """Upsampler charged for this submission: booked beside the download (step 4), or at once before
+        "bookkeeping-rounds"."""
+        if self._merged_rounds:
+            self._cost_due = (submission, result)
+        else:
+            await self._book_cost(submission, result)
+
+    async def _book_cost(self, submission: UpsamplerResult, result: UpsamplerResult) -> None:
+        """(Histories from before "bookkeeping-rounds".) The cost, then the budget alerts it may have set off."""
+        await self._local(LedgerActivities.record_cost, self._cost(submission, result))
+        await self._send_budget_alerts(await self._local(LedgerActivities.check_budget, self._job.job_id))
+
+    async def _book_result(self, submission: UpsamplerResult, result: UpsamplerResult) -> None:
+        """The cost, the budget check and `downloading` in one round; then the budget alerts it set off.
+
+        A regular activity, not a local one: a workflow task that runs a local activity sends its
+        other commands only when it is done, and the download's schedule must not wait for this.
+        """
+        booking = ResultBooking(self._cost(submission, result), self._note_status(JobStatus.DOWNLOADING))
+        alerts = await self._activity(
+            LedgerActivities.book_result,
+            booking,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=LOCAL_RETRY,
         )
-        for alert in await self._local(LedgerActivities.check_budget, job.job_id):
+        await self._send_budget_alerts(alerts)
+
+    async def _send_budget_alerts(self, alerts: list[BudgetAlertInfo]) -> None:
+        for alert in alerts:
             try:
                 await self._activity(
                     NotifyActivities.send_budget_alert,
@@ -372,15 +475,25 @@ class UpscaleWorkflow:
 
     async def _download_and_check(self, result: UpsamplerResult, width: int, height: int) -> StoredImage:
         job = self._job
-        # 4. Download the result, streamed and hashed.
-        await self._set_status(JobStatus.DOWNLOADING)
-        downloaded = await self._activity(
-            StorageActivities.download_result,
-            DownloadRequest(job.job_id, result.image_url or "", self._state.attempt),
-            start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(seconds=10),  # a dead worker's download resumes elsewhere soon
-            retry_policy=TRANSFER_RETRY,
-        )
+        # 4. Download the result, streamed and hashed; a new result's cost is booked beside it, and is
+        #    owed whether or not the download works.
+        booking = None
+        if self._cost_due is not None:
+            booking = asyncio.ensure_future(self._book_result(*self._cost_due))  # runs once the download is scheduled
+            self._cost_due = None
+        elif not self._merged_rounds or self._state.status != JobStatus.DOWNLOADING:
+            await self._set_status(JobStatus.DOWNLOADING)
+        try:
+            downloaded = await self._activity(
+                StorageActivities.download_result,
+                DownloadRequest(job.job_id, result.image_url or "", self._state.attempt),
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=10),  # a dead worker's download resumes elsewhere soon
+                retry_policy=TRANSFER_RETRY,
+            )
+        finally:
+            if booking is not None:
+                await booking
         # 5. Validate: input x scale, a known format, decodes whole; then put it in place.
         await self._activity(
             StorageActivities.validate_result,
@@ -398,11 +511,13 @@ class UpscaleWorkflow:
     async def _deliver(self, stored: StoredImage) -> None:
         """6. Issue the download link, tell the customer. A mail that will not go keeps the job completed."""
         job = self._job
-        link = await self._local(
-            LedgerActivities.issue_download_token,
-            TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours),
-        )
-        await self._set_status(JobStatus.COMPLETED, output=stored, download=link, error_code="", error_message="")
+        token = TokenRequest(job.job_id, f"run:{job.run}", job.policy.download_ttl_hours)
+        if self._merged_rounds:
+            completed = self._note_status(JobStatus.COMPLETED, output=stored, error_code="", error_message="")
+            link = await self._local(LedgerActivities.complete, Completion(token, completed))
+        else:
+            link = await self._local(LedgerActivities.issue_download_token, token)
+            await self._set_status(JobStatus.COMPLETED, output=stored, download=link, error_code="", error_message="")
         await self._shop_event(ShopEventType.COMPLETED)  # started, not awaited: the email does not wait for the shop
         try:
             await self._activity(
@@ -477,6 +592,10 @@ class UpscaleWorkflow:
 
     async def _set_status(self, status: JobStatus, **fields) -> None:
         """Every status change: the query state, the UpscaleStatus search attribute, the record."""
+        await self._local(LedgerActivities.update_job, self._note_status(status, **fields))
+
+    def _note_status(self, status: JobStatus, **fields) -> JobUpdate:
+        """A status change in the query state and the search attribute; returns the record's update."""
         if status != self._state.status:
             now = workflow.now()
             workflow.metric_meter().create_histogram_timedelta(
@@ -496,7 +615,7 @@ class UpscaleWorkflow:
         if "error_code" in fields:
             self._state.error_code = fields["error_code"] or None
             self._state.error_message = fields.get("error_message") or None
-        await self._local(LedgerActivities.update_job, JobUpdate(self._job.job_id, status, **fields))
+        return JobUpdate(self._job.job_id, status, **fields)
 
     # Typed as the SDK's execute_activity_method is: the activity's argument and result types are checked
     # (an async activity method, then a sync one).
