@@ -30,7 +30,7 @@ from api import deps
 from api.errors import ApiError
 from api.openapi import METRICS, errors
 from smi import funnel, usage
-from smi.db import Job, LedgerEntry, Refund, UpsamplerCall, utcnow
+from smi.db import Job, LedgerEntry, OrphanJob, Refund, UpsamplerCall, utcnow
 from smi.settings import Settings
 from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 
@@ -123,6 +123,7 @@ def _from_database(svc: deps.Services) -> list[Metric]:
                 UpsamplerCall.kind, UpsamplerCall.outcome
             )
         ).all()
+        orphans = session.exec(select(OrphanJob.found_by, func.count()).group_by(OrphanJob.found_by)).all()
         credits, cost = session.exec(
             select(
                 func.coalesce(func.sum(LedgerEntry.credits), 0), func.coalesce(func.sum(LedgerEntry.cost_usd), 0)
@@ -152,6 +153,13 @@ def _from_database(svc: deps.Services) -> list[Metric]:
             "Requests to Upsampler by kind and outcome, all workers.",
             ["kind", "outcome"],
             calls,
+        ),
+        _family(
+            Counter,
+            "smi_db_orphan_jobs",
+            "Upsampler jobs we caused that were no current submission of their job, booked (issue 16), by finder.",
+            ["found_by"],
+            orphans,
         ),
         _family(Counter, "smi_db_credits_spent", "Upsampler credits booked in the ledger.", [], [(credits,)]),
         _family(Counter, "smi_db_cost_usd", "Upsampler cost booked in the ledger, USD.", [], [(cost,)]),

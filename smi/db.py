@@ -15,8 +15,9 @@ from typing import Any, cast, overload
 
 from sqlalchemy import Column, DateTime, UniqueConstraint, event
 from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.dml import UpdateBase
-from sqlmodel import Field, Session, SQLModel, create_engine
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 
 def utcnow() -> datetime:
@@ -136,6 +137,32 @@ class LedgerEntry(SQLModel, table=True):
     cost_usd: float = 0.0
     revenue_usd: float = 0.0
     created_at: datetime = _timestamp(nullable=False, index=True)
+
+
+def insert_once(session: Session, row: SQLModel) -> bool:
+    """Insert `row` and commit; when a unique key already holds it, change nothing. True if it was new."""
+    session.add(row)
+    try:
+        session.commit()
+        return True
+    except IntegrityError:
+        session.rollback()
+        return False
+
+
+def set_job_cost(session: Session, job_id: str) -> float | None:
+    """The job's cost (credits, USD) becomes the sum of its `upscale:<id>` ledger rows, one per Upsampler job
+    it caused; the caller commits. Its cost in USD, None when the job has no record."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    entries = session.exec(
+        select(LedgerEntry).where(LedgerEntry.job_id == job_id, col(LedgerEntry.purpose).startswith("upscale:"))
+    ).all()
+    job.cost_credits = round(sum(entry.credits for entry in entries), 6)
+    job.cost_usd = round(sum(entry.cost_usd for entry in entries), 6)
+    session.add(job)
+    return job.cost_usd
 
 
 class UpsamplerCall(SQLModel, table=True):
@@ -362,7 +389,9 @@ __all__ = [
     "SubmitIntent",
     "UpsamplerCall",
     "as_utc",
+    "insert_once",
     "make_engine",
+    "set_job_cost",
     "set_status",
     "utcnow",
 ]

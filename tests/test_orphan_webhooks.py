@@ -3,15 +3,23 @@ intent's nonce, and what a webhook naming an Upsampler job that is no submission
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
+from sqlmodel import Session, select
+from temporalio.api.enums.v1 import EventType
 
-from smi import signing
-from tests.helpers import WEBHOOK_SECRET
+from smi import orphans, signing
+from smi.db import Job, LedgerEntry, OrphanJob, SentMail, Submission, SubmitIntent, make_engine, utcnow
+from tests.conftest import png_bytes
+from tests.helpers import WEBHOOK_SECRET, event_count, order, wait_for_status
+from worker import create_worker
 
 JOB = "a" * 32
+METRICS_TOKEN = "orphan-metrics-token"
 
 
 def _query(url: str) -> dict[str, str]:
@@ -46,3 +54,178 @@ def test_a_nonce_that_is_not_32_lowercase_hex_digits_is_refused(nonce):
     assert not signing.verify_webhook(WEBHOOK_SECRET, JOB, signature, nonce)
     with pytest.raises(ValueError):
         signing.webhook_url("https://smi.example", WEBHOOK_SECRET, JOB, nonce)
+
+
+# --- the webhook -------------------------------------------------------------------------------------
+
+
+def _intent(engine, job_id: str, attempt: int, outcome: str | None) -> str:
+    """A submit intent of the job, as activities/upsampler.py writes one; its nonce."""
+    nonce = secrets.token_hex(16)
+    with Session(engine) as session:
+        session.add(SubmitIntent(nonce=nonce, job_id=job_id, attempt=attempt, outcome=outcome, created_at=utcnow()))
+        session.commit()
+    return nonce
+
+
+def _rows(engine, model, job_id: str) -> list:
+    with Session(engine) as session:
+        return list(session.exec(select(model).where(model.job_id == job_id)).all())
+
+
+def _metric(base_url: str, line_start: str) -> list[str]:
+    scraped = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert scraped.status_code == 200
+    return [line for line in scraped.text.splitlines() if line.startswith(line_start)]
+
+
+async def test_a_late_orphan_of_a_finished_job_is_booked_once_and_changes_nothing_else(dev_env, stack_factory, faults):
+    """Issue 16, 3: Upsampler's webhook for a job of ours that is no submission of the (finished) job, posted
+    three times at once: upscale:<id> booked once, the job's cost grows by it, its status, result, links and
+    emails stay as they were; the orphan is counted once. Also one from a submit the workflow abandoned."""
+    faults(delay_seconds=0.2)
+    stack = stack_factory(dev_env, metrics_token=METRICS_TOKEN)
+    client = stack.client()
+    async with create_worker(dev_env.client, stack.settings):
+        reply = await asyncio.to_thread(
+            client.post, "/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 30)), "orphan-late")
+        )
+        job_id = reply.json()["job_id"]
+        before = await wait_for_status(client, job_id, {"completed", "failed", "manual_review"}, timeout=90)
+        assert before["status"] == "completed", before
+        await dev_env.client.get_workflow_handle(f"upscale-{job_id}").result()  # its emails all sent
+    engine = make_engine(stack.settings.database_url)
+    mails = [(m.purpose, m.status) for m in _rows(engine, SentMail, job_id)]
+    assert len(stack.mailbox.messages) == 1 and mails
+    charges = {e.purpose: e.credits for e in _rows(engine, LedgerEntry, job_id) if e.purpose.startswith("upscale:")}
+    assert len(charges) == 1 and before["cost"]["credits"] == sum(charges.values())
+
+    hook = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, job_id)  # a URL without a nonce
+    late = {"id": "orphan-late-1", "status": "SUCCESS", "creditCost": 2.5, "imageUrl": "http://127.0.0.1:9/x.png"}
+    replies = await asyncio.gather(*[asyncio.to_thread(httpx.post, hook, json=late, timeout=30) for _ in range(3)])
+    assert [(r.status_code, r.json()) for r in replies] == [(200, {"received": True, "delivered": False})] * 3
+    abandoned = _intent(engine, job_id, attempt=7, outcome="abandoned")  # a submit given up on, answered late
+    hook2 = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, job_id, abandoned)
+    failed = {"id": "orphan-late-2", "status": "FAILED", "creditCost": 4, "error": "boom"}  # Upsampler bills nothing
+    assert httpx.post(hook2, json=failed).status_code == 200
+    assert httpx.post(hook, json=late).status_code == 200  # again, later: still once
+
+    orphan_rows = sorted((o.upsampler_id, o.credits, o.found_by) for o in _rows(engine, OrphanJob, job_id))
+    assert orphan_rows == [("orphan-late-1", 2.5, "webhook"), ("orphan-late-2", 0.0, "webhook")]
+    booked = {e.purpose: (e.credits, e.cost_usd) for e in _rows(engine, LedgerEntry, job_id)}
+    assert booked["upscale:orphan-late-1"] == (2.5, 0.1) and booked["upscale:orphan-late-2"] == (0.0, 0.0)
+    after = client.get(f"/v1/jobs/{job_id}").json()
+    assert after["cost"] == {
+        "credits": before["cost"]["credits"] + 2.5,
+        "usd": round(before["cost"]["usd"] + 0.1, 6),
+    }
+    assert {**after, "cost": None} == {**before, "cost": None}  # status, result, link: all as they were
+    assert [(m.purpose, m.status) for m in _rows(engine, SentMail, job_id)] == mails
+    assert len(stack.mailbox.messages) == 1
+    assert _metric(stack.api.url, "smi_db_orphan_jobs_total") == ['smi_db_orphan_jobs_total{found_by="webhook"} 2.0']
+    engine.dispose()
+
+
+async def test_a_webhook_for_a_submit_whose_reply_was_lost_is_reported_not_booked(
+    dev_env, stack_factory, quick_early_webhooks
+):
+    """Issue 16, 2: the URL's nonce names an intent of the job without its reply: the intent learns the
+    Upsampler id and the workflow gets the hint with the intent's attempt (it adopts the job after asking
+    the status endpoint); nothing is booked, no orphan recorded. Duplicates: one signal."""
+    stack = stack_factory(dev_env)
+    client = stack.client()
+    reply = client.post("/v1/jobs", json=order(stack.shop.publish(png_bytes(40, 30)), "orphan-adopt"))
+    job_id = reply.json()["job_id"]  # no worker: the workflow waits, the job unfinished
+    handle = dev_env.client.get_workflow_handle(f"upscale-{job_id}")
+    engine = make_engine(stack.settings.database_url)
+    try:
+        nonce = _intent(engine, job_id, attempt=1, outcome=None)
+        hook = signing.webhook_url(stack.settings.public_base_url, WEBHOOK_SECRET, job_id, nonce)
+        lost = {"id": "lost-reply-1", "status": "SUCCESS", "creditCost": 3}
+        for _ in range(2):
+            reply = await asyncio.to_thread(httpx.post, hook, json=lost, timeout=30)
+            assert (reply.status_code, reply.json()) == (200, {"received": True, "delivered": True})
+        with Session(engine) as session:
+            intent = session.get_one(SubmitIntent, nonce)
+            assert (intent.reported_id, intent.outcome) == ("lost-reply-1", None)
+            assert orphans.known_upsampler_ids(session, job_id) == {"lost-reply-1"}
+        assert _rows(engine, OrphanJob, job_id) == []
+        assert [e.purpose for e in _rows(engine, LedgerEntry, job_id) if e.purpose.startswith("upscale:")] == []
+        assert await event_count(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED) == 1
+        signalled = [
+            e.workflow_execution_signaled_event_attributes
+            async for e in handle.fetch_history_events()
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        ]
+        payload = signalled[0].input.payloads[0].data
+        assert b'"lost-reply-1"' in payload and b'"attempt":1' in payload.replace(b" ", b"")
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "received" and job["cost"] is None
+    finally:
+        await handle.terminate()
+        engine.dispose()
+
+
+def test_only_a_url_signed_for_its_nonce_is_heard(site):
+    """An unsigned or forged webhook, or one whose nonce is not the one signed, changes nothing (401, before
+    the body is read); the URL as the service signed it books the finished job's orphan."""
+    job_id = site.add_job("completed", cost_credits=1.0, cost_usd=0.04)
+    with Session(site.engine) as session:
+        session.add(LedgerEntry(job_id=job_id, purpose="upscale:u-1", credits=1.0, cost_usd=0.04, created_at=utcnow()))
+        session.add(Submission(job_id=job_id, attempt=1, upsampler_id="u-1", credit_cost=1.0, created_at=utcnow()))
+        session.commit()
+    nonce = _intent(site.engine, job_id, attempt=1, outcome="accepted")
+    good = signing.webhook_url(site.url, WEBHOOK_SECRET, job_id, nonce)
+    query = _query(good)
+    endpoint = f"{site.url}/smi-webhook/upsampler/"
+    body = {"id": "orphan-x", "status": "SUCCESS", "creditCost": 5}
+    forged = {
+        "unsigned": {"job": job_id, "n": nonce},
+        "zero signature": {**query, "sig": "0" * 64},
+        "another nonce": {**query, "n": secrets.token_hex(16)},
+        "nonce left out": {"job": job_id, "sig": query["sig"]},
+        "the nonce-less signature": {**query, "sig": signing.sign(WEBHOOK_SECRET, f"webhook:{job_id}")},
+        "another secret": _query(signing.webhook_url(site.url, "not-our-secret", job_id, nonce)),
+        "upper-case nonce": {
+            "job": job_id,
+            "n": nonce.upper(),
+            "sig": signing.sign(WEBHOOK_SECRET, f"webhook:{job_id}:{nonce.upper()}"),
+        },
+        "another job": {**query, "job": "f" * 32},
+    }
+    for name, params in forged.items():
+        reply = httpx.post(endpoint, params=params, json=body)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "bad_signature", name
+    assert _rows(site.engine, OrphanJob, job_id) == []
+    assert [e.purpose for e in _rows(site.engine, LedgerEntry, job_id)] == ["upscale:u-1"]
+    with Session(site.engine) as session:
+        assert session.get_one(Job, job_id).cost_credits == 1.0
+
+    assert httpx.post(good, json=body).json() == {"received": True, "delivered": False}
+    assert [(o.upsampler_id, o.credits) for o in _rows(site.engine, OrphanJob, job_id)] == [("orphan-x", 5.0)]
+    with Session(site.engine) as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.cost_credits, job.cost_usd) == ("completed", 6.0, 0.24)
+
+
+def test_book_orphan_books_once_at_the_jobs_own_price(site):
+    """What the webhook and the reconciliation both call: the orphan row and its charge once, priced like the
+    job's estimate; a submission of the job is no orphan; an amount that is no number books 0."""
+    job_id = site.add_job("completed")
+    with Session(site.engine) as session:
+        session.add(LedgerEntry(job_id=job_id, purpose="estimate", credits=2.0, cost_usd=0.1, created_at=utcnow()))
+        session.add(Submission(job_id=job_id, attempt=1, upsampler_id="sub-1", created_at=utcnow()))
+        session.commit()
+    book = orphans.book_orphan
+    assert book(site.engine, job_id, "o-1", 4.0, 0.04, "reconciliation") is True  # $0.05 a credit, the job's
+    assert book(site.engine, job_id, "o-1", 9.0, 0.04, "webhook") is False  # found again: as first booked
+    assert book(site.engine, job_id, "sub-1", 1.0, 0.04, "webhook") is False
+    assert book(site.engine, job_id, "o-2", float("nan"), 0.04, "webhook") is True
+    with pytest.raises(ValueError):
+        book(site.engine, job_id, "o-3", 1.0, 0.04, "someone")
+    charges = {e.purpose: (e.credits, e.cost_usd) for e in _rows(site.engine, LedgerEntry, job_id)}
+    assert charges == {"estimate": (2.0, 0.1), "upscale:o-1": (4.0, 0.2), "upscale:o-2": (0.0, 0.0)}
+    with Session(site.engine) as session:
+        job = session.get_one(Job, job_id)
+        assert (job.cost_credits, job.cost_usd) == (4.0, 0.2)
+        assert orphans.known_upsampler_ids(session, job_id) == {"sub-1", "o-1", "o-2"}
