@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 from activities.ledger import LedgerActivities
 from activities.notify import NotifyActivities
 from activities.payments import PaymentsActivities
+from activities.reconciliation import ReconciliationActivities
 from activities.shop_events import ShopEventActivities
 from activities.storage import StorageActivities
 from activities.upsampler import UpsamplerActivities
@@ -28,6 +29,7 @@ from smi.telemetry import worker_runtime
 from smi.upsampler import UpsamplerClient
 from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX
 from workflows.admin import RefundWorkflow, ResendLinkWorkflow
+from workflows.reconciliation import ReconciliationWorkflow, ensure_reconciliation_schedule
 from workflows.retention import RetentionWorkflow, ensure_retention_schedule
 from workflows.shop_events import ShopEventWorkflow
 from workflows.upscale import UpscaleWorkflow
@@ -80,13 +82,21 @@ def create_worker(
     calls = UpsamplerActivities(settings, engine, upsampler)
     payments = PaymentsActivities(settings, engine)
     shop_events = ShopEventActivities(settings, engine)
+    reconciliation = ReconciliationActivities(settings, engine)
     # Database and image work is blocking: it runs on these threads, not the event loop.
     threads = ThreadPoolExecutor(max_workers=8)
     grace = timedelta(seconds=shutdown_grace)  # see serve_until_signalled
     jobs = Worker(
         client,
         task_queue=task_queue,
-        workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow, RetentionWorkflow, ShopEventWorkflow],
+        workflows=[
+            UpscaleWorkflow,
+            RefundWorkflow,
+            ResendLinkWorkflow,
+            RetentionWorkflow,
+            ShopEventWorkflow,
+            ReconciliationWorkflow,
+        ],
         activities=[
             storage.fetch_original,
             storage.compress_original,
@@ -112,6 +122,10 @@ def create_worker(
             ledger.retention_plan,
             ledger.forget_results,
             ledger.delete_expired_tokens,
+            reconciliation.reconciliation_page,
+            reconciliation.settle,
+            reconciliation.record,
+            reconciliation.send_summary,
         ],
         activity_executor=threads,
         graceful_shutdown_timeout=grace,
@@ -159,6 +173,11 @@ async def run(settings: Settings | None = None) -> None:
                 log.info("created the retention schedule (daily, 03:00 UTC)")
         except Exception:  # the worker is still needed; the next worker start tries again
             log.exception("could not create the retention schedule")
+        try:
+            if await ensure_reconciliation_schedule(client, settings):
+                log.info("created the reconciliation schedule (daily, 04:00 UTC, the day before)")
+        except Exception:
+            log.exception("could not create the reconciliation schedule")
         await serve_until(stop, workers)
 
 
