@@ -1,13 +1,15 @@
-"""Admin endpoints: find jobs, and take over one: retry, refund, resend the email."""
+"""Admin endpoints: find jobs, and take over one: retry, refund, resend the email; usage, budgets, erasure; the
+day's reconciliation with Upsampler."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,11 +22,35 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api import deps, service
 from api.errors import ApiError
-from api.models import AdminAction, AdminJob, AdminJobs, BudgetReleased, Erasure, LinkResent, Money, UsageReport
+from api.models import (
+    AdminAction,
+    AdminJob,
+    AdminJobs,
+    BudgetReleased,
+    Erasure,
+    LinkResent,
+    Money,
+    OrphanListed,
+    ReconciliationDifference,
+    ReconciliationReport,
+    UsageReport,
+)
 from api.openapi import INVALID, KEYED_ERRORS, errors, merged
 from api.service import EMAIL, ERASED_EMAIL, job_view, load_job
 from smi import signing, usage
-from smi.db import BudgetRelease, DownloadToken, Job, LedgerEntry, Refund, SentMail, rows_changed, utcnow
+from smi.db import (
+    BudgetRelease,
+    DownloadToken,
+    Job,
+    LedgerEntry,
+    OrphanJob,
+    Reconciliation,
+    Refund,
+    SentMail,
+    as_utc,
+    rows_changed,
+    utcnow,
+)
 from smi.vocabulary import FINISHED, JobStatus, ResendInput
 from workflows.admin import ResendLinkWorkflow
 from workflows.upscale import UpscaleWorkflow
@@ -191,6 +217,52 @@ def usage_report(
             ),
         }
     )
+
+
+@router.get(
+    "/reconciliation",
+    response_model=ReconciliationReport,
+    summary="One UTC day compared with Upsampler's own record, and the orphaned Upsampler jobs found that day",
+    responses=errors(merged(KEYED_ERRORS, INVALID, {404: ["not_reconciled"]})),
+)
+def reconciliation(
+    day: date | None = Query(None, description="the UTC day, 2026-11-21 (default: yesterday, the last one checked)"),
+    svc: deps.Services = Depends(deps.services),
+) -> ReconciliationReport:
+    """The stored comparison of `day` (workflows/reconciliation.py: per job of the day, the credits booked
+    against what Upsampler's status endpoint reports for every id we know of; what was missing, booked), and
+    `orphans`: the Upsampler jobs recorded that day as no current submission of their job (smi/orphans.py),
+    whoever found them. 404 `not_reconciled` until the day was checked."""
+    day = day or utcnow().date() - timedelta(days=1)
+    with Session(svc.engine) as session:
+        row = session.get(Reconciliation, day)
+        if row is None:
+            raise ApiError(404, "not_reconciled", f"{day.isoformat()} has not been reconciled (yet)")
+        start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        found = select(OrphanJob).where(col(OrphanJob.created_at) >= start)
+        if day < date.max:
+            found = found.where(col(OrphanJob.created_at) < start + timedelta(days=1))
+        listed = session.exec(found.order_by(col(OrphanJob.created_at), col(OrphanJob.upsampler_id))).all()
+        return ReconciliationReport(
+            day=day.isoformat(),
+            checked_at=as_utc(row.checked_at).isoformat(),
+            jobs=row.jobs,
+            upsampler_ids=row.upsampler_ids,
+            booked_credits=row.booked_credits,
+            reported_credits=row.reported_credits,
+            booked_now=row.booked_now,
+            differences=[ReconciliationDifference.model_validate(d) for d in json.loads(row.differences)],
+            orphans=[
+                OrphanListed(
+                    upsampler_id=o.upsampler_id,
+                    job_id=o.job_id,
+                    credits=o.credits,
+                    found_by=o.found_by,
+                    created_at=as_utc(o.created_at).isoformat(),
+                )
+                for o in listed
+            ],
+        )
 
 
 def _release_budget_periods(svc: deps.Services) -> list[str]:

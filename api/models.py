@@ -189,6 +189,40 @@ class Erasure(BaseModel):
     emails: int
 
 
+class ReconciliationDifference(BaseModel):
+    """One Upsampler id whose booking and charge differed (workflows/reconciliation.py)."""
+
+    job_id: str
+    upsampler_id: str
+    booked: float | None  # the ledger's credits for it before the reconciliation; null: no row
+    reported: float | None  # what Upsampler charges for it; null: not known (yet)
+    action: str  # booked | mismatch | pending | unchecked | unknown
+
+
+class OrphanListed(BaseModel):
+    """An Upsampler job we caused that was no current submission of its job, booked once (smi/orphans.py)."""
+
+    upsampler_id: str
+    job_id: str
+    credits: float
+    found_by: str  # webhook | reconciliation
+    created_at: str
+
+
+class ReconciliationReport(BaseModel):
+    """One UTC day compared with Upsampler, and the orphans found that day."""
+
+    day: str
+    checked_at: str
+    jobs: int  # jobs created that day
+    upsampler_ids: int  # ids checked with the status endpoint
+    booked_credits: float  # what the ledger had for them before
+    reported_credits: float  # what Upsampler's status endpoint reports
+    booked_now: int  # ledger rows the reconciliation added
+    differences: list[ReconciliationDifference]
+    orphans: list[OrphanListed]  # found that UTC day, by the webhook or a reconciliation
+
+
 # --- the customer's status page (api/status.py) ------------------------------------------------------
 
 

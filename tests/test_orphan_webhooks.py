@@ -4,7 +4,9 @@ intent's nonce, and what a webhook naming an Upsampler job that is no submission
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+from datetime import date, datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -13,8 +15,8 @@ from sqlmodel import Session, select
 from temporalio.api.enums.v1 import EventType
 
 from smi import orphans, signing
-from smi.db import Job, LedgerEntry, OrphanJob, SentMail, Submission, SubmitIntent, make_engine, utcnow
-from tests.conftest import png_bytes
+from smi.db import Job, LedgerEntry, OrphanJob, Reconciliation, SentMail, Submission, SubmitIntent, make_engine, utcnow
+from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, png_bytes
 from tests.helpers import WEBHOOK_SECRET, event_count, order, wait_for_status
 from worker import create_worker
 
@@ -229,3 +231,80 @@ def test_book_orphan_books_once_at_the_jobs_own_price(site):
         job = session.get_one(Job, job_id)
         assert (job.cost_credits, job.cost_usd) == (4.0, 0.2)
         assert orphans.known_upsampler_ids(session, job_id) == {"sub-1", "o-1", "o-2"}
+
+
+# --- what the admin sees -------------------------------------------------------------------------------
+
+
+def test_the_admin_reads_a_days_reconciliation_and_its_orphans(site):
+    day = date(2026, 11, 30)
+    midnight = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    difference = {"job_id": "a" * 32, "upsampler_id": "u-9", "booked": None, "reported": 2.5, "action": "booked"}
+    with Session(site.engine) as session:
+        session.add(
+            Reconciliation(
+                day=day,
+                checked_at=midnight + timedelta(hours=1),
+                jobs=3,
+                upsampler_ids=4,
+                booked_credits=5.0,
+                reported_credits=7.5,
+                booked_now=1,
+                differences=json.dumps([difference]),
+            )
+        )
+        for upsampler_id, at, found_by in (
+            ("u-9", midnight - timedelta(hours=2), "reconciliation"),
+            ("u-8", midnight - timedelta(microseconds=1), "webhook"),
+            ("u-7", midnight, "webhook"),  # the next UTC day's
+            ("u-6", midnight - timedelta(days=1, microseconds=1), "webhook"),  # the day before's
+        ):
+            session.add(
+                OrphanJob(upsampler_id=upsampler_id, job_id="a" * 32, credits=2.5, found_by=found_by, created_at=at)
+            )
+        session.commit()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    reply = httpx.get(f"{site.url}/v1/admin/reconciliation", params={"day": "2026-11-30"}, headers=admin)
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {
+        "day": "2026-11-30",
+        "checked_at": "2026-12-01T01:00:00+00:00",
+        "jobs": 3,
+        "upsampler_ids": 4,
+        "booked_credits": 5.0,
+        "reported_credits": 7.5,
+        "booked_now": 1,
+        "differences": [difference],
+        "orphans": [
+            {
+                "upsampler_id": "u-9",
+                "job_id": "a" * 32,
+                "credits": 2.5,
+                "found_by": "reconciliation",
+                "created_at": "2026-11-30T22:00:00+00:00",
+            },
+            {
+                "upsampler_id": "u-8",
+                "job_id": "a" * 32,
+                "credits": 2.5,
+                "found_by": "webhook",
+                "created_at": "2026-11-30T23:59:59.999999+00:00",
+            },
+        ],
+    }
+    missing = httpx.get(f"{site.url}/v1/admin/reconciliation", params={"day": "2026-12-01"}, headers=admin)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_reconciled"
+    yesterday = (utcnow().date() - timedelta(days=1)).isoformat()
+    by_default = httpx.get(f"{site.url}/v1/admin/reconciliation", headers=admin)  # yesterday's, the last one checked
+    explicit = httpx.get(f"{site.url}/v1/admin/reconciliation", params={"day": yesterday}, headers=admin)
+    assert (by_default.status_code, by_default.json()) == (explicit.status_code, explicit.json())
+    for bad in ("2026-13-01", "2026-11-31", "yesterday"):
+        reply = httpx.get(f"{site.url}/v1/admin/reconciliation", params={"day": bad}, headers=admin)
+        assert reply.status_code == 422 and reply.json()["error"]["code"] == "invalid_request", bad
+    for key in (STOREFRONT_KEY, "wrong"):
+        reply = httpx.get(
+            f"{site.url}/v1/admin/reconciliation",
+            params={"day": "2026-11-30"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert reply.status_code == 401 and "u-9" not in reply.text
