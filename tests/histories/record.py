@@ -1,5 +1,5 @@
 """Records the histories that tests/test_replay.py replays. Not collected by `make test`;
-run it by hand after a deliberate, versioned workflow change:
+run it by hand after a deliberate, versioned workflow change (with a new VERSION):
 
     .venv/bin/python -m pytest tests/histories/record.py
 
@@ -31,11 +31,16 @@ async def _job(stack, order_id: str) -> str:
     return reply.json()["job_id"]
 
 
+# The histories of each versioned change are kept: the unsuffixed ones are from before
+# workflow.patched("bookkeeping-rounds"); running jobs of every version must still replay.
+VERSION = "-bookkeeping-rounds"
+
+
 async def _save(env, job_id: str, name: str) -> None:
     handle = env.client.get_workflow_handle(f"upscale-{job_id}")
     await handle.result()
     history = await handle.fetch_history()
-    (HERE / f"{name}.json").write_text(history.to_json())
+    (HERE / f"{name}{VERSION}.json").write_text(history.to_json())
 
 
 async def test_record_histories(dev_env, stack_factory, faults):
