@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, desc, select
+from sqlmodel import Session, col, desc, func, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -222,18 +222,16 @@ class UpsamplerActivities:
 
     def _check_hourly_quota(self) -> None:
         hour_ago = utcnow() - timedelta(hours=1)
-        with Session(self.engine) as session:
-            calls = session.exec(
-                select(UpsamplerCall.at)
-                .where(UpsamplerCall.at >= hour_ago)
-                .order_by(col(UpsamplerCall.at))
-                .limit(self.settings.upsampler_requests_per_hour)
-            ).all()
-        if len(calls) >= self.settings.upsampler_requests_per_hour:
-            wait = as_utc(calls[0]) - hour_ago + timedelta(seconds=1)
-            raise ApplicationError(
-                "Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait
-            )
+        in_window = col(UpsamplerCall.at) >= hour_ago
+        with Session(self.engine) as session:  # a count: the hour's rows are not fetched for every call
+            used = session.exec(select(func.count()).select_from(UpsamplerCall).where(in_window)).one()
+            if used < self.settings.upsampler_requests_per_hour:
+                return
+            oldest = session.exec(select(func.min(UpsamplerCall.at)).where(in_window)).one()
+        wait = (as_utc(oldest) - hour_ago if oldest is not None else timedelta(0)) + timedelta(seconds=1)
+        raise ApplicationError(
+            "Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait
+        )
 
     def _record_call(self, kind: str, outcome: str) -> None:
         with Session(self.engine) as session:

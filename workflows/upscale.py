@@ -135,7 +135,8 @@ class UpscaleWorkflow:
     def upsampler_webhook(self, hint: WebhookHint) -> None:
         """Upsampler's webhook, delivered by the API. Duplicates and stale ones only wake the poll."""
         self._state.webhooks += 1
-        if hint.attempt:  # names the job of a submission whose reply was lost (its URL's nonce)
+        if hint.attempt and hint.upsampler_id != self._state.upsampler_id:
+            # Names the job of a submission whose reply did not come (yet): by its URL's nonce.
             if hint.attempt not in self._lost_replies and len(self._lost_replies) < MAX_EARLY_HINTS:
                 self._lost_replies[hint.attempt] = hint
         elif hint.upsampler_id == self._state.upsampler_id:
@@ -308,6 +309,9 @@ class UpscaleWorkflow:
         self._state.upsampler_id = submission.upsampler_id
         early = self._early_hints.pop(submission.upsampler_id, None)
         self._early_hints.clear()
+        lost = self._lost_replies.pop(self._state.attempt, None)  # sent for adoption, but the reply came after all
+        if early is None and lost is not None and lost.upsampler_id == submission.upsampler_id:
+            early = lost
         # Histories from before this change dropped such a webhook and waited for the first poll.
         if early is not None and workflow.patched("keep-early-webhook"):
             self._hint = early
