@@ -604,6 +604,20 @@ async def test_a_job_the_status_endpoint_does_not_know_is_not_adopted(fakes):
     assert [cost.upsampler_id for cost in fakes.calls["record_cost"]] == ["up-2"]
 
 
+async def test_a_lost_reply_hint_for_a_submit_that_replied_after_all_is_its_early_webhook(fakes):
+    async def submit(request: SubmitRequest) -> UpsamplerResult:  # the API sent it for adoption meanwhile
+        workflow = fakes.env.client.get_workflow_handle(activity.info().workflow_id)
+        await workflow.signal(UpscaleWorkflow.upsampler_webhook, WebhookHint("up-1", "completed", attempt=1))
+        return UpsamplerResult("up-1", "queued", 1.0)
+
+    fakes.script("submit_upscale", submit)
+    async with running(fakes) as handle:
+        state = await finish(handle, fakes)
+
+    assert state.status == "completed" and fakes.calls["adopt_submission"] == []
+    assert await event_count(handle, EventType.EVENT_TYPE_TIMER_FIRED) == 0  # not left waiting for the poll
+
+
 async def test_an_adopted_job_still_running_is_waited_for_like_any_submission(fakes):
     fakes.script("submit_upscale", _lost_reply(fakes, "up-lost"))
     fakes.script("adopt_submission", lambda request: UpsamplerResult(request.upsampler_id, "processing", 1.0))
