@@ -13,7 +13,18 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 
 from smi import pricing, signing, telemetry, usage
-from smi.db import BudgetAlert, BudgetRelease, DownloadToken, Job, LedgerEntry, as_utc, set_status, utcnow
+from smi.db import (
+    BudgetAlert,
+    BudgetRelease,
+    DownloadToken,
+    Job,
+    LedgerEntry,
+    as_utc,
+    insert_once,
+    set_job_cost,
+    set_status,
+    utcnow,
+)
 from smi.settings import Settings
 from smi.vocabulary import (
     FINISHED,
@@ -87,16 +98,6 @@ class LedgerActivities:
             session.add(job)
             session.commit()
 
-    def _book(self, session: Session, entry: LedgerEntry) -> bool:
-        """Insert once: a row that an earlier run of the activity wrote stays as it is. True if new."""
-        session.add(entry)
-        try:
-            session.commit()
-            return True
-        except IntegrityError:
-            session.rollback()
-            return False
-
     @activity.defn
     def record_estimate(self, record: EstimateRecord) -> float:
         """Book the credits foreseen from the original's size, for comparison with what Upsampler charges."""
@@ -104,7 +105,7 @@ class LedgerActivities:
             record.width * record.scale_factor * record.height * record.scale_factor, record.credits_per_megapixel
         )
         with Session(self.engine) as session:
-            self._book(
+            insert_once(  # a row that an earlier run of the activity wrote stays as it is
                 session,
                 LedgerEntry(
                     job_id=record.job_id,
@@ -120,7 +121,7 @@ class LedgerActivities:
     def record_cost(self, record: CostRecord) -> float:
         """Book what Upsampler charged for one submission, once; the job's cost becomes the sum of its rows."""
         with Session(self.engine) as session:
-            booked = self._book(
+            booked = insert_once(
                 session,
                 LedgerEntry(
                     job_id=record.job_id,
@@ -136,17 +137,9 @@ class LedgerActivities:
                     round(record.credits * 100),
                     "Upsampler credits booked, in hundredths of a credit.",
                 )
-            entries = session.exec(
-                select(LedgerEntry).where(
-                    LedgerEntry.job_id == record.job_id, LedgerEntry.purpose.startswith("upscale:")
-                )
-            ).all()
-            job = session.get_one(Job, record.job_id)
-            job.cost_credits = round(sum(entry.credits for entry in entries), 6)
-            job.cost_usd = round(sum(entry.cost_usd for entry in entries), 6)
-            session.add(job)
+            cost_usd = set_job_cost(session, record.job_id)
             session.commit()
-            return job.cost_usd
+            return cost_usd or 0.0
 
     @activity.defn
     def issue_download_token(self, request: TokenRequest) -> DownloadLink:
