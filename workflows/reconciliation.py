@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -49,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.upsampler import UpsamplerActivities
     from smi.vocabulary import UPSAMPLER_QUEUE_SUFFIX, ErrorCode, UpsamplerResult
+    from workflows import schedules
     from workflows.upscale import UPSAMPLER_RETRY
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def _add(progress: ReconciliationProgress, jobs: list[KnownIds], ids: int, settl
 
 async def ensure_reconciliation_schedule(client: Client, settings: Settings) -> bool:
     """Create the `reconciliation-daily` schedule when it is missing; True when this call created it."""
-    return await ensure_daily_schedule(
+    return await schedules.ensure_daily_schedule(
         client,
         RECONCILIATION_SCHEDULE_ID,
         ReconciliationWorkflow.run,
@@ -174,57 +174,3 @@ async def ensure_reconciliation_schedule(client: Client, settings: Settings) -> 
         hour_utc=RECONCILIATION_HOUR_UTC,
         execution_timeout=timedelta(hours=20),  # ends before the next day's run is due
     )
-
-
-async def ensure_daily_schedule(
-    client: Client,
-    schedule_id: str,
-    run: Callable[[Any, A], Awaitable[Any]],
-    arg: A,
-    *,
-    workflow_id: str,
-    task_queue: str,
-    hour_utc: int,
-    execution_timeout: timedelta,
-) -> bool:
-    """Create a schedule starting `run(arg)` every day at `hour_utc`:00 UTC (a run still going at the next
-    start is skipped) when it is missing; True when this call created it. An existing schedule is left as
-    it is (an operator may have paused or edited it), so every worker can call this at start.
-    (workflows/retention.py's ensure_retention_schedule is the same with its own ids, written before this.)
-    """
-    from temporalio.client import (
-        Schedule,
-        ScheduleActionStartWorkflow,
-        ScheduleAlreadyRunningError,
-        ScheduleCalendarSpec,
-        ScheduleOverlapPolicy,
-        SchedulePolicy,
-        ScheduleRange,
-        ScheduleSpec,
-    )
-    from temporalio.service import RPCError, RPCStatusCode
-
-    try:
-        await client.get_schedule_handle(schedule_id).describe()
-        return False
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-    calendar = ScheduleCalendarSpec(
-        hour=[ScheduleRange(hour_utc)],
-        minute=[ScheduleRange(0)],
-        second=[ScheduleRange(0)],
-        comment=f"daily at {hour_utc:02d}:00 UTC",
-    )
-    schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            run, arg, id=workflow_id, task_queue=task_queue, execution_timeout=execution_timeout
-        ),
-        spec=ScheduleSpec(calendars=[calendar], time_zone_name="UTC"),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-    )
-    try:
-        await client.create_schedule(schedule_id, schedule)
-    except ScheduleAlreadyRunningError:  # another worker created it a moment ago
-        return False
-    return True

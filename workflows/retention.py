@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.storage import StorageActivities
     from smi.vocabulary import InventoryRequest, RetentionPlanRequest, RetentionReport, RetentionRequest
+    from workflows import schedules
 
 if TYPE_CHECKING:
     from temporalio.client import Client
@@ -96,47 +97,13 @@ async def ensure_retention_schedule(client: Client, settings: Settings) -> bool:
     An existing schedule is left as it is (an operator may have paused or edited it), so every
     worker can call this at start.
     """
-    from temporalio.client import (
-        Schedule,
-        ScheduleActionStartWorkflow,
-        ScheduleAlreadyRunningError,
-        ScheduleCalendarSpec,
-        ScheduleOverlapPolicy,
-        SchedulePolicy,
-        ScheduleRange,
-        ScheduleSpec,
+    return await schedules.ensure_daily_schedule(
+        client,
+        RETENTION_SCHEDULE_ID,
+        RetentionWorkflow.run,
+        RetentionRequest(),
+        workflow_id=RETENTION_WORKFLOW_ID,
+        task_queue=settings.task_queue,
+        hour_utc=RETENTION_HOUR_UTC,
+        execution_timeout=timedelta(hours=6),
     )
-    from temporalio.service import RPCError, RPCStatusCode
-
-    try:
-        await client.get_schedule_handle(RETENTION_SCHEDULE_ID).describe()
-        return False
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise
-    schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            RetentionWorkflow.run,
-            RetentionRequest(),
-            id=RETENTION_WORKFLOW_ID,
-            task_queue=settings.task_queue,
-            execution_timeout=timedelta(hours=6),
-        ),
-        spec=ScheduleSpec(
-            calendars=[
-                ScheduleCalendarSpec(
-                    hour=[ScheduleRange(RETENTION_HOUR_UTC)],
-                    minute=[ScheduleRange(0)],
-                    second=[ScheduleRange(0)],
-                    comment="daily at 03:00 UTC",
-                )
-            ],
-            time_zone_name="UTC",
-        ),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-    )
-    try:
-        await client.create_schedule(RETENTION_SCHEDULE_ID, schedule)
-    except ScheduleAlreadyRunningError:  # another worker created it a moment ago
-        return False
-    return True
