@@ -72,7 +72,7 @@ class NotifyActivities:
     @activity.defn
     async def send_budget_alert(self, alert: BudgetAlertInfo) -> bool:
         """The admin's budget email, once per period and threshold."""
-        return await self._send_once(
+        return await self.send_once(
             "budget",
             alert.key,
             self.settings.admin_email,
@@ -83,7 +83,7 @@ class NotifyActivities:
             budget=f"{alert.budget_usd:.2f}",
         )
 
-    async def _send_once(self, job_id: str, purpose: str, to: str, kind: str, /, **context) -> bool:
+    async def send_once(self, job_id: str, purpose: str, to: str, kind: str, /, **context) -> bool:
         """Send unless a SentMail row says it went; the row is `sending` before and `sent` after."""
         host = self.settings.public_host.split(":")[0]
         message_id = f"<{job_id}.{purpose.replace(':', '.')}@{host}>"
@@ -116,7 +116,7 @@ class NotifyActivities:
             to = self.settings.admin_email if request.kind.startswith("admin_") else job.customer_email
             context = self._context(session, job, request)
         purpose = request.purpose or f"{request.kind}:{request.generation}"
-        sent = await self._send_once(request.job_id, purpose, to, request.kind, **context)
+        sent = await self.send_once(request.job_id, purpose, to, request.kind, **context)
         # Never the address: the job_id on the line says whose it was.
         activity.logger.info("%s email %s", purpose, "sent" if sent else "was sent before")
         return sent

@@ -285,7 +285,7 @@ class ReconciliationActivities:
                 admin_url=f"{self.settings.public_base_url.rstrip('/')}/v1/admin/reconciliation?day={day}",
             )
         # Keyed by day under the pseudo-job "reconciliation", as budget alerts are under "budget".
-        sent = await self.notify._send_once(
+        sent = await self.notify.send_once(
             "reconciliation", day, self.settings.admin_email, "reconciliation", **context
         )
         activity.logger.info("reconciliation summary for %s %s", day, "sent" if sent else "was sent before")
