@@ -103,6 +103,7 @@ def create_worker(
             storage.download_result,
             storage.validate_result,
             storage.store_result,
+            storage.check_and_store,
             storage.cleanup,
             ledger.update_job,
             ledger.record_estimate,

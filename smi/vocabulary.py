@@ -233,6 +233,17 @@ class StoreRequest:
 
 
 @dataclass
+class CheckAndStoreRequest:
+    """Validate the downloaded result (width x height, a known format, every pixel decodes), then store it."""
+
+    job_id: str
+    path: str
+    width: int
+    height: int
+    format: str  # auto | png | jpg | webp
+
+
+@dataclass
 class CostRecord:
     job_id: str
     upsampler_id: str

@@ -38,6 +38,7 @@ from smi.migrations import migrate
 from smi.upsampler import UpsamplerInvalidInput, UpsamplerJob, UpsamplerRateLimited
 from smi.vocabulary import (
     BudgetAlertInfo,
+    CheckAndStoreRequest,
     CompressRequest,
     CostRecord,
     DownloadRequest,
@@ -447,6 +448,25 @@ def test_store_result_converts_and_a_retry_finds_it_in_place(site):
     assert retried == stored and not (tmp / "result-1").exists()
     lost = failure(lambda: env.run(storage.store_result, StoreRequest("k", str(tmp / "result-9"), "png")))
     assert lost.type == "invalid_result"
+
+
+def test_check_and_store_validates_then_places_and_a_wrong_result_stays_unplaced(site):
+    storage, env = StorageActivities(site.settings), ActivityEnvironment()
+    tmp = site.settings.storage_dir / "jobs" / "j" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "result-1").write_bytes(png_bytes(256, 192))
+
+    wrong = failure(
+        lambda: env.run(storage.check_and_store, CheckAndStoreRequest("j", str(tmp / "result-1"), 512, 384, "auto"))
+    )
+    assert (wrong.type, wrong.non_retryable) == ("invalid_result", True) and "expected 512x384" in wrong.message
+    assert (tmp / "result-1").exists() and not list(tmp.parent.glob("upscaled_*"))  # nothing placed
+
+    request = CheckAndStoreRequest("j", str(tmp / "result-1"), 256, 192, "png")
+    stored = env.run(storage.check_and_store, request)
+    retried = env.run(storage.check_and_store, request)  # after the move
+    assert stored.path.endswith("jobs/j/upscaled_256x192.png") and (stored.width, stored.height) == (256, 192)
+    assert retried == stored and not (tmp / "result-1").exists()
 
 
 async def test_download_result_again_answers_from_the_finished_file_and_cleanup_removes_tmp(site):

@@ -18,7 +18,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 def test_every_path_has_a_saved_history():
     paths = {"completed", "refunded", "review_then_retried"}
-    versions = ("", "-bookkeeping-rounds")  # before and after workflow.patched("bookkeeping-rounds")
+    versions = ("", "-fewer-rounds")  # before and after workflow.patched("fewer-rounds")
     assert {p.stem for p in HISTORIES} == {path + version for path in paths for version in versions}
 
 
@@ -27,9 +27,9 @@ async def test_saved_history_replays(path: Path):
     history = WorkflowHistory.from_json(f"upscale-{path.stem}", path.read_text())
     assert history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
     patched = any(
-        event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED and b"bookkeeping-rounds" in event.SerializeToString()
+        event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED and b"fewer-rounds" in event.SerializeToString()
         for event in history.events
     )
-    assert patched == path.stem.endswith("-bookkeeping-rounds")  # each version's path is the one replayed
+    assert patched == path.stem.endswith("-fewer-rounds")  # each version's path is the one replayed
     result = await Replayer(workflows=[UpscaleWorkflow, RefundWorkflow, ResendLinkWorkflow]).replay_workflow(history)
     assert result.replay_failure is None

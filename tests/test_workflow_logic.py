@@ -38,6 +38,7 @@ from smi.vocabulary import (
     AdoptRequest,
     BudgetAlertInfo,
     BudgetGate,
+    CheckAndStoreRequest,
     Completion,
     CompressRequest,
     CostRecord,
@@ -171,6 +172,15 @@ class Fakes:
     async def store_result(self, request: StoreRequest) -> StoredImage:
         return await self._answer(request, STORED)
 
+    @activity.defn(name="check_and_store")
+    async def check_and_store(self, request: CheckAndStoreRequest) -> StoredImage:
+        self.log.append("check_and_store")
+        info = ImageInfo(request.width, request.height, "png")
+        await self._answer(
+            ValidateRequest(request.job_id, request.path, request.width, request.height), info, "validate_result"
+        )
+        return await self._answer(StoreRequest(request.job_id, request.path, request.format), STORED, "store_result")
+
     @activity.defn(name="cleanup")
     async def cleanup(self, job_id: str) -> int:
         return await self._answer(job_id, 1)
@@ -249,6 +259,7 @@ class Fakes:
             self.download_result,
             self.validate_result,
             self.store_result,
+            self.check_and_store,
             self.cleanup,
             self.update_job,
             self.record_estimate,
@@ -369,6 +380,7 @@ def test_every_fake_is_registered_under_the_real_activity_name(fakes):
         StorageActivities.download_result,
         StorageActivities.validate_result,
         StorageActivities.store_result,
+        StorageActivities.check_and_store,
         StorageActivities.cleanup,
         LedgerActivities.update_job,
         LedgerActivities.record_estimate,
@@ -387,7 +399,7 @@ def test_every_fake_is_registered_under_the_real_activity_name(fakes):
     ]
     names = lambda functions: sorted(activity._Definition.must_from_callable(f).name for f in functions)  # noqa: E731
     assert names(fakes.job_activities() + fakes.upsampler_activities()) == names(real)
-    assert len(set(names(real))) == 20
+    assert len(set(names(real))) == 21
 
 
 # --- A job that goes well -----------------------------------------------------------------------
@@ -428,6 +440,7 @@ async def test_a_job_calls_every_step_with_the_right_arguments(fakes):
     # link with `completed`, the clean-up; the cost, budget check and `downloading` run beside the download.
     assert [name for name in fakes.log if name in LOCAL_ROUNDS] == ["update_job", "complete", "cleanup"]
     assert fakes.log.count("book_result") == 1
+    assert fakes.log.count("check_and_store") == 1 and "validate_result" not in fakes.log  # one activity for both
 
 
 async def test_a_retry_run_numbers_its_submissions_after_the_earlier_runs(fakes):

@@ -32,8 +32,8 @@ async def _job(stack, order_id: str) -> str:
 
 
 # The histories of each versioned change are kept: the unsuffixed ones are from before
-# workflow.patched("bookkeeping-rounds"); running jobs of every version must still replay.
-VERSION = "-bookkeeping-rounds"
+# workflow.patched("fewer-rounds"); running jobs of every version must still replay.
+VERSION = "-fewer-rounds"
 
 
 async def _save(env, job_id: str, name: str) -> None:
