@@ -25,6 +25,13 @@ error (httpx: RemoteProtocolError); `hold_submit_replies` N sends nothing until 
 the connection (a test can SIGKILL the worker with the POST in flight), or until a reset, which
 lets the reply go. Drop is consumed first when both are set.
 
+The webhook mode `held` (job-level, so `faulty_jobs` limits it as any other) keeps each of the job's webhook
+POSTs (the final one, and IN_PROGRESS with `webhook_on_progress`) instead of sending it, until
+`POST /_emulator/webhooks/release`: that sends every webhook held so far, one after another in the order they
+were held, and answers at once with how many went, `{"released": n}` (each job's `webhooks_sent` records the
+deliveries as they happen). A test thereby orders a webhook after something it waits for, with no timing
+involved. A reset drops the held webhooks unsent.
+
 `/_emulator/charges` is the emulator's own record of credits charged, as Upsampler bills: a
 job's `creditCost` is charged once, when it ends SUCCESS; a job refused at submit or ending
 FAILED costs nothing (so does one never finishing). `{"jobs": {id: credits}, "total_credits": x}`.
@@ -70,7 +77,7 @@ class Faults(BaseModel):
     delay_seconds: float = Field(0.2, ge=0)
     polls_until_done: int | None = Field(None, ge=1)
     never_finish: bool = False
-    webhook: Literal["deliver", "drop", "duplicate", "late", "reorder"] = "deliver"
+    webhook: Literal["deliver", "drop", "duplicate", "late", "reorder", "held"] = "deliver"
     webhook_late_seconds: float = Field(1.0, ge=0)
     webhook_on_progress: bool = False
     submit_errors: list[ErrorCode] = []
@@ -279,6 +286,7 @@ class Emulator:
         self.recent: deque[float] = deque()
         self.charges: dict[str, float] = {}  # Upsampler id -> credits charged (at SUCCESS)
         self.release_held = asyncio.Event()  # set by reset: held submit replies go out
+        self.held_webhooks: list[tuple[Job, dict]] = []  # webhook "held": each POST, until a release
         self._sign_key = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
@@ -370,6 +378,7 @@ class Emulator:
         self.recent = deque()
         self.charges = {}
         self.faults = Faults()
+        self.held_webhooks = []
         self.release_held.set()
         self.release_held = asyncio.Event()
 
@@ -457,7 +466,7 @@ class Emulator:
         job.status = "IN_PROGRESS"
         log.info("emulator: job %s IN_PROGRESS", job.id)
         if job.faults.webhook_on_progress and job.faults.webhook not in ("drop", "reorder"):
-            self.spawn(self.post_webhooks(job, [self.wire(job)]))
+            self.send_webhooks(job, [self.wire(job)])
 
     def finish(self, job: Job) -> None:
         error = job.faults.fail_with or job.outcome_error
@@ -472,7 +481,7 @@ class Emulator:
         final = self.wire(job)
         bodies = {"duplicate": [final, final], "reorder": [final, self.wire(job, "IN_PROGRESS")]}.get(mode, [final])
         delay = job.faults.webhook_late_seconds if mode == "late" else 0.0
-        self.spawn(self.post_webhooks(job, bodies, delay))
+        self.send_webhooks(job, bodies, delay)
 
     async def run_timed(self, job: Job) -> None:
         half = job.faults.delay_seconds / 2
@@ -482,6 +491,26 @@ class Emulator:
             return
         await asyncio.gather(self.produce(job), asyncio.sleep(half))
         self.finish(job)
+
+    def send_webhooks(self, job: Job, bodies: list[dict], delay: float = 0.0) -> None:
+        """POST the job's webhooks (in a task), or keep them for a release if its webhook mode is `held`."""
+        if job.faults.webhook != "held":
+            self.spawn(self.post_webhooks(job, bodies, delay))
+        elif job.webhook:
+            self.held_webhooks.extend((job, body) for body in bodies)
+            log.info("emulator: job %s: %d webhook(s) held", job.id, len(bodies))
+
+    def release_webhooks(self) -> int:
+        """Send every held webhook, in the order they were held (in a task); how many there were."""
+        held, self.held_webhooks = self.held_webhooks, []
+        if held:
+            self.spawn(self.post_released(held))
+        log.info("emulator: %d held webhook(s) released", len(held))
+        return len(held)
+
+    async def post_released(self, held: list[tuple[Job, dict]]) -> None:
+        for job, body in held:
+            await self.post_webhooks(job, [body])
 
     async def post_webhooks(self, job: Job, bodies: list[dict], delay: float = 0.0) -> None:
         if not job.webhook:
@@ -692,6 +721,12 @@ async def charges(emu: Emu) -> dict:
 @router.get("/_emulator/requests")
 async def request_counts(emu: Emu) -> dict:
     return dict(emu.requests)
+
+
+@router.post("/_emulator/webhooks/release")
+async def release_webhooks(emu: Emu) -> dict:
+    """Send the webhooks held by the `held` webhook mode, in order: `{"released": n}`, answered at once."""
+    return {"released": emu.release_webhooks()}
 
 
 @router.post("/_emulator/reset")

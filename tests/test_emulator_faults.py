@@ -3,7 +3,8 @@ over loopback HTTP (conftest's session emulator and shop; a webhook receiver of 
 
 `drop_submit_replies`: Upsampler accepted the job (it runs, calls its webhook, is charged) but the
 reply breaks off mid-way, so the client cannot know the id. `hold_submit_replies`: the reply never
-comes while the client waits; a test kills the client (SIGKILL) with the POST in flight.
+comes while the client waits; a test kills the client (SIGKILL) with the POST in flight. The webhook mode
+`held`: a job's webhooks wait for `POST /_emulator/webhooks/release`.
 """
 
 from __future__ import annotations
@@ -192,3 +193,36 @@ async def test_charges_count_successes_once(emu, client):
 
     httpx.post(f"{emu.url}/_emulator/reset").raise_for_status()
     assert emu.charges() == {"jobs": {}, "total_credits": 0}
+
+
+def release(emu) -> dict:
+    response = httpx.post(f"{emu.url}/_emulator/webhooks/release")
+    response.raise_for_status()
+    return response.json()
+
+
+async def test_held_webhooks_go_when_released_in_order(emu, client):
+    emu.set_faults(delay_seconds=0.1, webhook="held", webhook_on_progress=True, faulty_jobs=1)
+    held = await client.submit(emu.image, 2, emu.webhook)
+    delivered = await client.submit(emu.image, 2, emu.webhook)  # faulty_jobs spent: its webhook goes as usual
+
+    def statuses() -> dict[str, str]:
+        return {job["id"]: job["status"] for job in emu.jobs()}
+
+    await eventually(lambda: statuses() == {held.id: "SUCCESS", delivered.id: "SUCCESS"}, what="both jobs done")
+    await eventually(lambda: [h["id"] for h in emu.hooks()] == [delivered.id], what="the unheld job's webhook")
+    assert [j["webhooks_sent"] for j in emu.jobs() if j["id"] == held.id] == [[]]
+    assert emu.charges()["jobs"] == {held.id: 1.0, delivered.id: 1.0}  # held or not, a success is charged
+
+    assert release(emu) == {"released": 2}  # IN_PROGRESS and SUCCESS, in that order
+    hooks = await eventually(lambda: len(emu.hooks()) == 3 and emu.hooks(), what="the released webhooks")
+    assert [(h["id"], h["status"]) for h in hooks[1:]] == [(held.id, "IN_PROGRESS"), (held.id, "SUCCESS")]
+    assert hooks[2]["creditCost"] == 1.0 and "imageUrl" in hooks[2]
+    assert release(emu) == {"released": 0}  # each goes once
+
+    # A reset drops what is held: nothing left to release.
+    emu.set_faults(delay_seconds=0.1, webhook="held")
+    dropped = await client.submit(emu.image, 2, emu.webhook)
+    await eventually(lambda: statuses().get(dropped.id) == "SUCCESS", what="the third job done")
+    httpx.post(f"{emu.url}/_emulator/reset").raise_for_status()
+    assert release(emu) == {"released": 0}

@@ -7,9 +7,10 @@ credits it charged), the SMTP sink and SQLite.
 2. The same with the worker SIGKILLed while its POST waits for the reply (`hold_submit_replies`, `smi worker`
    processes): the next worker retries the submit after its 1-minute start-to-close timeout (the real bound of
    this test), finds the intent without a reply and adopts the job the webhook named.
-3. A second accepted job forced by faults (the first reply dropped and its webhook later than the workflow waits
-   for it): the workflow submits again and completes with the second job; the first job's late webhook books it
-   as an orphan, and the usage report then equals the emulator's charges to the cent.
+3. A second accepted job forced by faults (the first reply dropped and its webhook held by the emulator, `webhook:
+   "held"`): the workflow gives up waiting for it, submits again and completes with the second job; only then is
+   the first job's webhook released, which books it as an orphan, and the usage report then equals the
+   emulator's charges to the cent.
 
 Before issue 16 the submit's retry POSTed again (two jobs at the emulator, one booked): each test fails there.
 """
@@ -205,16 +206,16 @@ async def test_a_worker_killed_with_its_submit_in_flight_leaves_one_job_adopted(
 # --- 3. a second job forced by faults, booked from its webhook ------------------------------------------------
 
 # The workflow waits PROCESSING seconds for the webhook of a submit whose reply was lost, after the submit's
-# retry (2 s) found it lost; the first job's webhook comes LATE seconds after the job ends: well after that.
-PROCESSING, LATE = 2.0, 10.0
+# retry (2 s) found it lost; the first job's webhook is held at the emulator until the order has completed.
+PROCESSING = 2.0
 
 
 async def test_a_second_job_forced_by_faults_is_booked_from_its_webhook(
     dev_env, stack_factory, faults, quick_early_webhooks
 ):
     began = time.monotonic()
-    # Job-level faults (the late webhook) for the first job only; the dropped reply is the first accepted submit.
-    faults(delay_seconds=0.1, drop_submit_replies=1, webhook="late", webhook_late_seconds=LATE, faulty_jobs=1)
+    # Job-level faults (the held webhook) for the first job only; the dropped reply is the first accepted submit.
+    faults(delay_seconds=0.1, drop_submit_replies=1, webhook="held", faulty_jobs=1)
     stack = stack_factory(dev_env, poll_initial_delay_seconds=1, processing_timeout_seconds=PROCESSING)
     database = stack.settings.database_url
     async with create_worker(dev_env.client, stack.settings):
@@ -224,18 +225,24 @@ async def test_a_second_job_forced_by_faults_is_booked_from_its_webhook(
 
         # Two jobs at Upsampler: the workflow gave up waiting for the first and completed with the second.
         jobs = emulator(stack, "jobs")
-        # One job only: Upsampler's webhook for it came before the workflow stopped waiting (LATE too short for
-        # this machine's pace) and the job was adopted.
         assert len(jobs) == 2, (jobs, intents(database, job_id))
         second = row(database, Job, job_id).upsampler_id
         (first,) = [j["id"] for j in jobs if j["id"] != second]
         assert charges_booked(database, job_id) == {second: CREDITS}
 
-        # The first job's late webhook (answered once the API has booked what it must).
-        def late_webhooks() -> list[dict]:
-            return next(j for j in emulator(stack, "jobs") if j["id"] == first)["webhooks_sent"]
+        def first_job() -> dict:
+            return next(j for j in emulator(stack, "jobs") if j["id"] == first)
 
-        hooks = await eventually(late_webhooks, timeout=LATE + 30, what="the first job's late webhook")
+        # The first job done at Upsampler (its webhook held, so none sent), then its webhook released.
+        await eventually(lambda: first_job()["status"] == "SUCCESS", timeout=30, what="the first job done")
+        assert first_job()["webhooks_sent"] == []
+        released = httpx.post(f"{stack.emulator.url}/_emulator/webhooks/release")
+        assert released.json() == {"released": 1}, released.text
+
+        # The released webhook, answered once the API has booked what it must.
+        hooks = await eventually(
+            lambda: first_job()["webhooks_sent"], timeout=30, what="the first job's released webhook"
+        )
         assert hooks == [{"status": "SUCCESS", "code_or_error": 200}]
 
     # Booked once with its creditCost: the ledger holds what Upsampler charged, job by job.
