@@ -9,6 +9,7 @@ A `BareJob` runs a list of steps in order:
   "U!"  the same, and after it the bench signals the workflow (as the emulator's webhook would)
   "L"   a no-op local activity
   "S"   wait for the `hint` signal
+  "A&A" activities started at once (one workflow task scheduled them together), awaited together
 The benchmarks build the list from a real job's history, so the bare job has exactly as many
 activities and local activities as ours, in the same order, and one signal.
 """
@@ -24,7 +25,8 @@ from temporalio import activity, workflow
 UPSAMPLER_SUFFIX = "-upsampler"
 
 # Set by the bench in the worker's process: a Temporal client (to send the signal) and, for the
-# latency benchmark (RECORD), the wall-clock moment each no-op activity started, by workflow id.
+# latency benchmarks (RECORD), the wall-clock moment each no-op activity started and the moment the
+# signal after "U!" was sent, by workflow id.
 CLIENT = None
 RECORD = False
 STAMPS: dict[str, dict[str, float]] = {}
@@ -34,6 +36,8 @@ _SIGNALLING: set[asyncio.Task] = set()
 
 async def _signal_soon(workflow_id: str) -> None:
     await asyncio.sleep(SIGNAL_DELAY)
+    if RECORD:
+        STAMPS.setdefault(workflow_id, {})["signal_sent"] = time.time()
     await CLIENT.get_workflow_handle(workflow_id).signal("hint", "done")
 
 
@@ -71,7 +75,6 @@ class BareJob:
 
     @workflow.run
     async def run(self, steps: list[str]) -> int:
-        queue = workflow.info().task_queue
         for index, step in enumerate(steps):
             if step == "L":
                 await workflow.execute_local_activity(noop_local, step, start_to_close_timeout=timedelta(seconds=30))
@@ -79,14 +82,22 @@ class BareJob:
                 self._waiting = True
                 await workflow.wait_condition(lambda: self._hint is not None)
                 self._waiting = False
+            elif "&" in step:
+                await asyncio.gather(*(_activity(part, f"{index}.{k}") for k, part in enumerate(step.split("&"))))
             else:
-                await workflow.execute_activity(
-                    noop,
-                    f"{step}" if step != "A" else f"A{index}",
-                    task_queue=queue + UPSAMPLER_SUFFIX if step.startswith("U") else queue,
-                    start_to_close_timeout=timedelta(seconds=60),
-                )
+                await _activity(step, str(index))
         return len(steps)
+
+
+async def _activity(step: str, index: str) -> str:
+    """One no-op activity: "A<index>" on the job task queue, "U" or "U!" on the Upsampler queue."""
+    queue = workflow.info().task_queue
+    return await workflow.execute_activity(
+        noop,
+        f"A{index}" if step == "A" else step,
+        task_queue=queue + UPSAMPLER_SUFFIX if step.startswith("U") else queue,
+        start_to_close_timeout=timedelta(seconds=60),
+    )
 
 
 def bare_workers(client, task_queue: str):

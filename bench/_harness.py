@@ -262,31 +262,54 @@ async def job_steps(handle) -> tuple[list[str], int]:
 
     The wait for the webhook sits before the Upsampler call that follows the submission (the
     status check the webhook triggers); the signal is sent after the submission ("U!").
+    Activities one workflow task scheduled together (e.g. the cost booked beside the download)
+    are one step, "A&A", that the bare job runs at once too.
     """
     from temporalio.api.enums.v1 import EventType
 
     steps: list[str] = []
     signals = 0
+    task = None  # the workflow task that scheduled the previous step, when it was an activity
     async for event in handle.fetch_history_events():
         kind = event.event_type
         if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            queue = event.activity_task_scheduled_event_attributes.task_queue.name
-            steps.append("U" if queue.endswith("-upsampler") else "A")
-        elif kind == EventType.EVENT_TYPE_MARKER_RECORDED:
+            attributes = event.activity_task_scheduled_event_attributes
+            step = "U" if attributes.task_queue.name.endswith("-upsampler") else "A"
+            if task == attributes.workflow_task_completed_event_id:
+                steps[-1] += "&" + step
+            else:
+                steps.append(step)
+            task = attributes.workflow_task_completed_event_id
+            continue
+        if kind == EventType.EVENT_TYPE_MARKER_RECORDED:
             steps.append("L")
+            task = None
         elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             signals += 1
     first_u = steps.index("U")
     steps[first_u] = "U!"
-    second_u = steps.index("U", first_u + 1)
+    second_u = next(i for i, step in enumerate(steps) if i > first_u and step.startswith("U"))
     steps.insert(second_u, "S")
     return steps, signals
 
 
 def describe_steps(steps: list[str]) -> str:
-    activities = sum(1 for s in steps if s[0] in "AU")
-    local = steps.count("L")
+    parts = [part for step in steps for part in step.split("&")]
+    activities = sum(1 for s in parts if s[0] in "AU")
+    local = parts.count("L")
     return f"{activities} activities + {local} local activities + 1 signal ({' '.join(steps)})"
+
+
+def bytecode_note() -> str:
+    """Whether workflows/upscale.py has a bytecode cache. The workflow sandbox imports the module afresh for every
+    new workflow; without a .pyc (PYTHONDONTWRITEBYTECODE, or a folder the process may not write, as in our
+    image) that compiles the source each time, about 6 ms of CPU per job here (README, Benchmarks)."""
+    import importlib.util
+
+    cached = Path(importlib.util.cache_from_source(str(ROOT / "workflows" / "upscale.py")))
+    if cached.exists():
+        return "workflows/upscale.py has a .pyc"
+    return "no .pyc for workflows/upscale.py: the workflow sandbox compiles it for every job"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -318,33 +341,46 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 def children_cpu() -> dict[str, float]:
     """CPU seconds (user + system) of this process and of each child process, by name: 'self', 'temporal', ..."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = {"self": _cpu_of("self", tick)}
+    found = {"self": cpu_seconds()}
     me = str(os.getpid())
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[1] == me:  # ppid
+        if entry.isdigit() and (stat := _stat(f"/proc/{entry}/stat")) and stat[1][1] == me:  # its parent: us
+            name = stat[0]
             label = "temporal" if name.startswith("temporal") else "emulator" if name.startswith("python") else name
-            found[label] = found.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            found[label] = found.get(label, 0.0) + _cpu_of(stat[1])
     return found
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads so far, by kind: 'tokio' (the Temporal SDK's Rust core) or
+    'python' (every other)."""
+    found: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        if stat := _stat(f"/proc/self/task/{tid}/stat"):
+            kind = "tokio" if stat[0].startswith("tokio") else "python"
+            found[kind] = found.get(kind, 0.0) + _cpu_of(stat[1])
+    return found
+
+
+def _stat(path: str) -> tuple[str, list[str]] | None:
+    """A /proc stat file: the name, and the fields after it (None when the process or thread is gone)."""
+    try:
+        stat = open(path).read()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
 
 
 def cpu_seconds(pid: int | str = "self") -> float:
     """CPU seconds (user + system, every thread) one process has used so far, from /proc/<pid>/stat."""
-    return _cpu_of(str(pid), os.sysconf("SC_CLK_TCK"))
+    stat = _stat(f"/proc/{pid}/stat")
+    if stat is None:
+        raise RuntimeError(f"no process {pid}")
+    return _cpu_of(stat[1])
 
 
-def _cpu_of(pid: str, tick: int) -> float:
-    stat = open(f"/proc/{pid}/stat").read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+def _cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -14,9 +14,10 @@ the webhook where it comes in life: while the workflow waits.
 Baselines, measured in the same run, interleaved with ours, at the same concurrency:
   floor       a bare workflow waiting for a signal, then a no-op activity: the bench's time
               just before `signal` to the activity's start (bench/_bare.py);
-  same path   the same, with the steps ours runs in between as no-ops: signal -> activity on
-              the Upsampler queue -> 3 local activities -> activity start.
-Target: ours p50 under 50 ms.
+  same path   the same, with the steps ours ran in between as no-ops: signal -> activity on
+              the Upsampler queue -> 3 local activities -> activity start (the path before
+              issue 15's fewer bookkeeping rounds; kept so that figures stay comparable).
+Target (issue 15): ours p50 / the floor's p50 <= 4.
 
 `--book-after-download` adds a contender, interleaved with the others: our stack again (its own
 API, emulator and task queue) with bench/_patched.py's BookkeepingAfterDownloadWorkflow, which
@@ -32,10 +33,10 @@ import time
 import uuid
 
 import _bare
-from _harness import STOREFRONT_KEY, Stack, order, percentile, quiet, start_dev_server, verdict
+from _harness import STOREFRONT_KEY, Stack, bytecode_note, order, percentile, quiet, start_dev_server, verdict
 from throughput import Ours
 
-TARGET_P50_MS = 50.0
+TARGET_RATIO = 4.0  # at most: ours p50 / the floor's p50
 FLOOR = ["S", "A"]
 SAME_PATH = ["S", "U", "L", "L", "L", "A"]
 
@@ -203,7 +204,7 @@ async def main(args: argparse.Namespace) -> dict:
 
     print(
         f"\n{per_round * args.rounds} jobs of each, {args.concurrency} in flight, emulator delay "
-        f"{args.emulator_delay} s, {args.rounds} interleaved rounds"
+        f"{args.emulator_delay} s, {args.rounds} interleaved rounds; {bytecode_note()}"
     )
     for one in contenders:
         print(f"{one.name}: webhook sent -> download started   {summary(one.latency)}")
@@ -213,14 +214,16 @@ async def main(args: argparse.Namespace) -> dict:
     print(f"floor: signal -> no-op activity started        {summary(floor)}")
     print(f"same path as no-ops: signal -> U, 3 L -> A     {summary(same_path)}")
     result = {}
+    floor_p50 = 1000 * percentile(floor, 0.5)
     for one in contenders:
         p50 = 1000 * percentile(one.latency, 0.5)
+        ratio = p50 / floor_p50
         print(
-            f"{one.name}: ratio to floor (p50) {p50 / (1000 * percentile(floor, 0.5)):.1f}, to same path "
-            f"{p50 / (1000 * percentile(same_path, 0.5)):.1f};  p50 {p50:.1f} ms   (target < {TARGET_P50_MS:.0f} ms)   "
-            f"{verdict(p50 < TARGET_P50_MS)}"
+            f"{one.name}: p50 {p50:.1f} ms / floor p50 {floor_p50:.1f} ms = {ratio:.1f}   "
+            f"(target <= {TARGET_RATIO:.0f})   {verdict(ratio <= TARGET_RATIO)};  "
+            f"to the same path: {p50 / (1000 * percentile(same_path, 0.5)):.1f}"
         )
-        result[one.name] = {"p50": p50, "p95": 1000 * percentile(one.latency, 0.95)}
+        result[one.name] = {"p50": p50, "p95": 1000 * percentile(one.latency, 0.95), "ratio": ratio}
     print(f"run time {time.perf_counter() - began:.0f} s")
     return result
 
