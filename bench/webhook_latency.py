@@ -18,10 +18,6 @@ Baselines, measured in the same run, interleaved with ours, at the same concurre
               the Upsampler queue -> 3 local activities -> activity start (the path before
               issue 15's fewer bookkeeping rounds; kept so that figures stay comparable).
 Target (issue 15): ours p50 / the floor's p50 <= 4.
-
-`--book-after-download` adds a contender, interleaved with the others: our stack again (its own
-API, emulator and task queue) with bench/_patched.py's BookkeepingAfterDownloadWorkflow, which
-books the cost and checks the budget after the download instead of before it (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -158,10 +154,6 @@ async def main(args: argparse.Namespace) -> dict:
     _bare.CLIENT, _bare.RECORD = client, True
     bare_queue = f"bare-{uuid.uuid4().hex[:8]}"
     contenders = [Measured("ours")]
-    if args.book_after_download:
-        from _patched import BookkeepingAfterDownloadWorkflow
-
-        contenders.append(Measured("ours, cost booked after the download", BookkeepingAfterDownloadWorkflow))
     floor: list[float] = []
     same_path: list[float] = []
     try:
@@ -239,10 +231,5 @@ if __name__ == "__main__":
         type=float,
         default=0.5,
         help="the emulator's delay_seconds; the baselines wait as long before their signal (default 0.5)",
-    )
-    parser.add_argument(
-        "--book-after-download",
-        action="store_true",
-        help="also run our stack with bench/_patched.py's BookkeepingAfterDownloadWorkflow (a proposed change)",
     )
     asyncio.run(main(parser.parse_args()))
