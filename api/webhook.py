@@ -77,10 +77,12 @@ def _known(svc: deps.Services, job_id: str, nonce: str = "") -> Known | None:
         job = session.get(Job, job_id)
         if job is None:
             return None
-        ids = session.exec(select(Submission.upsampler_id).where(Submission.job_id == job_id)).all()
+        # The intent before the submissions: its outcome and its submission are committed together, so
+        # an intent read as settled has its submission in the next read (each read sees the latest commit).
         intent = session.get(SubmitIntent, nonce) if nonce else None
         if intent is not None and intent.job_id != job_id:
             intent = None
+        ids = session.exec(select(Submission.upsampler_id).where(Submission.job_id == job_id)).all()
         return Known(
             as_utc(job.created_at),
             job.status in (JobStatus.COMPLETED, JobStatus.FAILED),

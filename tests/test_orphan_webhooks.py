@@ -7,13 +7,16 @@ import asyncio
 import json
 import secrets
 from datetime import date, datetime, timedelta, timezone
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import sqlalchemy
 from sqlmodel import Session, select
 from temporalio.api.enums.v1 import EventType
 
+from api import webhook
 from smi import orphans, signing
 from smi.db import Job, LedgerEntry, OrphanJob, Reconciliation, SentMail, Submission, SubmitIntent, make_engine, utcnow
 from tests.conftest import ADMIN_KEY, STOREFRONT_KEY, png_bytes
@@ -308,3 +311,32 @@ def test_the_admin_reads_a_days_reconciliation_and_its_orphans(site):
             headers={"Authorization": f"Bearer {key}"},
         )
         assert reply.status_code == 401 and "u-9" not in reply.text
+
+
+def test_the_webhook_reads_the_intent_before_the_submissions(site):
+    """The submit activity commits an intent's outcome and its submission together. A webhook that read the
+    submissions first and the intent after that commit saw a settled intent without its submission, and took a
+    submission's webhook for an orphan's (seen once in 300 jobs by bench/throughput.py: the job waited for its
+    poll). Here the commit lands between the handler's two reads, every time."""
+    job_id = site.add_job("queued")
+    nonce = _intent(site.engine, job_id, 1, None)
+    reads: list[str] = []
+
+    def commit_the_reply_after_the_first_read(conn, cursor, statement, *args) -> None:
+        reads.append(statement)
+        if len(reads) == 2:  # the job, then the first of the two reads: the reply commits now
+            with Session(make_engine(site.settings.database_url)) as session:
+                intent = session.get_one(SubmitIntent, nonce)
+                intent.outcome = "accepted"
+                session.add(intent)
+                session.add(Submission(job_id=job_id, attempt=1, upsampler_id="up-1", created_at=utcnow()))
+                session.commit()
+
+    sqlalchemy.event.listen(site.engine, "after_cursor_execute", commit_the_reply_after_the_first_read)
+    try:
+        known = webhook._known(SimpleNamespace(engine=site.engine), job_id, nonce)
+    finally:
+        sqlalchemy.event.remove(site.engine, "after_cursor_execute", commit_the_reply_after_the_first_read)
+    assert known is not None
+    # Whatever the handler saw of the intent, an intent it saw settled has its submission seen: never rule 3.
+    assert "up-1" in known.submissions or not known.settled
