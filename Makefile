@@ -11,7 +11,7 @@ PIP_TOOLS := var/pip-tools
 PIP_COMPILE = $(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: dev test test-fast test-postgres install lock lint clean
+.PHONY: dev test test-fast test-postgres install lock lint clean compile
 
 # The Dockerfile's steps, with the dev and test extras: the build tools, then every locked package
 # (hash-checked, built with those tools), then this project from what is installed (--no-index: a
@@ -25,11 +25,16 @@ $(STAMP): pyproject.toml $(LOCKS)
 
 install: $(STAMP)
 
-dev: $(STAMP)
+dev: $(STAMP) compile
 	$(BIN)/smi dev
 
-test: $(STAMP)
+test: $(STAMP) compile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The workflow sandbox imports workflows/ again for every job: from a .pyc, not compiled from source
+# each time, even where PYTHONDONTWRITEBYTECODE is set (compileall writes them regardless).
+compile: $(STAMP)
+	$(BIN)/python -m compileall -q smi workflows activities api
 
 # The tests marked `fast` (workflow logic with fake activities, activities alone): under a minute.
 test-fast: $(STAMP)

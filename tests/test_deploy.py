@@ -338,6 +338,9 @@ def test_dockerfile_installs_everything_at_build_time():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     needed = {p.split(".")[0] for p in project["packages"]} | {f"{m}.py" for m in project["py-modules"]}
     assert needed | {"pyproject.toml", "templates"} <= copied, f"not copied into the image: {needed - copied}"
+    # The workflow sandbox imports workflows/ again for every job; `smi` cannot write .pyc files into /app.
+    compiled = [a.split("compileall", 1)[1].split("&&")[0].split() for i, a in instructions if "compileall" in a]
+    assert compiled and {"workflows", "activities", "smi"} <= set(compiled[0]), compiled
     assert any(i == "USER" for i, _ in instructions), "the image should not run as root"
     ignored = [
         line.strip().rstrip("/")
