@@ -92,7 +92,7 @@ class UpsamplerActivities:
                     known.upsampler_id, JobStatus.FAILED, error=known.error, error_kind=failure_kind(known.error)
                 )
             return UpsamplerResult(known.upsampler_id, JobStatus.QUEUED, known.credit_cost)
-        nonce = known
+        nonce, call = known
         secret = self.settings.secret("webhook_secret")
         webhook = signing.webhook_url(self.settings.public_base_url, secret, request.job_id, nonce)
         image_url = await asyncio.to_thread(self._original_url, request)
@@ -107,7 +107,7 @@ class UpsamplerActivities:
                 raise
 
         try:
-            job = await self._call("submit", post)
+            job = await self._call("submit", post, call)
         except ApplicationError:
             if not reply_lost:  # Upsampler answered with an error, or nothing was sent: no job
                 await asyncio.to_thread(self._intent_outcome, nonce, "refused")
@@ -116,8 +116,9 @@ class UpsamplerActivities:
         activity.logger.info("submitted to Upsampler: %s %s", job.id, job.status)
         return _result(job)
 
-    def _known_or_intent(self, request: SubmitRequest) -> Submission | str:
-        """The submission recorded for this attempt; else the nonce of a new intent to submit it."""
+    def _known_or_intent(self, request: SubmitRequest) -> Submission | tuple[str, int]:
+        """The submission recorded for this attempt; else a new intent to submit it and its request counted
+        against the hourly quota, in one transaction: the intent's nonce and the request's row."""
         with Session(self.engine) as session:
             known = session.exec(
                 select(Submission).where(Submission.job_id == request.job_id, Submission.attempt == request.attempt)
@@ -140,10 +141,14 @@ class UpsamplerActivities:
                     )
                 intent.outcome = "abandoned"  # the workflow stopped waiting for its webhook
                 session.add(intent)
+            call = self._count_call(session, "submit")
             nonce = secrets.token_hex(16)
             session.add(SubmitIntent(nonce=nonce, job_id=request.job_id, attempt=request.attempt, created_at=utcnow()))
+            session.flush()  # the row's id, without reading it back after the commit
+            call_id = call.id
             session.commit()
-            return nonce
+            assert call_id is not None
+            return nonce, call_id
 
     def _intent_outcome(self, nonce: str, outcome: str) -> None:
         with Session(self.engine) as session:
@@ -201,39 +206,54 @@ class UpsamplerActivities:
         """3. Ask Upsampler how the job stands: the truth behind every webhook."""
         return _result(await self._call("status", lambda: self.client.status(upsampler_id)))
 
-    async def _call(self, kind: str, request):
-        """One request within the hourly quota, counted for all workers in the database.
+    async def _call(self, kind: str, request, call: int | None = None):
+        """One request within the hourly quota, counted for all workers in the database (`call`: its row,
+        when the caller counted it in a transaction of its own).
 
         The per-minute quota is the task queue's rate limit (see worker.py); the hour is
         kept here because a task queue knows only a per-second rate.
         """
-        await asyncio.to_thread(self._check_hourly_quota)
+        if call is None:
+            call = await asyncio.to_thread(self._count_call_alone, kind)
         outcome = "ok"
         try:
             return await request()
         except UpsamplerError as exc:
             outcome = exc.kind
+            await asyncio.to_thread(self._call_outcome, call, outcome)
             raise as_application_error(exc) from None
         finally:
-            await asyncio.to_thread(self._record_call, kind, outcome)
             telemetry.count(
                 "smi_upsampler_requests", 1, "Requests to Upsampler by kind and outcome.", kind=kind, outcome=outcome
             )
 
-    def _check_hourly_quota(self) -> None:
+    def _count_call(self, session: Session, kind: str) -> UpsamplerCall:
+        """The request's row (outcome "ok" until it fails), added when the last hour leaves room for it."""
         hour_ago = utcnow() - timedelta(hours=1)
         in_window = col(UpsamplerCall.at) >= hour_ago
-        with Session(self.engine) as session:  # a count: the hour's rows are not fetched for every call
-            used = session.exec(select(func.count()).select_from(UpsamplerCall).where(in_window)).one()
-            if used < self.settings.upsampler_requests_per_hour:
-                return
+        used = session.exec(select(func.count()).select_from(UpsamplerCall).where(in_window)).one()
+        if used >= self.settings.upsampler_requests_per_hour:  # a count: the hour's rows are not fetched
             oldest = session.exec(select(func.min(UpsamplerCall.at)).where(in_window)).one()
-        wait = (as_utc(oldest) - hour_ago if oldest is not None else timedelta(0)) + timedelta(seconds=1)
-        raise ApplicationError(
-            "Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait
-        )
+            wait = (as_utc(oldest) - hour_ago if oldest is not None else timedelta(0)) + timedelta(seconds=1)
+            raise ApplicationError(
+                "Upsampler's hourly quota is used up", type=ErrorCode.RATE_LIMITED, next_retry_delay=wait
+            )
+        call = UpsamplerCall(at=utcnow(), kind=kind, outcome="ok")
+        session.add(call)
+        return call
 
-    def _record_call(self, kind: str, outcome: str) -> None:
+    def _count_call_alone(self, kind: str) -> int:
         with Session(self.engine) as session:
-            session.add(UpsamplerCall(at=utcnow(), kind=kind, outcome=outcome))
+            call = self._count_call(session, kind)
+            session.flush()  # the row's id, without reading it back after the commit
+            call_id = call.id
+            session.commit()
+            assert call_id is not None
+            return call_id
+
+    def _call_outcome(self, call: int, outcome: str) -> None:
+        with Session(self.engine) as session:
+            row = session.get_one(UpsamplerCall, call)
+            row.outcome = outcome
+            session.add(row)
             session.commit()
