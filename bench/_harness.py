@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from devstack import BIN, STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, settings_variables, start_dev_server  # noqa: E402, F401 (after the path)
+import devstack  # noqa: E402 (after the path)
+from devstack import BIN, STOREFRONT_KEY, UPSAMPLER_KEY, make_settings, png_bytes, settings_variables  # noqa: E402, F401
+
+EAGER_ACTIVITIES = "system.enableActivityEagerExecution=true"  # the dev server's dynamic config for eager dispatch
 
 
 def quiet() -> None:
@@ -45,6 +48,33 @@ key, faults, storage, port = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], 
 uvicorn.run(create_app(key, faults=Faults(**faults), storage_dir=storage), host="127.0.0.1", port=port,
             log_level="warning")
 """
+
+
+async def start_dev_server(eager: bool = True):
+    """The Temporal dev server as `smi dev` and the tests start it (devstack.start_dev_server, cli.TEMPORAL_DEV_FLAGS);
+    with eager=False the same flags without eager activity dispatch, to measure what it gives (`--no-eager`).
+    Prints which it is."""
+    from unittest import mock
+
+    flags = list(getattr(devstack, "TEMPORAL_DEV_FLAGS", []))  # absent before 5075544: no eager dispatch then
+    if not eager and EAGER_ACTIVITIES in flags:
+        at = flags.index(EAGER_ACTIVITIES)
+        del flags[at - 1 : at + 1]  # "--dynamic-config-value", then the value
+    with mock.patch.object(devstack, "TEMPORAL_DEV_FLAGS", flags, create=True):
+        env = await devstack.start_dev_server()
+    print(f"dev server: eager activity dispatch {'on' if EAGER_ACTIVITIES in flags else 'off'}", flush=True)
+    return env
+
+
+def server_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-eager: the dev server without eager activity dispatch (start_dev_server(eager=False))."""
+    parser.add_argument(
+        "--no-eager",
+        dest="eager",
+        action="store_false",
+        help="start the dev server without eager activity dispatch (the flags of smi dev minus "
+        f"--dynamic-config-value {EAGER_ACTIVITIES})",
+    )
 
 
 def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:

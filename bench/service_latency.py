@@ -99,7 +99,7 @@ def line(name: str, values: list[float]) -> str:
 async def main(args: argparse.Namespace) -> dict:
     quiet()
     began = time.perf_counter()
-    env = await start_dev_server()
+    env = await start_dev_server(args.eager)
     client = env.client
     _bare.CLIENT, _bare.RECORD, _bare.SIGNAL_DELAY = client, True, args.emulator_delay
     bare_queue = f"bare-{uuid.uuid4().hex[:8]}"

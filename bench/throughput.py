@@ -51,6 +51,7 @@ from _harness import (
     order,
     png_bytes,
     quiet,
+    server_argument,
     start_dev_server,
     verdict,
 )
@@ -202,7 +203,8 @@ class Ours:
 
 def stack_arguments(parser: argparse.ArgumentParser, warmup: int, emulator_delay: float) -> None:
     """The options of every benchmark that runs our stack like this one: --post-concurrency, --warmup and
-    --emulator-delay, with these defaults."""
+    --emulator-delay, with these defaults, and --no-eager."""
+    server_argument(parser)
     parser.add_argument(
         "--post-concurrency",
         type=int,
@@ -221,7 +223,7 @@ def stack_arguments(parser: argparse.ArgumentParser, warmup: int, emulator_delay
 async def main(args: argparse.Namespace) -> dict:
     quiet()
     began = time.perf_counter()
-    env = await start_dev_server()
+    env = await start_dev_server(args.eager)
     client = env.client
     _bare.CLIENT, _bare.SIGNAL_DELAY = client, args.emulator_delay
     bare_queue = f"bare-{uuid.uuid4().hex[:8]}"
