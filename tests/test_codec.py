@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -281,6 +283,14 @@ LOCAL_ACTIVITY_META = {
 }
 
 
+# The workflow.patched() ids of our workflows, whose markers the SDK writes in clear (nothing of a job).
+PATCHES = {
+    name
+    for path in (Path(__file__).parent.parent / "workflows").glob("*.py")
+    for name in re.findall(r'workflow\.patched\("([^"]+)"\)', path.read_text())
+}
+
+
 def payloads_in(node, path: tuple = ()):
     """Every Payload (protobuf JSON) in a history, with where it is; search attributes are not
     payloads of ours (the server must read them) and are left out."""
@@ -344,6 +354,10 @@ async def test_job_payloads_are_encrypted_in_temporal_and_decoded_by_the_endpoin
                 # The SDK's own record of a local activity (type, seq, times); its result is beside it, encrypted.
                 assert encoding_of(payload) == "json/plain"
                 assert set(json.loads(data)) <= LOCAL_ACTIVITY_META, json.loads(data)
+            elif where[-3:] == ("details", "patch-data", "payloads") and "markerRecordedEventAttributes" in where:
+                # The SDK's own record of a workflow.patched() call: the patch's name, nothing of the job.
+                assert encoding_of(payload) == "json/plain"
+                assert set(json.loads(data)) == {"id", "deprecated"} and json.loads(data)["id"] in PATCHES, data
             else:
                 assert encoding_of(payload) == ENCRYPTED, (workflow_id, where, payload)
                 assert base64.b64decode(payload["metadata"]["encryption-key-id"]) == b"e2e-1"
