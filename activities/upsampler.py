@@ -20,6 +20,8 @@ from smi.storage import S3Storage, compressed_name, job_key, open_storage
 from smi.upsampler import UpsamplerClient, UpsamplerError, UpsamplerJob, failure_kind
 from smi.vocabulary import AdoptRequest, ErrorCode, JobStatus, SubmitRequest, UpsamplerResult
 
+HEARTBEAT_SECONDS = 2.0  # well inside the submit's heartbeat timeout (workflows/upscale.py)
+
 
 def as_application_error(exc: UpsamplerError) -> ApplicationError:
     """Typed client errors become error types the workflow's retry policies tell apart."""
@@ -37,6 +39,14 @@ def _result(job: UpsamplerJob) -> UpsamplerResult:
     return UpsamplerResult(
         job.id, job.status, job.credit_cost, job.image_url, job.compressed_image_url, job.error, kind
     )
+
+
+async def _heartbeat_while_waiting() -> None:
+    """Heartbeats while a request is out: a worker that dies mid-submit is noticed by the submit's heartbeat
+    timeout (10 s) instead of its start-to-close timeout (a minute). Ignored where no heartbeat timeout is set."""
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 def _submission(job_id: str, attempt: int, job: UpsamplerJob) -> Submission:
@@ -216,6 +226,7 @@ class UpsamplerActivities:
         if call is None:
             call = await asyncio.to_thread(self._count_call_alone, kind)
         outcome = "ok"
+        beating = asyncio.create_task(_heartbeat_while_waiting())
         try:
             return await request()
         except UpsamplerError as exc:
@@ -223,6 +234,7 @@ class UpsamplerActivities:
             await asyncio.to_thread(self._call_outcome, call, outcome)
             raise as_application_error(exc) from None
         finally:
+            beating.cancel()
             telemetry.count(
                 "smi_upsampler_requests", 1, "Requests to Upsampler by kind and outcome.", kind=kind, outcome=outcome
             )

@@ -5,8 +5,8 @@ credits it charged), the SMTP sink and SQLite.
 1. Upsampler accepts the submit and the connection drops before its reply (`drop_submit_replies`): the one job
    it holds is adopted from its webhook, nothing is submitted again, one email, one cost, as charged.
 2. The same with the worker SIGKILLed while its POST waits for the reply (`hold_submit_replies`, `smi worker`
-   processes): the next worker retries the submit after its 1-minute start-to-close timeout (the real bound of
-   this test), finds the intent without a reply and adopts the job the webhook named.
+   processes): the next worker retries the submit after its 10-second heartbeat timeout (the submit heartbeats
+   while its request is out), finds the intent without a reply and adopts the job the webhook named.
 3. A second accepted job forced by faults (the first reply dropped and its webhook held by the emulator, `webhook:
    "held"`): the workflow gives up waiting for it, submits again and completes with the second job; only then is
    the first job's webhook released, which books it as an orphan, and the usage report then equals the
@@ -191,10 +191,11 @@ async def test_a_worker_killed_with_its_submit_in_flight_leaves_one_job_adopted(
     )
     workers.start(stack.settings)
 
-    await finished(stack, job_id, handle, timeout=150, logs=workers.logs)
+    await finished(stack, job_id, handle, timeout=90, logs=workers.logs)
     assert adopted_once(stack, job_id)[0] == held["id"]
-    # The submit ran again only after its start-to-close timeout, and adopted instead of POSTing.
-    assert await retried_after_timeouts(handle) == [("submit_upscale", 2, "TIMEOUT_TYPE_START_TO_CLOSE")]
+    # The submit ran again once its heartbeats stopped (not after its minute-long start-to-close timeout),
+    # and adopted instead of POSTing.
+    assert await retried_after_timeouts(handle) == [("submit_upscale", 2, "TIMEOUT_TYPE_HEARTBEAT")]
     scheduled = Counter((await activity_names(handle)).values())
     assert (scheduled["submit_upscale"], scheduled["adopt_submission"]) == (1, 1)
     print(

@@ -293,6 +293,7 @@ class UpscaleWorkflow:
                     ),
                     task_queue=workflow.info().task_queue + UPSAMPLER_QUEUE_SUFFIX,
                     start_to_close_timeout=timedelta(minutes=1),
+                    heartbeat_timeout=timedelta(seconds=10),  # a worker dead mid-POST: the retry adopts sooner
                     schedule_to_close_timeout=timedelta(minutes=30),
                     retry_policy=UPSAMPLER_RETRY,
                 )
