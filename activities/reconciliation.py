@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -153,11 +153,6 @@ def same_money(a: float, b: float) -> bool:
     return abs(a - b) < 0.005  # credits come in hundredths
 
 
-def day_bounds(day: str) -> tuple[datetime, datetime]:
-    moment = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=timezone.utc)
-    return usage.period_bounds(moment, "day")
-
-
 class ReconciliationActivities:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
@@ -168,7 +163,7 @@ class ReconciliationActivities:
     def reconciliation_page(self, request: PageRequest) -> ReconciliationPage:
         """Up to `limit` jobs created that UTC day after `after_job_id`, each with every Upsampler id it caused:
         its submissions, its orphans, the ids webhooks named for lost replies, and its ledger's `upscale:` rows."""
-        start, end = day_bounds(request.day)
+        start, end = usage.day_bounds(date.fromisoformat(request.day))
         with Session(self.engine) as session:
             job_ids = session.exec(
                 select(Job.job_id)

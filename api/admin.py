@@ -9,7 +9,7 @@ import json
 import logging
 import uuid
 from dataclasses import asdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -238,10 +238,8 @@ def reconciliation(
         row = session.get(Reconciliation, day)
         if row is None:
             raise ApiError(404, "not_reconciled", f"{day.isoformat()} has not been reconciled (yet)")
-        start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-        found = select(OrphanJob).where(col(OrphanJob.created_at) >= start)
-        if day < date.max:
-            found = found.where(col(OrphanJob.created_at) < start + timedelta(days=1))
+        start, end = usage.day_bounds(day)
+        found = select(OrphanJob).where(col(OrphanJob.created_at) >= start, col(OrphanJob.created_at) < end)
         listed = session.exec(found.order_by(col(OrphanJob.created_at), col(OrphanJob.upsampler_id))).all()
         return ReconciliationReport(
             day=day.isoformat(),

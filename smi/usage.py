@@ -34,12 +34,17 @@ def period_key(moment: datetime, period: str) -> str:
     return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
+def day_bounds(day: date) -> tuple[datetime, datetime]:
+    """[start, end) of a UTC day; the last day a date can name ends at the last datetime."""
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    return start, start + timedelta(days=1) if day < date.max else datetime.max.replace(tzinfo=timezone.utc)
+
+
 def period_bounds(moment: datetime, period: str) -> tuple[datetime, datetime]:
     """[start, end) of the UTC day or month holding `moment`."""
     moment = as_utc(moment)
     if period == "day":
-        start = datetime(moment.year, moment.month, moment.day, tzinfo=timezone.utc)
-        return start, start + timedelta(days=1)
+        return day_bounds(moment.date())
     start = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
     return start, datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=timezone.utc)
 
