@@ -105,18 +105,22 @@ def _authentic(svc: deps.Services, job: str, sig: str | None, nonce: str, known:
     )
 
 
-async def _submission_recorded(svc: deps.Services, job_id: str, upsampler_id: str) -> bool:
-    """Whether `upsampler_id` is (or within EARLY_WEBHOOK_WAIT_SECONDS becomes) one of the job's submissions."""
+async def _after_early_wait(svc: deps.Services, job_id: str, nonce: str, upsampler_id: str, known: Known) -> Known:
+    """The job as last read once `upsampler_id` is (or within EARLY_WEBHOOK_WAIT_SECONDS becomes) one of its
+    submissions; without a wait (all taken, or the job gone), read once more or as it was."""
     if svc.early_webhooks.locked():  # each waiter holds a connection and polls the database: bounded
-        return False
+        return await run_in_threadpool(_known, svc, job_id, nonce) or known
     async with svc.early_webhooks:
         deadline = time.monotonic() + EARLY_WEBHOOK_WAIT_SECONDS
         while time.monotonic() < deadline:
             await asyncio.sleep(EARLY_WEBHOOK_CHECK_SECONDS)
-            known = await run_in_threadpool(_known, svc, job_id)
-            if known is None or upsampler_id in known.submissions:
-                return known is not None
-    return False
+            fresh = await run_in_threadpool(_known, svc, job_id, nonce)
+            if fresh is None:
+                break
+            known = fresh
+            if upsampler_id in known.submissions:
+                break
+    return known
 
 
 def _report(svc: deps.Services, nonce: str, upsampler_id: str) -> bool:
@@ -203,11 +207,9 @@ async def upsampler_webhook(
     if known is None:
         log.info("webhook for job %s ignored: the job is unknown", job)
         return WebhookReceipt(received=True, delivered=False)
-    submitted = upsampler.id in known.submissions
-    if not submitted and not known.finished and not known.settled:
-        submitted = await _submission_recorded(svc, job, upsampler.id)
-        known = await run_in_threadpool(_known, svc, job, n) or known  # the intent's outcome may have come meanwhile
-    if submitted:  # rule 1
+    if upsampler.id not in known.submissions and not known.finished and not known.settled:
+        known = await _after_early_wait(svc, job, n, upsampler.id, known)  # the intent's outcome may come meanwhile
+    if upsampler.id in known.submissions:  # rule 1
         if known.finished:
             log.info("webhook for job %s ignored: the job is finished", job)
             return WebhookReceipt(received=True, delivered=False)
